@@ -1,0 +1,353 @@
+"""ANN -> hybrid conversion, its metadata, and hybrid checkpoints.
+
+``convert`` copies the teacher, swaps the chosen MLPs for spiking blocks
+(weights copied unchanged) and sets every site's threshold from the
+calibration. ``ConversionMetadata`` records everything the conversion decided;
+per-channel tensors live in a safetensors file beside the JSON and are
+referenced by name.
+
+A hybrid checkpoint is a folder::
+
+    config.json            the teacher's HF config
+    model.safetensors      all weights of the hybrid, thresholds and leaks included
+    hybrid.json            ConversionMetadata (the plan needed to rebuild the blocks)
+    thresholds.safetensors the calibrated thresholds referenced by hybrid.json
+    tokenizer files
+
+``load_hybrid(folder)`` rebuilds the model from these alone.
+"""
+
+from __future__ import annotations
+
+import copy
+import platform
+from pathlib import Path
+from typing import Literal
+
+import safetensors
+import safetensors.torch
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from torch import nn
+
+from snn_research import __version__
+from snn_research.conversion.calibrator import CalibrationResult
+from snn_research.errors import format_validation_error
+from snn_research.io import atomic_directory, atomic_write_text
+from snn_research.models.hybrid_transformer import (
+    HybridPlan,
+    SpikingMLP,
+    family_sites,
+    find_mlps,
+    hybridize,
+    mlp_family,
+    site_key,
+)
+
+METADATA_FILE = "hybrid.json"
+THRESHOLDS_FILE = "thresholds.safetensors"
+WEIGHTS_FILE = "model.safetensors"
+
+
+class TensorRef(BaseModel):
+    """A tensor stored in a safetensors file next to the metadata JSON."""
+
+    model_config = ConfigDict(extra="forbid")
+    file: str
+    name: str
+    shape: list[int]
+
+
+class SiteMetadata(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    key: str
+    module_path: str
+    layer: int
+    site: Literal["input", "product", "hidden"]
+    signed: bool
+    role: Literal["encoder", "neuron"]
+    class_before: str
+    class_after: str
+    weight_shapes: dict[str, list[int]]
+    consumers: list[str] = Field(description="linear maps that receive this site's spikes")
+    threshold: float | TensorRef
+    scale_factors: dict[str, float | TensorRef] = Field(
+        description="per consumer: the factor a spike's synaptic weight carries (its input threshold)"
+    )
+    percentile: float
+    granularity: Literal["channel", "layer"]
+    time_steps: int
+    parameters: dict[str, float | int | str | bool]
+
+
+class TeacherIdentity(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    source: str
+    sha256: str
+    model_type: str
+    architectures: list[str]
+    num_layers: int
+
+
+class CalibrationIdentity(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    data_sha256: str
+    tokens: int
+    percentile: float
+    bins_per_octave: int
+    relative_error_bound: float
+
+
+class ConversionMetadata(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    format_version: Literal[1] = 1
+    teacher: TeacherIdentity
+    calibration: CalibrationIdentity | None
+    plan: HybridPlan
+    sites: list[SiteMetadata]
+    versions: dict[str, str]
+
+    def write(self, path: Path, tensors: dict[str, torch.Tensor] | None = None) -> None:
+        """Write the JSON (and its tensors file, if any) atomically."""
+        path = Path(path)
+        if tensors:
+            tensor_path = path.parent / THRESHOLDS_FILE
+            tmp = tensor_path.with_suffix(".tmp")
+            safetensors.torch.save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+            tmp.replace(tensor_path)
+        atomic_write_text(path, self.model_dump_json(indent=2))
+
+    @classmethod
+    def read(cls, path: Path) -> "ConversionMetadata":
+        """Validate the JSON and that every referenced tensor exists with its shape."""
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"{path}: conversion metadata not found")
+        try:
+            metadata = cls.model_validate_json(path.read_text())
+        except ValidationError as error:
+            raise ValueError(f"{path}: invalid conversion metadata: {format_validation_error(error)}") from None
+        metadata.check_tensors(path.parent)
+        return metadata
+
+    def tensor_refs(self) -> list[TensorRef]:
+        refs = []
+        for site in self.sites:
+            for value in [site.threshold, *site.scale_factors.values()]:
+                if isinstance(value, TensorRef):
+                    refs.append(value)
+        return refs
+
+    def check_tensors(self, folder: Path) -> None:
+        by_file: dict[str, list[TensorRef]] = {}
+        for ref in self.tensor_refs():
+            by_file.setdefault(ref.file, []).append(ref)
+        for file, refs in by_file.items():
+            tensor_path = Path(folder) / file
+            if not tensor_path.is_file():
+                raise ValueError(f"{tensor_path}: tensors file named by the conversion metadata is missing")
+            try:
+                with safetensors.safe_open(str(tensor_path), framework="pt") as handle:
+                    names = set(handle.keys())
+                    for ref in refs:
+                        if ref.name not in names:
+                            raise ValueError(f"{tensor_path}: tensor {ref.name!r} named by the metadata is missing")
+                        shape = list(handle.get_slice(ref.name).get_shape())
+                        if shape != ref.shape:
+                            raise ValueError(
+                                f"{tensor_path}: tensor {ref.name!r} has shape {shape}, metadata says {ref.shape}"
+                            )
+            except safetensors.SafetensorError as error:
+                raise ValueError(f"{tensor_path}: unreadable safetensors file ({error})") from None
+
+
+def package_versions() -> dict[str, str]:
+    import transformers
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "snn_research": __version__,
+    }
+
+
+def convert(
+    teacher: nn.Module,
+    calibration: CalibrationResult,
+    plan: HybridPlan,
+    teacher_identity: TeacherIdentity,
+    calibration_sha256: str,
+) -> tuple[nn.Module, ConversionMetadata, dict[str, torch.Tensor]]:
+    """A hybrid copy of ``teacher``; the teacher itself is left untouched.
+
+    Returns the hybrid, its metadata and the tensors the metadata references.
+    """
+    thresholds = calibration.thresholds(plan.granularity)
+    before = {loc.path: loc.module for loc in find_mlps(teacher, plan.layers)}
+    missing = [
+        site_key(path, spec.name)
+        for path, mlp in before.items()
+        for spec in family_sites(mlp_family(mlp))
+        if site_key(path, spec.name) not in thresholds
+    ]
+    if missing:
+        raise ValueError(f"the calibration has no thresholds for sites {missing[:4]} (calibrate the same layers)")
+    hybrid = copy.deepcopy(teacher)
+    blocks = hybridize(hybrid, plan, thresholds)
+    sites, tensors = describe_sites(blocks, before, plan, calibration.percentile)
+    metadata = ConversionMetadata(
+        teacher=teacher_identity,
+        calibration=CalibrationIdentity(
+            data_sha256=calibration_sha256,
+            tokens=calibration.tokens,
+            percentile=calibration.percentile,
+            bins_per_octave=calibration.bins_per_octave,
+            relative_error_bound=calibration.relative_error_bound,
+        ),
+        plan=plan,
+        sites=sites,
+        versions=package_versions(),
+    )
+    return hybrid, metadata, tensors
+
+
+def describe_sites(
+    blocks: list[SpikingMLP], before: dict[str, nn.Module], plan: HybridPlan, percentile: float
+) -> tuple[list[SiteMetadata], dict[str, torch.Tensor]]:
+    sites, tensors = [], {}
+    for block in blocks:
+        original = before[block.path]
+        weights = {
+            name: list(module.weight.shape)
+            for name, module in block.named_children()
+            if hasattr(module, "weight") and name not in ("decoder",)
+            and not name.endswith(("_encoder", "_neurons"))
+        }
+        for spec in family_sites(block.family):
+            key = site_key(block.path, spec.name)
+            threshold = _threshold_entry(block, spec.name, key, tensors)
+            consumers = spec.consumer.split("+")
+            sites.append(
+                SiteMetadata(
+                    key=key,
+                    module_path=block.path,
+                    layer=int(block.path.rsplit(".", 2)[-2]),
+                    site=spec.name,
+                    signed=spec.signed,
+                    role="neuron" if spec.name == "hidden" else "encoder",
+                    class_before=type(original).__name__,
+                    class_after=type(block).__name__,
+                    weight_shapes=weights,
+                    consumers=consumers,
+                    threshold=threshold,
+                    scale_factors={name: threshold for name in consumers},
+                    percentile=percentile,
+                    granularity=plan.granularity,
+                    time_steps=plan.time_steps,
+                    parameters=_population_parameters(block, spec.name, plan),
+                )
+            )
+    return sites, tensors
+
+
+def _threshold_entry(block: SpikingMLP, site: str, key: str, tensors: dict[str, torch.Tensor]) -> float | TensorRef:
+    """A scalar for a per-layer threshold; a reference (and the tensor, added to ``tensors``) per channel."""
+    population = getattr(block, f"{site}_encoder", None) or getattr(block, f"{site}_neurons")
+    value = population.threshold.detach().float()
+    if value.numel() == 1:
+        return float(value)
+    tensors[key] = value.clone()
+    return TensorRef(file=THRESHOLDS_FILE, name=key, shape=list(value.shape))
+
+
+def _population_parameters(block: SpikingMLP, site: str, plan: HybridPlan) -> dict[str, float | int | str | bool]:
+    if site == "hidden":
+        return {
+            "neuron": plan.neuron,
+            "beta": 1.0 if plan.neuron == "if" else plan.beta,
+            "reset": plan.reset,
+            "surrogate": plan.surrogate,
+            "sharpness": plan.sharpness,
+            "learnable_threshold": plan.learnable_threshold,
+            "learnable_leak": plan.learnable_leak,
+        }
+    encoder = getattr(block, f"{site}_encoder")
+    return {
+        "encoder": encoder.kind,
+        "membrane_init": encoder.membrane_init,
+        "seed": encoder.seed,
+        "learnable_threshold": plan.learnable_threshold,
+    }
+
+
+def refresh_metadata(model: nn.Module, metadata: ConversionMetadata) -> tuple[ConversionMetadata, dict[str, torch.Tensor]]:
+    """Metadata whose thresholds are the model's current (e.g. trained) values."""
+    blocks = [m for m in model.modules() if isinstance(m, SpikingMLP)]
+    by_key = {site.key: site for site in metadata.sites}
+    fresh_sites, tensors = [], {}
+    for block in blocks:
+        for spec in family_sites(block.family):
+            key = site_key(block.path, spec.name)
+            old = by_key[key]
+            threshold = _threshold_entry(block, spec.name, key, tensors)
+            time_steps = getattr(block, "plan_time_steps", old.time_steps)
+            fresh_sites.append(
+                old.model_copy(
+                    update={
+                        "threshold": threshold,
+                        "scale_factors": {name: threshold for name in old.consumers},
+                        "time_steps": time_steps,
+                    }
+                )
+            )
+    plan = metadata.plan.model_copy(update={"time_steps": blocks[0].plan_time_steps}) if blocks else metadata.plan
+    return metadata.model_copy(update={"sites": fresh_sites, "plan": plan}), tensors
+
+
+def save_hybrid(
+    model: nn.Module, tokenizer, metadata: ConversionMetadata, folder: Path, extra_files: dict[str, str] | None = None
+) -> Path:
+    """Write a hybrid checkpoint folder atomically (a killed save leaves the old folder or none)."""
+    metadata, tensors = refresh_metadata(model, metadata)
+    with atomic_directory(Path(folder)) as tmp:
+        model.config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        safetensors.torch.save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        metadata.write(tmp / METADATA_FILE, tensors)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+    return Path(folder)
+
+
+def load_hybrid(folder: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Rebuild a hybrid model from its checkpoint folder; needs no calibration data."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = Path(folder)
+    metadata = ConversionMetadata.read(folder / METADATA_FILE)
+    weights = folder / WEIGHTS_FILE
+    if not weights.is_file():
+        raise ValueError(f"{weights}: hybrid weights file is missing")
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
+    hybridize(model, metadata.plan)
+    try:
+        missing, unexpected = safetensors.torch.load_model(model, str(weights), strict=False)
+    except (safetensors.SafetensorError, RuntimeError, OSError) as error:
+        raise ValueError(f"{weights}: cannot load hybrid weights ({error})") from None
+    missing = [name for name in missing if not _is_tied(model, name)]
+    if missing or unexpected:
+        raise ValueError(f"{weights}: weights do not match the hybrid (missing {missing[:4]}, unexpected {unexpected[:4]})")
+    model.hybrid_metadata = metadata
+    model.eval()
+    return model
+
+
+def _is_tied(model: nn.Module, name: str) -> bool:
+    # safetensors stores a tied tensor once; the other name is restored by the tie
+    return bool(getattr(model.config, "tie_word_embeddings", False)) and name.startswith("lm_head.")
+

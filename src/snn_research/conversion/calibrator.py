@@ -1,0 +1,234 @@
+"""Streaming percentile calibration of the thresholds of every spiking site.
+
+Forward hooks on the teacher collect, for every site an encoder or neuron
+population will see, the magnitude of the activation (``|x|`` for signed sites,
+``max(x, 0)`` for the unsigned input of IF/LIF neurons) into a per-channel
+histogram with logarithmically spaced bins.
+
+Memory and error. Each channel has ``bins_per_octave * (max_exponent -
+min_exponent) + 2`` int32 counters (an underflow bin for magnitudes below
+``2**min_exponent``, zeros included, and an overflow bin), so memory is fixed
+by the model's width, never by the number of calibration tokens. The
+percentile is the order statistic of rank ``ceil(p/100 * (n - 1))`` (NumPy's
+``'higher'`` rule). The estimate is interpolated log-uniformly inside the bin
+that holds that order statistic, so its relative error is below one bin's
+width: ``2 ** (1 / bins_per_octave) - 1`` (2.19 % at the default 32 bins per
+octave), for values inside the histogram's range. Estimates are clamped to the
+exact running maximum of the channel, which is also tracked.
+
+A per-layer percentile comes from the sum of the channel histograms.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from snn_research.models.hybrid_transformer import family_sites, find_mlps, mlp_family, site_key
+
+
+def check_percentile(percentile: float) -> float:
+    if not (0.0 < float(percentile) <= 100.0) or math.isnan(percentile):
+        raise ValueError(f"percentile must lie in (0, 100] (got {percentile!r})")
+    return float(percentile)
+
+
+class StreamingPercentile:
+    """Per-channel log-spaced histogram of magnitudes; see the module docstring for the bound."""
+
+    def __init__(self, channels: int, bins_per_octave: int = 32, min_exponent: int = -20, max_exponent: int = 16) -> None:
+        if bins_per_octave < 1 or max_exponent <= min_exponent:
+            raise ValueError(
+                f"need bins_per_octave >= 1 and max_exponent > min_exponent "
+                f"(got {bins_per_octave}, {min_exponent}, {max_exponent})"
+            )
+        self.channels = channels
+        self.bins_per_octave = bins_per_octave
+        self.min_exponent = min_exponent
+        self.max_exponent = max_exponent
+        self.inner_bins = bins_per_octave * (max_exponent - min_exponent)
+        self.counts = torch.zeros(channels, self.inner_bins + 2, dtype=torch.int32)
+        self.maximum = torch.zeros(channels, dtype=torch.float64)
+        self.observed = 0  # values per channel
+
+    @property
+    def relative_error_bound(self) -> float:
+        return 2.0 ** (1.0 / self.bins_per_octave) - 1.0
+
+    def update(self, magnitudes: torch.Tensor) -> None:
+        """Add a batch of non-negative magnitudes shaped (..., C)."""
+        flat = magnitudes.detach().reshape(-1, self.channels).float()
+        if flat.shape[0] == 0:
+            return
+        if self.observed + flat.shape[0] >= 2**31 - 1:
+            raise ValueError("calibration exceeds 2**31 values per channel; use fewer calibration tokens")
+        self.maximum = torch.maximum(self.maximum, flat.amax(0).double().cpu())
+        position = (torch.log2(flat) - self.min_exponent) * self.bins_per_octave
+        # log2(0) = -inf lands in the underflow bin 0; inner bins are 1..inner_bins
+        index = torch.floor(position).clamp_(min=-1, max=self.inner_bins).long() + 1
+        index += torch.arange(self.channels, device=index.device) * (self.inner_bins + 2)
+        histogram = torch.bincount(index.flatten(), minlength=self.channels * (self.inner_bins + 2))
+        self.counts += histogram.view(self.channels, -1).to(torch.int32).cpu()
+        self.observed += flat.shape[0]
+
+    def _quantile(self, counts: torch.Tensor, maximum: torch.Tensor, percentile: float) -> torch.Tensor:
+        """counts (R, bins) int64 -> the percentile of each row."""
+        total = counts.sum(1)
+        rank = torch.ceil((percentile / 100.0) * (total - 1).double()).long()  # 0-based order statistic
+        cumulative = counts.cumsum(1)
+        bin_index = torch.searchsorted(cumulative, rank.unsqueeze(1), right=True).squeeze(1)
+        bin_index = bin_index.clamp(max=counts.shape[1] - 1)
+        below = torch.where(bin_index > 0, cumulative.gather(1, (bin_index - 1).clamp(min=0).unsqueeze(1)).squeeze(1), 0)
+        in_bin = counts.gather(1, bin_index.unsqueeze(1)).squeeze(1).clamp(min=1)
+        fraction = ((rank - below).double() + 0.5) / in_bin.double()
+        lower_edge = self.min_exponent + (bin_index - 1).double() / self.bins_per_octave
+        value = torch.pow(2.0, lower_edge + fraction / self.bins_per_octave)
+        value = torch.where(bin_index == 0, torch.zeros_like(value), value)  # underflow: treat as 0
+        overflow = bin_index == counts.shape[1] - 1
+        value = torch.where(overflow, maximum, value)
+        return torch.minimum(value, maximum)
+
+    def per_channel(self, percentile: float) -> torch.Tensor:
+        """(C,) float64 percentiles."""
+        check_percentile(percentile)
+        self._check_observed()
+        return self._quantile(self.counts.long(), self.maximum, percentile)
+
+    def per_layer(self, percentile: float) -> float:
+        check_percentile(percentile)
+        self._check_observed()
+        merged = self.counts.long().sum(0, keepdim=True)
+        return float(self._quantile(merged, self.maximum.max().reshape(1), percentile)[0])
+
+    def _check_observed(self) -> None:
+        if self.observed == 0:
+            raise ValueError("calibration saw no tokens: the calibration iterator was empty")
+
+
+@dataclass
+class SiteCalibration:
+    key: str
+    layer: int
+    site: str
+    signed: bool
+    channel_thresholds: torch.Tensor  # (C,) float32
+    layer_threshold: float
+    maximum: float
+    values_per_channel: int
+
+
+@dataclass
+class CalibrationResult:
+    percentile: float
+    bins_per_octave: int
+    relative_error_bound: float
+    tokens: int
+    floor: float  # thresholds never go below this (a channel that never fired)
+    sites: dict[str, SiteCalibration] = field(default_factory=dict)
+
+    def thresholds(self, granularity: str) -> dict[str, torch.Tensor]:
+        if granularity == "channel":
+            return {key: site.channel_thresholds for key, site in self.sites.items()}
+        if granularity == "layer":
+            return {key: torch.tensor([site.layer_threshold]) for key, site in self.sites.items()}
+        raise ValueError(f"granularity must be 'channel' or 'layer' (got {granularity!r})")
+
+
+class Calibrator:
+    """Hooks the chosen MLPs of a teacher and streams their site activations into histograms."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: list[int] | None = None,
+        bins_per_octave: int = 32,
+        min_exponent: int = -20,
+        max_exponent: int = 16,
+    ) -> None:
+        self.model = model
+        self.histograms: dict[str, StreamingPercentile] = {}
+        self.meta: dict[str, tuple[int, str, bool]] = {}
+        self.tokens = 0
+        self._handles = []
+        for location in find_mlps(model, layers):
+            family = mlp_family(location.module)
+            for spec in family_sites(family):
+                key = site_key(location.path, spec.name)
+                module, kind = _site_hook_point(location.module, family, spec.name)
+                channels = _site_channels(location.module, family, spec.name)
+                self.histograms[key] = StreamingPercentile(channels, bins_per_octave, min_exponent, max_exponent)
+                self.meta[key] = (location.layer, spec.name, spec.signed)
+                self._handles.append(_register(module, kind, self.histograms[key], spec.signed))
+
+    def observe(self, input_ids: torch.Tensor) -> None:
+        """Run the teacher's decoder stack (not its LM head: thresholds need no logits) on a batch."""
+        with torch.no_grad():
+            self.model.base_model(input_ids=input_ids, use_cache=False)
+        self.tokens += int(input_ids.numel())
+
+    def run(self, batches: Iterable[torch.Tensor]) -> int:
+        for input_ids in batches:
+            self.observe(input_ids)
+        return self.tokens
+
+    def remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def result(self, percentile: float = 99.9) -> CalibrationResult:
+        check_percentile(percentile)
+        if self.tokens == 0:
+            raise ValueError("calibration saw no tokens: the calibration iterator was empty")
+        any_histogram = next(iter(self.histograms.values()))
+        floor = 2.0 ** any_histogram.min_exponent
+        result = CalibrationResult(
+            percentile=percentile,
+            bins_per_octave=any_histogram.bins_per_octave,
+            relative_error_bound=any_histogram.relative_error_bound,
+            tokens=self.tokens,
+            floor=floor,
+        )
+        for key, histogram in self.histograms.items():
+            layer, site, signed = self.meta[key]
+            result.sites[key] = SiteCalibration(
+                key=key,
+                layer=layer,
+                site=site,
+                signed=signed,
+                channel_thresholds=histogram.per_channel(percentile).clamp(min=floor).float(),
+                layer_threshold=max(histogram.per_layer(percentile), floor),
+                maximum=float(histogram.maximum.max()),
+                values_per_channel=histogram.observed,
+            )
+        return result
+
+
+def _site_hook_point(mlp: nn.Module, family: str, site: str) -> tuple[nn.Module, str]:
+    if site == "input":
+        return mlp, "pre"
+    if site == "product":
+        return mlp.down_proj, "pre"
+    if site == "hidden":
+        return mlp.c_fc, "post"
+    raise ValueError(f"unknown site {site!r} for family {family!r}")
+
+
+def _site_channels(mlp: nn.Module, family: str, site: str) -> int:
+    if family == "gated":
+        return mlp.gate_proj.in_features if site == "input" else mlp.gate_proj.out_features
+    hidden, intermediate = mlp.c_fc.weight.shape
+    return hidden if site == "input" else intermediate
+
+
+def _register(module: nn.Module, kind: str, histogram: StreamingPercentile, signed: bool):
+    def magnitudes(x: torch.Tensor) -> torch.Tensor:
+        return x.abs() if signed else x.clamp(min=0)
+
+    if kind == "pre":
+        return module.register_forward_pre_hook(lambda _m, args: histogram.update(magnitudes(args[0])))
+    return module.register_forward_hook(lambda _m, _args, output: histogram.update(magnitudes(output)))

@@ -1,0 +1,282 @@
+"""Per-token energy estimate of a hybrid model and of its teacher, from a real forward pass.
+
+Counting rules (per token; energies are params, defaults 45 nm FP32 from
+Horowitz, ISSCC 2014: a multiply-accumulate E_MAC = 4.6 pJ, an add E_AC = 0.9 pJ):
+
+- Analog linear maps (attention projections, the LM head, FFN linears that are
+  not spiking): in_features x out_features MACs, counted by hooks on the
+  ``nn.Linear`` / ``Conv1D`` modules that actually ran; their bias adds are ACs.
+- Attention: per layer, ``heads x head_dim x keys`` MACs for the scores and the
+  same for the values, plus ``heads x keys`` MACs for the softmax, where
+  ``keys`` is the mean number of positions a query attends to at the evaluated
+  sequence length (causal; capped by the sliding window on sliding layers).
+- Norms: 2 MACs per normalised element (RMSNorm: square-sum, scale) and 3 for
+  LayerNorm (mean, variance, scale-and-shift), counted by hooks.
+- FFN analog parts: 1 MAC per activation-function output and 1 per gating
+  multiply (act(gate) * up).
+- Spiking sites: each spike costs one AC per synapse it reaches (its consuming
+  linear's fan-out: 2 x intermediate for the gated input site, hidden for the
+  product site, intermediate / hidden for GPT-2's input / hidden sites). Every
+  neuron also does one AC per time step to integrate its input (plus one MAC
+  for the leak of a LIF neuron with beta < 1), and a bias, where a spiking
+  linear has one, is injected as one AC per output per step. The decoders'
+  1/T rescale is one MAC per decoded output (the threshold is folded into the
+  synaptic weights).
+
+The teacher's figures come from the same pass: the spiking blocks' linears are
+counted as the dense MACs the teacher would do on that token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from snn_research.models.hybrid_transformer import (
+    SpikeRecorder,
+    SpikingGatedMLP,
+    SpikingGPT2MLP,
+    SpikingMLP,
+    find_mlps,
+    mlp_family,
+    site_key,
+)
+
+
+@dataclass
+class SiteEnergy:
+    key: str
+    spike_rate: float  # spikes per neuron per time step
+    spikes_per_token: float
+    fan_out: int
+    synaptic_ops_per_token: float
+    energy_pj: float
+
+
+@dataclass
+class EnergyReport:
+    tokens: int
+    sequence_length: int
+    e_mac_pj: float
+    e_ac_pj: float
+    sites: list[SiteEnergy] = field(default_factory=list)
+    # per token: component -> (MACs, ACs)
+    hybrid_ops: dict[str, tuple[float, float]] = field(default_factory=dict)
+    teacher_ops: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    def _energy(self, ops: dict[str, tuple[float, float]], ffn_only: bool) -> float:
+        return sum(
+            macs * self.e_mac_pj + acs * self.e_ac_pj
+            for name, (macs, acs) in ops.items()
+            if not ffn_only or name.startswith("ffn")
+        )
+
+    @property
+    def hybrid_energy_pj(self) -> float:
+        return self._energy(self.hybrid_ops, ffn_only=False)
+
+    @property
+    def teacher_energy_pj(self) -> float:
+        return self._energy(self.teacher_ops, ffn_only=False)
+
+    @property
+    def hybrid_ffn_energy_pj(self) -> float:
+        return self._energy(self.hybrid_ops, ffn_only=True)
+
+    @property
+    def teacher_ffn_energy_pj(self) -> float:
+        return self._energy(self.teacher_ops, ffn_only=True)
+
+    @property
+    def ffn_energy_ratio(self) -> float:
+        return self.hybrid_ffn_energy_pj / self.teacher_ffn_energy_pj
+
+    @property
+    def model_energy_ratio(self) -> float:
+        return self.hybrid_energy_pj / self.teacher_energy_pj
+
+    @property
+    def mean_spike_rate(self) -> float:
+        """Spikes per neuron per time step over all sites (0 for a model without sites)."""
+        steps = sum(s.spikes_per_token / s.spike_rate for s in self.sites if s.spike_rate > 0)
+        spikes = sum(s.spikes_per_token for s in self.sites)
+        return spikes / steps if steps else 0.0
+
+    def summary(self) -> dict[str, float]:
+        return {
+            "hybrid_energy_pj": self.hybrid_energy_pj,
+            "teacher_energy_pj": self.teacher_energy_pj,
+            "hybrid_ffn_energy_pj": self.hybrid_ffn_energy_pj,
+            "teacher_ffn_energy_pj": self.teacher_ffn_energy_pj,
+            "ffn_energy_ratio": self.ffn_energy_ratio,
+            "model_energy_ratio": self.model_energy_ratio,
+            "spike_rate": self.mean_spike_rate,
+        }
+
+
+def _mean_keys(sequence_length: int, window: int | None) -> float:
+    """Mean number of keys a causal query attends to over positions 1..L."""
+    positions = torch.arange(1, sequence_length + 1, dtype=torch.float64)
+    if window is not None:
+        positions = positions.clamp(max=window)
+    return float(positions.mean())
+
+
+def attention_ops(config, sequence_length: int) -> tuple[float, float]:
+    """(MACs, ACs) per token of scores, softmax and values over all layers."""
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    layer_types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
+    window = getattr(config, "sliding_window", None)
+    macs = 0.0
+    for layer_type in layer_types:
+        keys = _mean_keys(sequence_length, window if layer_type == "sliding_attention" and window else None)
+        macs += 2 * heads * head_dim * keys + heads * keys
+    return macs, 0.0
+
+
+def _norm_cost(module: nn.Module) -> int | None:
+    name = type(module).__name__
+    if isinstance(module, nn.LayerNorm) or name.endswith("LayerNorm"):
+        return 3
+    if name.endswith("RMSNorm"):
+        return 2
+    return None
+
+
+def measure_energy(
+    model: nn.Module, input_ids: torch.Tensor, e_mac_pj: float = 4.6, e_ac_pj: float = 0.9
+) -> EnergyReport:
+    """Run ``model`` on ``input_ids`` (B, L) and account every operation per token."""
+    if input_ids.dim() != 2 or input_ids.numel() == 0:
+        raise ValueError(f"input_ids must be a non-empty (batch, length) tensor (got shape {tuple(input_ids.shape)})")
+    tokens = input_ids.numel()
+    spiking = {m.path: m for m in model.modules() if isinstance(m, SpikingMLP)}
+    mlp_paths = [loc.path for loc in find_mlps(model)]
+    hybrid: dict[str, list[float]] = {}
+    teacher: dict[str, list[float]] = {}
+
+    def add(ops: dict[str, list[float]], component: str, macs: float = 0.0, acs: float = 0.0) -> None:
+        entry = ops.setdefault(component, [0.0, 0.0])
+        entry[0] += macs
+        entry[1] += acs
+
+    handles = []
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, Conv1D)):
+            in_features, out_features = (
+                (module.in_features, module.out_features) if isinstance(module, nn.Linear) else module.weight.shape
+            )
+            mlp_path = next((p for p in mlp_paths if name.startswith(p + ".")), None)
+            has_bias = module.bias is not None
+            if mlp_path in spiking:
+                continue  # accounted from spike counts below
+            component = "lm_head" if name == "lm_head" else ("ffn_analog" if mlp_path else "attention_projections")
+
+            def hook(_m, args, _out, component=component, fan=in_features * out_features, out=out_features, bias=has_bias):
+                rows = args[0].numel() // args[0].shape[-1]
+                for ops in (hybrid, teacher):
+                    add(ops, component, macs=rows * fan, acs=rows * out if bias else 0.0)
+
+            handles.append(module.register_forward_hook(hook))
+        elif (cost := _norm_cost(module)) is not None:
+
+            def norm_hook(_m, _args, out, cost=cost):
+                for ops in (hybrid, teacher):
+                    add(ops, "norms", macs=cost * out.numel())
+
+            handles.append(module.register_forward_hook(norm_hook))
+
+    try:
+        with torch.no_grad(), SpikeRecorder(model) as recorder:
+            model(input_ids=input_ids, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    report = EnergyReport(tokens=tokens, sequence_length=input_ids.shape[1], e_mac_pj=e_mac_pj, e_ac_pj=e_ac_pj)
+    for path in mlp_paths:
+        block = spiking.get(path)
+        if block is None:
+            _add_analog_ffn_elementwise(model.get_submodule(path), tokens, (hybrid, teacher), add)
+            continue
+        _account_spiking_block(block, tokens, recorder, report, hybrid, teacher, add)
+
+    macs, acs = attention_ops(model.config, input_ids.shape[1])
+    for ops in (hybrid, teacher):
+        add(ops, "attention_scores_values", macs=macs * tokens, acs=acs * tokens)
+    report.hybrid_ops = {k: (v[0] / tokens, v[1] / tokens) for k, v in hybrid.items()}
+    report.teacher_ops = {k: (v[0] / tokens, v[1] / tokens) for k, v in teacher.items()}
+    return report
+
+
+def _add_analog_ffn_elementwise(mlp: nn.Module, tokens: int, targets, add) -> None:
+    if mlp_family(mlp) == "gated":
+        intermediate = mlp.gate_proj.out_features
+        for ops in targets:
+            add(ops, "ffn_analog", macs=2 * intermediate * tokens)  # activation + gating multiply
+    else:
+        intermediate = mlp.c_fc.weight.shape[1]
+        for ops in targets:
+            add(ops, "ffn_analog", macs=intermediate * tokens)  # activation
+
+
+def _account_spiking_block(block: SpikingMLP, tokens: int, recorder: SpikeRecorder, report, hybrid, teacher, add) -> None:
+    time_steps = block.plan_time_steps
+    if isinstance(block, SpikingGatedMLP):
+        hidden, intermediate = block.gate_proj.in_features, block.gate_proj.out_features
+        dense_macs = 3 * hidden * intermediate
+        fan_outs = {"input": 2 * intermediate, "product": hidden}
+        neurons = {"input": hidden, "product": intermediate}
+        biases = sum(m.bias is not None for m in (block.gate_proj, block.up_proj, block.down_proj))
+        teacher_bias_adds = intermediate * 2 + hidden if biases else 0
+        analog_macs = 2 * intermediate + (2 * intermediate + hidden)  # act + gate multiply; decoder rescales
+        step_bias_adds = 0  # gated biases act after the decoder, once per token
+        leak_macs = 0.0
+        teacher_elementwise = 2 * intermediate
+    elif isinstance(block, SpikingGPT2MLP):
+        hidden, intermediate = block.c_fc.weight.shape
+        dense_macs = 2 * hidden * intermediate
+        fan_outs = {"input": intermediate, "hidden": hidden}
+        neurons = {"input": hidden, "hidden": intermediate}
+        teacher_bias_adds = intermediate + hidden
+        analog_macs = hidden  # decoder rescale of c_proj's output
+        step_bias_adds = intermediate * time_steps  # c_fc's bias is a constant current each step
+        leaky = block.hidden_neurons.kind == "lif" and bool((block.hidden_neurons.beta < 1).any())
+        leak_macs = intermediate * time_steps if leaky else 0.0
+        teacher_elementwise = intermediate
+    else:
+        raise ValueError(f"no energy rule for {type(block).__name__}")
+
+    add(teacher, "ffn_dense", macs=dense_macs * tokens, acs=teacher_bias_adds * tokens)
+    add(teacher, "ffn_analog", macs=teacher_elementwise * tokens)
+    synaptic = 0.0
+    for site, fan_out in fan_outs.items():
+        key = site_key(block.path, site)
+        if key not in recorder.spikes:
+            raise ValueError(f"site {key} recorded no spikes during the energy pass")
+        spikes_per_token = recorder.spikes[key] / recorder.tokens[key]
+        sops = spikes_per_token * fan_out
+        synaptic += sops
+        report.sites.append(
+            SiteEnergy(
+                key=key,
+                spike_rate=recorder.spike_rate(key),
+                spikes_per_token=spikes_per_token,
+                fan_out=fan_out,
+                synaptic_ops_per_token=sops,
+                energy_pj=sops * report.e_ac_pj,
+            )
+        )
+    add(hybrid, "ffn_synaptic", acs=synaptic * tokens)
+    neuron_steps = sum(neurons.values()) * time_steps
+    add(hybrid, "ffn_neurons", macs=leak_macs * tokens, acs=(neuron_steps + step_bias_adds) * tokens)
+    bias_adds = 0
+    if isinstance(block, SpikingGatedMLP):
+        bias_adds = teacher_bias_adds
+    elif block.c_proj.bias is not None:
+        bias_adds = hidden
+    add(hybrid, "ffn_analog", macs=analog_macs * tokens, acs=bias_adds * tokens)

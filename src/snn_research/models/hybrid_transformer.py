@@ -1,0 +1,362 @@
+"""Spiking FFN blocks for Hugging Face causal LMs, and ``hybridize``.
+
+Attention, softmax, norms, embeddings and the LM head stay analog; the MLP of
+each chosen decoder block is replaced in place by a spiking block that holds the
+teacher's own linear layers (weights copied, never rescaled: each spike carries
+its site's threshold, which is the per-layer or per-channel scale factor a
+neuromorphic deployment folds into the synaptic weights).
+
+Non-gated (GPT-2)::
+
+    x -> encoder -> c_fc on spikes (per step) -> IF/LIF neurons instead of GELU
+      -> c_proj on spikes -> decoder (time average * threshold)
+
+Gated (Llama/Mistral/Qwen2 SwiGLU, Gemma/Gemma 2/Gemma 3 GeGLU)::
+
+    x -> encoder -> gate_proj, up_proj on spikes -> decoder
+      -> act(gate) * up (analog) -> encoder -> down_proj on spikes -> decoder
+
+A linear map whose output is only time-averaged commutes with the decoder, so
+it runs once on the decoded spike counts instead of T times on the train (exact
+up to float summation order; ``forward_per_step`` keeps the T-step path to test
+that). The per-step path is kept where it is needed: c_fc feeds LIF neurons,
+whose response depends on the order of the currents.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Literal, Mapping
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from torch import nn
+
+from snn_research.hybrid.adapter import AnalogToSpikes, EncoderKind, MembraneInit, SpikesToAnalog
+from snn_research.hybrid.neurons import MultiStepNeuron, NeuronKind, ResetMode
+from snn_research.hybrid.surrogate import SurrogateName
+
+Granularity = Literal["channel", "layer"]
+
+# MLP classes of the supported families. The gated ones share the
+# gate_proj / up_proj / down_proj / act_fn layout.
+GATED_MLP_CLASSES = frozenset(
+    {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "GemmaMLP", "Gemma2MLP", "Gemma3MLP"}
+)
+NON_GATED_MLP_CLASSES = frozenset({"GPT2MLP"})
+# Where each architecture keeps its list of decoder blocks.
+BLOCK_LISTS = {
+    "gpt2": "transformer.h",
+    "llama": "model.layers",
+    "mistral": "model.layers",
+    "qwen2": "model.layers",
+    "qwen3": "model.layers",
+    "gemma": "model.layers",
+    "gemma2": "model.layers",
+    "gemma3_text": "model.layers",
+}
+
+
+class HybridPlan(BaseModel):
+    """Which FFNs become spiking, and how."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    layers: list[int] | None = Field(None, description="decoder blocks to convert; null converts every block")
+    time_steps: int = Field(8, ge=1, le=4096, description="simulation steps T per token")
+    encoder: EncoderKind = Field("if", description="'if': deterministic signed IF; 'rate': seeded Bernoulli")
+    membrane_init: MembraneInit = Field("symmetric", description="IF encoder start: zero | half | symmetric")
+    granularity: Granularity = Field("channel", description="one threshold per channel or per layer")
+    neuron: NeuronKind = Field("if", description="neurons replacing the non-gated activation: if | lif")
+    beta: float = Field(0.9, gt=0.0, le=1.0, description="LIF leak per step (IF uses 1)")
+    reset: ResetMode = Field("subtract", description="neuron reset: subtract | zero")
+    surrogate: SurrogateName = Field("atan", description="surrogate derivative of the spike")
+    sharpness: float = Field(2.0, gt=0.0, description="surrogate steepness")
+    learnable_threshold: bool = Field(True, description="train thresholds with the surrogate gradient")
+    learnable_leak: bool = Field(False, description="train the LIF leak (LIF neurons only)")
+    seed: int = Field(0, ge=0, description="seed of the stochastic rate encoders")
+
+    @field_validator("layers")
+    @classmethod
+    def _layers_unique(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None:
+            if len(value) == 0:
+                raise ValueError("must name at least one layer, or be null for all layers")
+            if len(set(value)) != len(value):
+                raise ValueError(f"lists a layer twice: {value}")
+            if min(value) < 0:
+                raise ValueError(f"layer indices must be >= 0 (got {value})")
+        return value
+
+    def model_post_init(self, __context) -> None:
+        if self.learnable_leak and self.neuron != "lif":
+            raise ValueError(f"learnable_leak needs neuron 'lif' (got neuron {self.neuron!r})")
+
+
+@dataclass(frozen=True)
+class SiteSpec:
+    """A place in an MLP where an encoder or a neuron population sees an activation."""
+
+    name: str  # 'input', 'product' or 'hidden'
+    signed: bool  # percentiles of |x| (signed) or of max(x, 0)
+    consumer: str  # the linear(s) that receive its spikes
+
+
+def mlp_family(mlp: nn.Module) -> str:
+    name = type(mlp).__name__
+    if name in GATED_MLP_CLASSES:
+        return "gated"
+    if name in NON_GATED_MLP_CLASSES:
+        return "gpt2"
+    raise ValueError(
+        f"unsupported MLP class {name!r}; supported: {sorted(GATED_MLP_CLASSES | NON_GATED_MLP_CLASSES)}"
+    )
+
+
+def family_sites(family: str) -> tuple[SiteSpec, ...]:
+    if family == "gated":
+        return (SiteSpec("input", True, "gate_proj+up_proj"), SiteSpec("product", True, "down_proj"))
+    return (SiteSpec("input", True, "c_fc"), SiteSpec("hidden", False, "c_proj"))
+
+
+def block_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in BLOCK_LISTS:
+        raise ValueError(f"unsupported architecture {model_type!r}; supported model types: {sorted(BLOCK_LISTS)}")
+    path = BLOCK_LISTS[model_type]
+    return path, model.get_submodule(path)
+
+
+@dataclass(frozen=True)
+class MLPLocation:
+    layer: int
+    path: str  # e.g. 'model.layers.3.mlp'
+    module: nn.Module
+
+
+def find_mlps(model: nn.Module, layers: list[int] | None = None) -> list[MLPLocation]:
+    """The MLP of every chosen decoder block; errors name unknown layers or classes."""
+    path, blocks = block_list(model)
+    indices = list(range(len(blocks))) if layers is None else sorted(layers)
+    missing = [i for i in indices if not 0 <= i < len(blocks)]
+    if missing:
+        raise ValueError(f"plan names layers {missing} but the model has {len(blocks)} blocks (0..{len(blocks) - 1})")
+    found = []
+    for i in indices:
+        mlp = blocks[i].mlp
+        if not isinstance(mlp, SpikingMLP):
+            mlp_family(mlp)  # raises for an unknown class
+        found.append(MLPLocation(i, f"{path}.{i}.mlp", mlp))
+    return found
+
+
+def site_key(mlp_path: str, site: str) -> str:
+    return f"{mlp_path}:{site}"
+
+
+class SpikeRecorder:
+    """Collects spike counts per site during forward passes (for rates and energy).
+
+    Attach with ``with SpikeRecorder(model) as recorder: model(ids)``.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.modules = [m for m in model.modules() if isinstance(m, SpikingMLP)]
+        self.spikes: dict[str, float] = {}
+        self.neuron_steps: dict[str, float] = {}
+        self.tokens: dict[str, int] = {}
+
+    def add(self, site: str, spikes: torch.Tensor, neurons_per_token: int, tokens: int, time_steps: int) -> None:
+        self.spikes[site] = self.spikes.get(site, 0.0) + float(spikes)
+        self.neuron_steps[site] = self.neuron_steps.get(site, 0.0) + float(neurons_per_token * tokens * time_steps)
+        self.tokens[site] = self.tokens.get(site, 0) + int(tokens)
+
+    def spike_rate(self, site: str) -> float:
+        """Spikes per neuron per time step."""
+        return self.spikes[site] / self.neuron_steps[site]
+
+    def __enter__(self) -> "SpikeRecorder":
+        for module in self.modules:
+            module.recorder = self
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for module in self.modules:
+            module.recorder = None
+
+
+class SpikingMLP(nn.Module):
+    """Common state of the spiking blocks: plan, path, analog switch, recorder."""
+
+    family: str
+
+    def __init__(self, path: str, plan: HybridPlan) -> None:
+        super().__init__()
+        self.path = path
+        self.plan_time_steps = plan.time_steps
+        self.analog = False  # True runs the teacher's analog computation (a wiring check)
+        self.recorder: SpikeRecorder | None = None
+        self.decoder = SpikesToAnalog()
+
+    def encoders(self) -> dict[str, AnalogToSpikes]:
+        return {name[: -len("_encoder")]: m for name, m in self.named_children() if isinstance(m, AnalogToSpikes)}
+
+    def set_time_steps(self, time_steps: int) -> None:
+        for module in self.modules():
+            if isinstance(module, AnalogToSpikes):
+                module.set_time_steps(time_steps)
+        self.plan_time_steps = time_steps
+
+    def _record(self, site: str, spikes: torch.Tensor, channels: int, tokens: int) -> None:
+        if self.recorder is not None:
+            self.recorder.add(site_key(self.path, site), spikes.detach().abs().sum(), channels, tokens, self.plan_time_steps)
+
+    def _encode(self, site: str, x: torch.Tensor) -> torch.Tensor:
+        """Encode then decode: the analog value the consuming linear effectively receives."""
+        encoder: AnalogToSpikes = getattr(self, f"{site}_encoder")
+        counts = encoder(x)
+        self._record(site, counts, encoder.channels, x.numel() // encoder.channels)
+        return self.decoder(counts, encoder.threshold, encoder.time_steps)
+
+
+class SpikingGatedMLP(SpikingMLP):
+    family = "gated"
+
+    def __init__(self, mlp: nn.Module, path: str, plan: HybridPlan, thresholds: Mapping[str, torch.Tensor]) -> None:
+        super().__init__(path, plan)
+        self.gate_proj, self.up_proj, self.down_proj, self.act_fn = mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn
+        hidden, intermediate = self.gate_proj.in_features, self.gate_proj.out_features
+        self.input_encoder = _encoder(hidden, plan, thresholds.get("input"), seed_offset=0)
+        self.product_encoder = _encoder(intermediate, plan, thresholds.get("product"), seed_offset=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, L, C)
+        if self.analog:
+            return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        x_rate = self._encode("input", x)  # (B, L, C) = theta * counts / T
+        product = self.act_fn(self.gate_proj(x_rate)) * self.up_proj(x_rate)  # (B, L, I), analog
+        return self.down_proj(self._encode("product", product))
+
+    @torch.no_grad()
+    def forward_per_step(self, x: torch.Tensor) -> torch.Tensor:
+        """Reference: every spike-consuming linear applied at each of the T steps, then averaged."""
+        enc_in, enc_prod = self.input_encoder, self.product_encoder
+        spikes = enc_in.spike_train(x) * enc_in.threshold  # (T, B, L, C)
+        gate = self.gate_proj(spikes).mean(0)
+        up = self.up_proj(spikes).mean(0)
+        product = self.act_fn(gate) * up
+        spikes = enc_prod.spike_train(product) * enc_prod.threshold  # (T, B, L, I)
+        return self.down_proj(spikes).mean(0)
+
+
+class SpikingGPT2MLP(SpikingMLP):
+    family = "gpt2"
+
+    def __init__(self, mlp: nn.Module, path: str, plan: HybridPlan, thresholds: Mapping[str, torch.Tensor]) -> None:
+        super().__init__(path, plan)
+        self.c_fc, self.c_proj, self.act, self.dropout = mlp.c_fc, mlp.c_proj, mlp.act, mlp.dropout
+        hidden, intermediate = self.c_fc.weight.shape  # Conv1D stores (in, out)
+        self.input_encoder = _encoder(hidden, plan, thresholds.get("input"), seed_offset=0)
+        threshold = thresholds.get("hidden")
+        self.hidden_neurons = MultiStepNeuron(
+            intermediate,
+            kind=plan.neuron,
+            threshold=1.0 if threshold is None else threshold,
+            beta=plan.beta,
+            reset=plan.reset,
+            surrogate=plan.surrogate,
+            sharpness=plan.sharpness,
+            per_channel=plan.granularity == "channel",
+            learnable_threshold=plan.learnable_threshold,
+            learnable_leak=plan.learnable_leak,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, L, C)
+        if self.analog:
+            return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+        encoder = self.input_encoder
+        spikes = encoder.spike_train(x)  # (T, B, L, C)
+        self._record("input", spikes, encoder.channels, x.numel() // encoder.channels)
+        currents = self.c_fc(spikes * encoder.threshold.to(x.dtype))  # (T, B, L, I): bias injected every step
+        hidden = self.hidden_neurons(currents)  # (T, B, L, I) in {0, 1}
+        counts = hidden.sum(0)
+        self._record("hidden", counts, self.hidden_neurons.channels, counts.numel() // self.hidden_neurons.channels)
+        rate = self.decoder(counts, self.hidden_neurons.threshold, encoder.time_steps)
+        return self.dropout(self.c_proj(rate))
+
+    @torch.no_grad()
+    def forward_per_step(self, x: torch.Tensor) -> torch.Tensor:
+        """Reference: c_proj applied at each step to the neurons' spikes, then averaged."""
+        spikes = self.input_encoder.spike_train(x) * self.input_encoder.threshold
+        hidden = self.hidden_neurons(self.c_fc(spikes)) * self.hidden_neurons.threshold
+        return self.dropout(self.c_proj(hidden).mean(0))
+
+
+def _encoder(channels: int, plan: HybridPlan, threshold: torch.Tensor | None, seed_offset: int) -> AnalogToSpikes:
+    return AnalogToSpikes(
+        channels,
+        plan.time_steps,
+        kind=plan.encoder,
+        threshold=1.0 if threshold is None else threshold,
+        per_channel=plan.granularity == "channel",
+        membrane_init=plan.membrane_init,
+        learnable_threshold=plan.learnable_threshold,
+        seed=plan.seed * 2 + seed_offset,
+    )
+
+
+def hybridize(
+    model: nn.Module, plan: HybridPlan, thresholds: Mapping[str, torch.Tensor] | None = None
+) -> list[SpikingMLP]:
+    """Replace the chosen MLPs of ``model`` in place by spiking blocks.
+
+    ``thresholds`` maps site keys (``'model.layers.3.mlp:input'``) to a (C,)
+    tensor for per-channel or a (1,) tensor for per-layer granularity; sites
+    without one start at 1.0 (``load_hybrid`` then loads the trained values).
+    """
+    thresholds = thresholds or {}
+    converted = []
+    for location in find_mlps(model, plan.layers):
+        if isinstance(location.module, SpikingMLP):
+            raise ValueError(f"{location.path} is already spiking; hybridize a fresh copy of the teacher")
+        family = mlp_family(location.module)
+        site_thresholds = {}
+        for site in family_sites(family):
+            key = site_key(location.path, site.name)
+            if key in thresholds:
+                site_thresholds[site.name] = _checked_threshold(key, thresholds[key], plan.granularity)
+        cls = SpikingGatedMLP if family == "gated" else SpikingGPT2MLP
+        spiking = cls(location.module, location.path, plan, site_thresholds)
+        parent_path, _, child = location.path.rpartition(".")
+        setattr(model.get_submodule(parent_path), child, spiking)
+        converted.append(spiking)
+    return converted
+
+
+def _checked_threshold(key: str, value: torch.Tensor, granularity: str) -> torch.Tensor:
+    value = torch.as_tensor(value, dtype=torch.float32).flatten()
+    if granularity == "layer" and value.numel() != 1:
+        raise ValueError(f"site {key}: per-layer granularity needs one threshold (got {value.numel()})")
+    if not torch.isfinite(value).all() or (value <= 0).any():
+        bad = value[~(torch.isfinite(value) & (value > 0))][:5].tolist()
+        raise ValueError(f"site {key}: thresholds must be finite and positive (got e.g. {bad})")
+    return value
+
+
+def spiking_mlps(model: nn.Module) -> Iterator[SpikingMLP]:
+    return (m for m in model.modules() if isinstance(m, SpikingMLP))
+
+
+def set_time_steps(model: nn.Module, time_steps: int) -> None:
+    for module in spiking_mlps(model):
+        module.set_time_steps(time_steps)
+
+
+def set_analog(model: nn.Module, analog: bool) -> None:
+    """Run the spiking blocks as their analog originals (True) or as spikes (False)."""
+    for module in spiking_mlps(model):
+        module.analog = analog
+
+
+def threshold_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for name, p in model.named_parameters() if name.endswith("log_threshold")]
+

@@ -1,0 +1,56 @@
+"""Tiny random teachers of each supported MLP family, built from configs (no downloads)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, Gemma3TextConfig, GPT2Config, LlamaConfig
+
+VOCAB = 96
+
+
+def tiny_config(family: str, layers: int = 2):
+    if family == "gpt2":
+        return GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=layers, n_head=2, resid_pdrop=0.0,
+                          embd_pdrop=0.0, attn_pdrop=0.0)
+    if family == "llama":
+        return LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    if family == "gemma3":
+        return Gemma3TextConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                                num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=64,
+                                sliding_window=8, layer_types=["sliding_attention", "full_attention"][:layers] if layers <= 2
+                                else None)
+    raise ValueError(family)
+
+
+def tiny_model(family: str, layers: int = 2, seed: int = 0):
+    torch.manual_seed(seed)
+    config = tiny_config(family, layers)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # random init at std 0.02 makes near-constant activations; widen it so the FFNs matter
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() == 2:
+                param.normal_(0.0, 0.2)
+    model.eval()
+    return model
+
+
+FAMILIES = ["gpt2", "llama", "gemma3"]
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def input_ids() -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1)
+    return torch.randint(0, VOCAB, (2, 24), generator=generator)
+
+
+def calibration_batches(count: int = 4, seed: int = 2):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (2, 24), generator=generator) for _ in range(count)]
