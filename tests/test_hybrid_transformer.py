@@ -16,7 +16,7 @@ from snn_research.models.hybrid_transformer import (
     set_analog,
     set_time_steps,
     spiking_mlps,
-    threshold_parameters,
+    spiking_parameter_groups,
 )
 
 
@@ -103,8 +103,7 @@ def test_gradients_reach_ffn_weights_and_thresholds(family, input_ids):
     hybrid.train()
     loss = F.cross_entropy(hybrid(input_ids).logits[:, :-1].reshape(-1, VOCAB), input_ids[:, 1:].reshape(-1))
     loss.backward()
-    weights = [p for m in spiking_mlps(hybrid) for n, p in m.named_parameters() if n.endswith("weight")]
-    thresholds = threshold_parameters(hybrid)
+    weights, thresholds = spiking_parameter_groups(hybrid)
     assert len(weights) >= 4 and len(thresholds) == 4
     for param in weights + thresholds:
         assert param.grad is not None and torch.isfinite(param.grad).all() and param.grad.abs().sum() > 0

@@ -20,7 +20,9 @@ def format_validation_error(error: ValidationError, prefix: str = "") -> str:
         if len(shown) > 80:
             shown = shown[:77] + "..."
         message = item["msg"].removeprefix("Value error, ")
-        if item["type"] == "missing":
+        if path == "(root)":
+            lines.append(message)
+        elif item["type"] == "missing":
             lines.append(f"{path}: field required")
         elif item["type"] == "extra_forbidden":
             lines.append(f"{path}: unknown key (value {shown}); remove it or fix its spelling")

@@ -110,7 +110,7 @@ class ConversionMetadata(BaseModel):
     def write(self, path: Path, tensors: dict[str, torch.Tensor] | None = None) -> None:
         """Write the JSON (and its tensors file, if any) atomically."""
         path = Path(path)
-        if tensors:
+        if tensors is not None:  # written even when empty (per-layer thresholds), so the file set is fixed
             tensor_path = path.parent / THRESHOLDS_FILE
             tmp = tensor_path.with_suffix(".tmp")
             safetensors.torch.save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
@@ -305,21 +305,24 @@ def refresh_metadata(model: nn.Module, metadata: ConversionMetadata) -> tuple[Co
     return metadata.model_copy(update={"sites": fresh_sites, "plan": plan}), tensors
 
 
-def save_hybrid(
-    model: nn.Module, tokenizer, metadata: ConversionMetadata, folder: Path, extra_files: dict[str, str] | None = None
-) -> Path:
-    """Write a hybrid checkpoint folder atomically (a killed save leaves the old folder or none)."""
+def write_hybrid_files(model: nn.Module, tokenizer, metadata: ConversionMetadata, folder: Path) -> ConversionMetadata:
+    """Write a hybrid checkpoint's files into an existing folder; returns the metadata written."""
+    folder = Path(folder)
     metadata, tensors = refresh_metadata(model, metadata)
+    model.config.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+    safetensors.torch.save_model(model, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    metadata.write(folder / METADATA_FILE, tensors)
+    return metadata
+
+
+def save_hybrid(model: nn.Module, tokenizer, metadata: ConversionMetadata, folder: Path) -> Path:
+    """Write a hybrid checkpoint folder atomically (a killed save leaves the old folder or none)."""
     with atomic_directory(Path(folder)) as tmp:
-        model.config.save_pretrained(tmp)
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(tmp)
-        safetensors.torch.save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        metadata.write(tmp / METADATA_FILE, tensors)
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
+        write_hybrid_files(model, tokenizer, metadata, tmp)
     return Path(folder)
 
 

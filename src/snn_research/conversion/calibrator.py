@@ -23,10 +23,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterable
 
+import safetensors
+import safetensors.torch
 import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
+
+from snn_research.errors import format_validation_error
 
 from snn_research.models.hybrid_transformer import family_sites, find_mlps, mlp_family, site_key
 
@@ -232,3 +238,105 @@ def _register(module: nn.Module, kind: str, histogram: StreamingPercentile, sign
     if kind == "pre":
         return module.register_forward_pre_hook(lambda _m, args: histogram.update(magnitudes(args[0])))
     return module.register_forward_hook(lambda _m, _args, output: histogram.update(magnitudes(output)))
+
+
+CALIBRATION_JSON = "calibration.json"
+CALIBRATION_TENSORS = "thresholds.safetensors"
+
+
+class SiteSummary(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    key: str
+    layer: int
+    site: str
+    signed: bool
+    layer_threshold: float
+    maximum: float
+    values_per_channel: int
+    channels: int
+    channel_threshold_min: float
+    channel_threshold_median: float
+    channel_threshold_max: float
+
+
+class CalibrationFile(BaseModel):
+    """``calibration.json``: the per-layer figures; per-channel tensors are in ``thresholds.safetensors``."""
+
+    model_config = ConfigDict(extra="forbid")
+    percentile: float
+    bins_per_octave: int
+    relative_error_bound: float
+    tokens: int
+    floor: float
+    data_sha256: str
+    sites: list[SiteSummary]
+
+
+def save_calibration(result: CalibrationResult, folder: Path, data_sha256: str) -> CalibrationFile:
+    folder = Path(folder)
+    summary = CalibrationFile(
+        percentile=result.percentile,
+        bins_per_octave=result.bins_per_octave,
+        relative_error_bound=result.relative_error_bound,
+        tokens=result.tokens,
+        floor=result.floor,
+        data_sha256=data_sha256,
+        sites=[
+            SiteSummary(
+                key=site.key,
+                layer=site.layer,
+                site=site.site,
+                signed=site.signed,
+                layer_threshold=site.layer_threshold,
+                maximum=site.maximum,
+                values_per_channel=site.values_per_channel,
+                channels=int(site.channel_thresholds.numel()),
+                channel_threshold_min=float(site.channel_thresholds.min()),
+                channel_threshold_median=float(site.channel_thresholds.median()),
+                channel_threshold_max=float(site.channel_thresholds.max()),
+            )
+            for site in result.sites.values()
+        ],
+    )
+    safetensors.torch.save_file(
+        {key: site.channel_thresholds.contiguous() for key, site in result.sites.items()},
+        str(folder / CALIBRATION_TENSORS),
+    )
+    (folder / CALIBRATION_JSON).write_text(summary.model_dump_json(indent=2))
+    return summary
+
+
+def load_calibration(folder: Path) -> tuple[CalibrationResult, CalibrationFile]:
+    folder = Path(folder)
+    json_path, tensor_path = folder / CALIBRATION_JSON, folder / CALIBRATION_TENSORS
+    try:
+        summary = CalibrationFile.model_validate_json(json_path.read_text())
+    except OSError as error:
+        raise ValueError(f"{json_path}: cannot read calibration ({error})") from None
+    except ValidationError as error:
+        raise ValueError(f"{json_path}: invalid calibration: {format_validation_error(error)}") from None
+    try:
+        tensors = safetensors.torch.load_file(str(tensor_path))
+    except (OSError, safetensors.SafetensorError) as error:
+        raise ValueError(f"{tensor_path}: cannot read calibration tensors ({error})") from None
+    result = CalibrationResult(
+        percentile=summary.percentile,
+        bins_per_octave=summary.bins_per_octave,
+        relative_error_bound=summary.relative_error_bound,
+        tokens=summary.tokens,
+        floor=summary.floor,
+    )
+    for site in summary.sites:
+        if site.key not in tensors:
+            raise ValueError(f"{tensor_path}: tensor {site.key!r} named by {json_path.name} is missing")
+        result.sites[site.key] = SiteCalibration(
+            key=site.key,
+            layer=site.layer,
+            site=site.site,
+            signed=site.signed,
+            channel_thresholds=tensors[site.key].float(),
+            layer_threshold=site.layer_threshold,
+            maximum=site.maximum,
+            values_per_channel=site.values_per_channel,
+        )
+    return result, summary

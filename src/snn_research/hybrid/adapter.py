@@ -164,6 +164,7 @@ class AnalogToSpikes(nn.Module):
         self.membrane_init = membrane_init
         self.seed = int(seed)
         self.noise_step = 0
+        self.learnable_threshold = learnable_threshold
         size = channels if per_channel else 1
         threshold = torch.as_tensor(threshold, dtype=torch.float32)
         if (threshold <= 0).any() or not torch.isfinite(threshold).all():

@@ -174,6 +174,8 @@ class MultiStepNeuron(nn.Module):
         self.surrogate = surrogate
         self.sharpness = float(sharpness)
         self.leak_reset = leak_reset
+        self.learnable_threshold = learnable_threshold
+        self.learnable_leak = learnable_leak
         size = channels if per_channel else 1
         log_threshold = torch.log(torch.as_tensor(threshold, dtype=torch.float32)).expand(size).clone()
         self.log_threshold = nn.Parameter(log_threshold, requires_grad=learnable_threshold)

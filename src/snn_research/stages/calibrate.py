@@ -1,0 +1,36 @@
+"""calibrate: stream the calib split through the teacher; percentile thresholds for every site."""
+
+from __future__ import annotations
+
+from snn_research.conversion.calibrator import Calibrator, save_calibration
+from snn_research.data import load_blocks
+from snn_research.io import atomic_directory, sha256_file
+from snn_research.stages.common import CALIBRATION_DIR, SPLITS_DIR, TEACHER_DIR, StageContext, console, progress_bar
+from snn_research.teacher import load_teacher
+
+
+def run(context: StageContext) -> None:
+    params = context.params.calibrate
+    context.verify(TEACHER_DIR, "download-teacher")
+    context.verify(SPLITS_DIR, "split")
+    model, _ = load_teacher(TEACHER_DIR)
+    blocks = load_blocks(SPLITS_DIR, "calib").input_ids[: params.max_blocks]
+    calibrator = Calibrator(model, bins_per_octave=params.bins_per_octave)
+    batches = list(blocks.split(params.batch_size))
+    with progress_bar("calibrating", len(batches)) as advance:
+        for batch in batches:
+            calibrator.observe(batch)
+            advance(info=f"{calibrator.tokens:,} tokens")
+    calibrator.remove_hooks()
+    result = calibrator.result(params.percentile)
+    with atomic_directory(CALIBRATION_DIR) as tmp:
+        summary = save_calibration(result, tmp, sha256_file(SPLITS_DIR / "calib.safetensors"))
+        context.manifest(tmp, "calibrate", {"calibrate": params.model_dump()},
+                         {"tokens": result.tokens, "sites": len(result.sites), "percentile": result.percentile,
+                          "relative_error_bound": result.relative_error_bound})
+    context.tracker.log_metrics({"tokens": result.tokens, "relative_error_bound": result.relative_error_bound})
+    for site in summary.sites:
+        context.tracker.log_metrics({f"threshold_layer.{site.site}": site.layer_threshold}, step=site.layer)
+    context.tracker.log_artifact(CALIBRATION_DIR / "calibration.json")
+    console.print(f"calibrate: {len(result.sites)} sites from {result.tokens:,} tokens "
+                  f"(percentile {result.percentile}, error bound {result.relative_error_bound:.2%})")

@@ -1,0 +1,193 @@
+"""Sequential layer-wise distillation of the spiking FFNs.
+
+Block by block, from the first: the hybrid's residual stream entering block l
+is computed with the blocks before it already trained (so each block learns on
+the inputs it will really see, and can correct the error the earlier blocks
+leave), and block l's spiking FFN is trained so that the block's output matches
+the teacher's residual stream after block l.
+
+The error is measured where it matters next: as the following norm (the next
+block's input norm, or the final norm) sees it, i.e. each channel weighted by
+that norm's gain squared and each token by its inverse mean square. A plain MSE
+on the stream would be dominated by the few channels of huge magnitude that
+these models carry and that the next norm scales away.
+
+Only one block runs per step and only its FFN gets gradients, so a step costs
+about one block's forward and its FFN's backward: far cheaper than a pass
+through the whole model and its 262k-token LM head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from snn_research.models.hybrid_transformer import SpikingMLP, block_list, spiking_parameter_groups
+
+# The norm that reads the residual stream at the start of a block, and the final one.
+_INPUT_NORM = {"gpt2": "ln_1"}
+_FINAL_NORM = {"gpt2": "transformer.ln_f"}
+
+
+@dataclass
+class LayerReport:
+    layer: int
+    loss_before: float
+    loss_after: float
+    stream_error: float  # weighted relative error of the block's output over all cached blocks
+
+
+def _norm_gain(norm: nn.Module, channels: int) -> tuple[torch.Tensor, bool]:
+    """Per-channel gain of a norm, and whether it centres (LayerNorm) before scaling."""
+    if isinstance(norm, nn.LayerNorm) or type(norm).__name__.endswith("LayerNorm") and hasattr(norm, "bias"):
+        return norm.weight.detach().float().clone(), True
+    with torch.no_grad():  # RMSNorm variants (with or without Gemma's 1 + w): the gain is norm(ones)
+        probe = torch.ones(1, channels, dtype=next(norm.parameters()).dtype)
+        return norm(probe).float().reshape(-1).clone(), False
+
+
+def _reader_norms(model: nn.Module) -> list[tuple[torch.Tensor, bool]]:
+    """For each block l, the gain of the norm that reads its output (block l+1's input norm, or the final norm)."""
+    model_type = model.config.model_type
+    _, blocks = block_list(model)
+    channels = model.config.hidden_size
+    input_norm = _INPUT_NORM.get(model_type, "input_layernorm")
+    final_norm = _FINAL_NORM.get(model_type, "model.norm")
+    readers = [getattr(blocks[i + 1], input_norm) for i in range(len(blocks) - 1)]
+    readers.append(model.get_submodule(final_norm))
+    return [_norm_gain(norm, channels) for norm in readers]
+
+
+def stream_loss(output: torch.Tensor, target: torch.Tensor, gain: torch.Tensor, centred: bool) -> torch.Tensor:
+    if centred:
+        output = output - output.mean(-1, keepdim=True)
+        target = target - target.mean(-1, keepdim=True)
+    token_weight = 1.0 / target.square().mean(-1, keepdim=True).clamp(min=1e-12)
+    channel_weight = gain.square()
+    error = ((output - target).square() * channel_weight * token_weight).sum(-1).mean()
+    reference = (target.square() * channel_weight * token_weight).sum(-1).mean()
+    return error / reference
+
+
+class _BlockCalls:
+    """Captures how the model calls each decoder block (the extra args and kwargs besides the stream)."""
+
+    def __init__(self, blocks: nn.ModuleList) -> None:
+        self.calls: dict[int, tuple[tuple, dict]] = {}
+        self.inputs: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(blocks))}
+        self.outputs: list[torch.Tensor] = []
+        self.handles = [
+            block.register_forward_pre_hook(self._pre(i), with_kwargs=True) for i, block in enumerate(blocks)
+        ]
+        self.handles.append(blocks[-1].register_forward_hook(self._post))
+
+    def _pre(self, index: int):
+        def hook(_module, args, kwargs):
+            stream = args[0] if args else kwargs["hidden_states"]
+            self.inputs[index].append(stream.detach())
+            if index not in self.calls:
+                extra = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+                self.calls[index] = (tuple(args[1:]), extra)
+
+        return hook
+
+    def _post(self, _module, _args, output):
+        self.outputs.append(_first(output).detach())
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _first(output):
+    return output if isinstance(output, torch.Tensor) else output[0]
+
+
+def run_block(block: nn.Module, stream: torch.Tensor, call: tuple[tuple, dict]) -> torch.Tensor:
+    args, kwargs = call
+    return _first(block(stream, *args, **kwargs))
+
+
+def layerwise_distill(
+    teacher: nn.Module,
+    hybrid: nn.Module,
+    blocks: torch.Tensor,
+    batch_size: int,
+    steps_per_layer: int,
+    lr: float,
+    threshold_lr: float,
+    seed: int = 0,
+    progress=None,
+) -> list[LayerReport]:
+    """Train every spiking FFN of ``hybrid`` in place, block by block; returns per-layer losses."""
+    count = (blocks.shape[0] // batch_size) * batch_size
+    if count == 0:
+        raise ValueError(f"layer-wise distillation needs at least batch_size={batch_size} blocks (got {blocks.shape[0]})")
+    batches = list(blocks[:count].split(batch_size))
+    _, teacher_blocks = block_list(teacher)
+    _, hybrid_blocks = block_list(hybrid)
+    recorder = _BlockCalls(teacher_blocks)
+    try:
+        with torch.no_grad():
+            for input_ids in batches:
+                teacher.base_model(input_ids=input_ids, use_cache=False)
+    finally:
+        recorder.remove()
+    targets = [recorder.inputs[i] for i in range(1, len(teacher_blocks))] + [recorder.outputs]
+    readers = _reader_norms(teacher)
+    stream = recorder.inputs[0]  # the embeddings are analog: identical for teacher and hybrid
+    reports = []
+    for index, block in enumerate(hybrid_blocks):
+        call = recorder.calls[index]
+        gain, centred = readers[index]
+        mlp = block.mlp
+        if isinstance(mlp, SpikingMLP) and steps_per_layer > 0:
+            reports.append(
+                _train_block(block, mlp, stream, targets[index], call, gain, centred,
+                             steps_per_layer, lr, threshold_lr, seed + index, index, progress)
+            )
+        with torch.no_grad():
+            stream = [run_block(block, x, call) for x in stream]
+        if reports and reports[-1].layer == index:
+            reports[-1].stream_error = float(
+                sum(stream_loss(o, t, gain, centred) for o, t in zip(stream, targets[index])) / len(stream)
+            )
+    return reports
+
+
+def _train_block(block, mlp, stream, targets, call, gain, centred, steps, lr, threshold_lr, seed, index, progress):
+    weights, thresholds = spiking_parameter_groups(mlp)
+    trainable_before = {id(p): p.requires_grad for p in mlp.parameters()}
+    for param in weights + thresholds:
+        param.requires_grad_(True)
+    optimizer = torch.optim.Adam([{"params": weights, "lr": lr}, {"params": thresholds, "lr": threshold_lr}])
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(stream), generator=generator)
+    first_loss = last_loss = float("nan")
+    block.train()
+    try:
+        for step in range(steps):
+            batch = int(order[step % len(stream)])
+            for module in mlp.modules():
+                if hasattr(module, "noise_step"):
+                    module.noise_step = step
+            output = run_block(block, stream[batch], call)
+            loss = stream_loss(output, targets[batch], gain, centred)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"layer-wise distillation of block {index}: loss is {loss.item()} at step {step}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            last_loss = loss.item()
+            if step == 0:
+                first_loss = last_loss
+            if progress is not None:
+                progress(index, step, last_loss)
+    finally:
+        block.eval()
+        for param in mlp.parameters():
+            param.requires_grad_(trainable_before[id(param)])
+            param.grad = None
+    return LayerReport(layer=index, loss_before=first_loss, loss_after=last_loss, stream_error=float("nan"))

@@ -1,0 +1,262 @@
+"""The training loop shared by distill and finetune (Hugging Face Accelerate underneath).
+
+AdamW over two groups (the spiking FFNs' weights, and their log-thresholds and
+leaks at their own learning rate), linear warm-up then cosine decay, gradient
+clipping, validation every N steps with the best state kept, optional early
+stopping, and resumable checkpoints.
+
+Determinism and resume. The batch of step s is a function of (seed, s) alone
+and stochastic encoders draw their noise from (seed, s), so a run resumed from
+its checkpoint at step k computes exactly the steps an uninterrupted run would.
+Checkpoints hold the trainable tensors (safetensors), the optimizer state
+(tensors and numbers only, loaded with ``weights_only=True``) and the loop's
+progress (JSON), and are written atomically.
+
+A loss or gradient that is NaN or infinite stops the run with the step number;
+the last checkpoint stays, and no model is written.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import safetensors.torch
+import torch
+from torch import nn
+
+from snn_research.io import atomic_directory
+from snn_research.models.hybrid_transformer import set_time_steps, spiking_mlps, spiking_parameter_groups
+
+STATE_FILE = "trainable.safetensors"
+BEST_FILE = "best.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+PROGRESS_FILE = "progress.json"
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss or gradient became NaN or infinite."""
+
+
+@dataclass
+class LoopSettings:
+    steps: int
+    batch_size: int
+    lr: float
+    threshold_lr: float
+    weight_decay: float
+    warmup_steps: int
+    grad_clip: float
+    eval_every: int
+    checkpoint_every: int
+    seed: int
+    patience: int | None = None  # early stopping after this many validations without improvement
+    time_steps: int | None = None  # the target T
+    curriculum_start: int | None = None  # train at this T first, annealing to the target
+    curriculum_fraction: float = 0.5
+
+
+@dataclass
+class LoopResult:
+    history: list[dict] = field(default_factory=list)  # one row per validation
+    train_losses: list[tuple[int, float]] = field(default_factory=list)
+    best_step: int = -1
+    best_objective: float = math.inf
+    steps_done: int = 0
+    stopped_early: bool = False
+    resumed_from: int | None = None
+
+
+def curriculum_time_steps(step: int, settings: LoopSettings) -> int | None:
+    """T for a step: geometric anneal from the start T to the target over the first part of training."""
+    if settings.curriculum_start is None or settings.time_steps is None:
+        return settings.time_steps
+    anneal_steps = max(1, int(settings.steps * settings.curriculum_fraction))
+    if step >= anneal_steps:
+        return settings.time_steps
+    progress = step / anneal_steps
+    start, end = settings.curriculum_start, settings.time_steps
+    return max(end, int(round(start * (end / start) ** progress)))
+
+
+def batch_indices(step: int, count: int, batch_size: int, seed: int) -> torch.Tensor:
+    per_epoch = max(1, count // batch_size)
+    epoch, position = divmod(step, per_epoch)
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    return order[position * batch_size:(position + 1) * batch_size]
+
+
+def _lr_lambda(settings: LoopSettings) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if settings.warmup_steps and step < settings.warmup_steps:
+            return (step + 1) / settings.warmup_steps
+        span = max(1, settings.steps - settings.warmup_steps)
+        progress = min(1.0, (step - settings.warmup_steps) / span)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def _named_trainable(model: nn.Module) -> dict[str, nn.Parameter]:
+    weights, dynamics = spiking_parameter_groups(model)
+    wanted = {id(p) for p in weights + dynamics}
+    return {name: p for name, p in model.named_parameters() if id(p) in wanted}
+
+
+def _set_noise_step(model: nn.Module, step: int) -> None:
+    for block in spiking_mlps(model):
+        for module in block.modules():
+            if hasattr(module, "noise_step"):
+                module.noise_step = step
+
+
+def train(
+    model: nn.Module,
+    train_blocks: torch.Tensor,
+    loss_fn: Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, dict[str, float]]],
+    validate: Callable[[nn.Module], dict[str, float]],
+    settings: LoopSettings,
+    checkpoint_dir: Path,
+    fingerprint: str,
+    log_metrics: Callable[[dict[str, float], int], None] | None = None,
+    progress: Callable[[int, float], None] | None = None,
+    initial_objective: float = math.inf,
+) -> LoopResult:
+    """Train the spiking parts of ``model`` in place; on return it holds the best validated state.
+
+    ``validate`` returns metrics including ``objective`` (lower is better). With
+    ``initial_objective`` (the starting state's validation), the starting state
+    counts as step 0 and is kept if no step beats it.
+    """
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    named = _named_trainable(model)
+    if not named:
+        raise ValueError("the model has no spiking parameters to train (was it converted?)")
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for param in named.values():
+        param.requires_grad_(True)
+    weights, dynamics = spiking_parameter_groups(model)
+    groups = [{"params": weights, "lr": settings.lr, "weight_decay": settings.weight_decay}]
+    if dynamics:
+        groups.append({"params": dynamics, "lr": settings.threshold_lr, "weight_decay": 0.0})
+    optimizer = torch.optim.AdamW(groups)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(settings))
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+
+    result = LoopResult(best_objective=initial_objective, best_step=0 if math.isfinite(initial_objective) else -1)
+    best_state = {name: p.detach().clone() for name, p in named.items()}
+    start, since_best = 0, 0
+    checkpoint_dir = Path(checkpoint_dir)
+    saved = _read_checkpoint(checkpoint_dir, fingerprint)
+    if saved is not None:
+        progress_state, trainable, best, optimizer_state = saved
+        with torch.no_grad():
+            for name, tensor in trainable.items():
+                named[name].copy_(tensor)
+        best_state = best
+        optimizer.load_state_dict(optimizer_state)
+        scheduler.load_state_dict(progress_state["scheduler"])
+        start = progress_state["step"]
+        since_best = progress_state["since_best"]
+        result.history = progress_state["history"]
+        result.train_losses = [tuple(x) for x in progress_state["train_losses"]]
+        result.best_step = progress_state["best_step"]
+        result.best_objective = progress_state["best_objective"]
+        result.resumed_from = start
+
+    device = accelerator.device
+    step = start
+    while step < settings.steps:
+        time_steps = curriculum_time_steps(step, settings)
+        if time_steps is not None:
+            set_time_steps(model, time_steps)
+        _set_noise_step(model, step)
+        model.train()
+        batch = train_blocks[batch_indices(step, train_blocks.shape[0], settings.batch_size, settings.seed)].to(device)
+        loss, parts = loss_fn(model, batch)
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(f"step {step}: training loss is {loss.item()}; stopped, last checkpoint kept")
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        grad_norm = accelerator.clip_grad_norm_(list(named.values()), settings.grad_clip)
+        if not torch.isfinite(torch.as_tensor(grad_norm)):
+            raise TrainingDiverged(f"step {step}: gradient norm is {float(grad_norm)}; stopped, last checkpoint kept")
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        result.train_losses.append((step, loss.item()))
+        if log_metrics is not None:
+            log_metrics({"train_loss": loss.item(), "lr": scheduler.get_last_lr()[0], "time_steps": float(time_steps or 0),
+                         **{f"train_{k}": v for k, v in parts.items()}}, step)
+        if progress is not None:
+            progress(step, loss.item())
+        if step % settings.eval_every == 0 or step == settings.steps:
+            model.eval()
+            if settings.time_steps is not None:
+                set_time_steps(model, settings.time_steps)
+            metrics = validate(model)
+            metrics = {**metrics, "step": step}
+            result.history.append(metrics)
+            if log_metrics is not None:
+                log_metrics({f"val_{k}": v for k, v in metrics.items() if k != "step"}, step)
+            if metrics["objective"] < result.best_objective:
+                result.best_objective, result.best_step, since_best = metrics["objective"], step, 0
+                best_state = {name: p.detach().clone() for name, p in named.items()}
+            else:
+                since_best += 1
+            if settings.patience is not None and since_best >= settings.patience:
+                result.stopped_early = True
+                break
+        if step % settings.checkpoint_every == 0 and step < settings.steps:
+            _write_checkpoint(checkpoint_dir, fingerprint, step, since_best, named, best_state, optimizer, scheduler, result)
+
+    result.steps_done = step
+    with torch.no_grad():
+        for name, tensor in best_state.items():
+            named[name].copy_(tensor)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    if settings.time_steps is not None:
+        set_time_steps(model, settings.time_steps)
+    model.eval()
+    return result
+
+
+def _write_checkpoint(folder, fingerprint, step, since_best, named, best_state, optimizer, scheduler, result) -> None:
+    with atomic_directory(folder) as tmp:
+        safetensors.torch.save_file({k: v.detach().contiguous() for k, v in named.items()}, str(tmp / STATE_FILE))
+        safetensors.torch.save_file({k: v.contiguous() for k, v in best_state.items()}, str(tmp / BEST_FILE))
+        torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+        progress = {
+            "fingerprint": fingerprint,
+            "step": step,
+            "since_best": since_best,
+            "scheduler": scheduler.state_dict(),
+            "history": result.history,
+            "train_losses": result.train_losses,
+            "best_step": result.best_step,
+            "best_objective": result.best_objective,
+        }
+        (tmp / PROGRESS_FILE).write_text(json.dumps(progress))
+
+
+def _read_checkpoint(folder: Path, fingerprint: str):
+    progress_path = folder / PROGRESS_FILE
+    if not progress_path.is_file():
+        return None
+    try:
+        progress = json.loads(progress_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if progress.get("fingerprint") != fingerprint:
+        return None  # made with other params or inputs: start afresh
+    trainable = safetensors.torch.load_file(str(folder / STATE_FILE))
+    best = safetensors.torch.load_file(str(folder / BEST_FILE))
+    optimizer_state = torch.load(folder / OPTIMIZER_FILE, weights_only=True)
+    return progress, trainable, best, optimizer_state
