@@ -54,3 +54,18 @@ def input_ids() -> torch.Tensor:
 def calibration_batches(count: int = 4, seed: int = 2):
     generator = torch.Generator().manual_seed(seed)
     return [torch.randint(0, VOCAB, (2, 24), generator=generator) for _ in range(count)]
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """A fresh, empty working directory: stages read and write relative to it."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture
+def tiny() -> dict:
+    """The smoke pipeline's params made tiny (8 plays, 32-token blocks, a few steps), tracking off."""
+    from pipeline_support import tiny_params as build  # imported late: it imports the whole CLI
+
+    return build()

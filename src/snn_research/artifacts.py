@@ -64,10 +64,12 @@ def write_manifest(
     return manifest
 
 
-def read_manifest(folder: Path) -> Manifest:
+def read_manifest(folder: Path, stage: str | None = None) -> Manifest:
+    """The manifest of ``folder``; ``stage`` (the stage that makes the folder) only improves the messages."""
     path = Path(folder) / MANIFEST
     if not Path(folder).is_dir():
-        raise ValueError(f"{folder}: input folder is missing (run the stage that makes it first)")
+        maker = f"'snn-research {stage}'" if stage else "the stage that makes it"
+        raise ValueError(f"{folder}: input folder is missing (run {maker} first)")
     if not path.is_file():
         raise ValueError(f"{path}: manifest is missing; the folder was not written by a completed stage")
     try:
@@ -79,7 +81,7 @@ def read_manifest(folder: Path) -> Manifest:
 def verify_folder(folder: Path, stage: str | None = None) -> tuple[Manifest, str]:
     """Check a folder against its manifest; returns it and the manifest's own sha256."""
     folder = Path(folder)
-    manifest = read_manifest(folder)
+    manifest = read_manifest(folder, stage)
     if stage is not None and manifest.stage != stage:
         raise ValueError(f"{folder / MANIFEST}: made by stage {manifest.stage!r}, expected {stage!r}")
     for name, expected in manifest.files.items():

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 import typer
+from rich.markup import escape  # messages quote paths and values that may hold [brackets]
 
 from snn_research.config import Params, ParamsError, load_params
 from snn_research.stages.common import console
@@ -31,17 +32,18 @@ STAGES = {
 }
 
 ParamsOption = typer.Option(Path("params.yaml"), "--params", "-p", help="params file to validate and use")
+SetOption = typer.Option(None, "--set", "-S", help="override a param: <dotted.key>=<value> (repeatable)")
 
 
-def run_stage(stage: str, params_path: Path) -> None:
+def run_stage(stage: str, params_path: Path, overrides: list[str] | None = None) -> None:
     from snn_research.stages.common import StageContext
     from snn_research.tracking import Tracker
     from snn_research.training.loop import TrainingDiverged
 
     try:
-        params = load_params(params_path)
+        params = load_params(params_path, overrides)
     except ParamsError as error:
-        console.print(f"[red]error:[/] {error}")
+        console.print(f"[red]error:[/] {escape(str(error))}", markup=True)
         raise typer.Exit(2) from None
     module_name, sections = STAGES[stage]
     dump = params.model_dump(mode="json")
@@ -52,7 +54,7 @@ def run_stage(stage: str, params_path: Path) -> None:
         module.run(context)
     except (ValueError, OSError, TrainingDiverged, FloatingPointError) as error:
         tracker.finish("FAILED")
-        console.print(f"[red]error in {stage}:[/] {error}")
+        console.print(f"[red]error in {stage}:[/] {escape(str(error))}", markup=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         tracker.finish("KILLED")
@@ -60,13 +62,14 @@ def run_stage(stage: str, params_path: Path) -> None:
     tracker.finish()
     console.print(f"{stage}: done in {context.elapsed():.1f} s")
     if tracker.failed and params.tracking.strict:
-        console.print(f"[red]error:[/] tracking failed and tracking.strict is set ({tracker.failed})")
+        console.print(f"[red]error:[/] tracking failed and tracking.strict is set ({escape(tracker.failed)})",
+                      markup=True)
         raise typer.Exit(3)
 
 
 def _register(stage: str) -> None:
-    def command(params: Path = ParamsOption) -> None:
-        run_stage(stage, params)
+    def command(params: Path = ParamsOption, overrides: list[str] = SetOption) -> None:
+        run_stage(stage, params, overrides)
 
     command.__doc__ = importlib.import_module(f"snn_research.stages.{STAGES[stage][0]}").__doc__.strip().split("\n")[0]
     app.command(name=stage)(command)
@@ -77,18 +80,37 @@ for _stage in STAGES:
 
 
 @app.command()
+def frontier(
+    metrics: list[Path] = typer.Argument(..., help="metrics.json files, one per T"),
+    csv_path: Path = typer.Option(Path("reports/frontier.csv"), "--csv", help="CSV for DVC plots"),
+    plot_path: Path = typer.Option(Path("reports/frontier.png"), "--plot", help="PNG of ppl against FFN energy"),
+) -> None:
+    """Quality/energy frontier of a T sweep: perplexity against FFN energy ratio."""
+    from snn_research.stages.frontier import write_frontier
+
+    try:
+        points = write_frontier(metrics, csv_path, plot_path)
+    except (ValueError, KeyError) as error:
+        console.print(f"[red]error in frontier:[/] {escape(str(error))}", markup=True)
+        raise typer.Exit(1) from None
+    for point in points:
+        typer.echo(f"{point['model']:9s} T={point['time_steps']:3d}  ppl {point['ppl']:.3f}  "
+                   f"FFN energy {point['ffn_energy_ratio']:.3f}")
+
+
+@app.command()
 def schema() -> None:
     """Print the JSON schema of params.yaml."""
     typer.echo(json.dumps(Params.model_json_schema(), indent=2))
 
 
 @app.command()
-def check(params: Path = ParamsOption) -> None:
+def check(params: Path = ParamsOption, overrides: list[str] = SetOption) -> None:
     """Validate a params file and print it with every default filled in."""
     try:
-        loaded = load_params(params)
+        loaded = load_params(params, overrides)
     except ParamsError as error:
-        console.print(f"[red]error:[/] {error}")
+        console.print(f"[red]error:[/] {escape(str(error))}", markup=True)
         raise typer.Exit(2) from None
     typer.echo(json.dumps(loaded.model_dump(mode="json"), indent=2))
 

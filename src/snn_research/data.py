@@ -94,18 +94,20 @@ def split_documents(documents: list[Document], fractions: SplitFractions, seed: 
         groups.setdefault(doc.group, []).append(doc)
     if len(groups) < len(SPLITS):
         raise ValueError(
-            f"the corpus has {len(groups)} document groups; a split into {len(SPLITS)} parts needs at least {len(SPLITS)}"
+            f"the corpus has {len(groups)} document groups ({', '.join(sorted(groups))}); "
+            f"a split into {len(SPLITS)} parts needs at least {len(SPLITS)}"
         )
     order = sorted(groups)
     random.Random(seed).shuffle(order)
     share = fractions.model_dump()
     targets = {name: share[name] * len(documents) for name in SPLITS}
     assigned: dict[str, list[Document]] = {name: [] for name in SPLITS}
-    # every split gets one group first, then each group goes where the deficit is largest
+    # every split gets one group first, then each group goes where the deficit (in documents) is largest;
+    # a split only grows while it is the furthest below its share, so each ends within one group of it
     for name, group in zip(SPLITS, order):
         assigned[name].extend(groups[group])
     for group in order[len(SPLITS):]:
-        name = max(SPLITS, key=lambda s: (targets[s] - len(assigned[s])) / targets[s])
+        name = max(SPLITS, key=lambda s: targets[s] - len(assigned[s]))
         assigned[name].extend(groups[group])
     return {name: sorted(docs, key=lambda d: d.name) for name, docs in assigned.items()}
 
@@ -157,6 +159,16 @@ def corpus_sha256(documents: list[Document]) -> str:
         digest.update(doc.name.encode())
         digest.update(hashlib.sha256(doc.path.read_bytes()).hexdigest().encode())
     return digest.hexdigest()
+
+
+def spread(blocks: TokenBlocks, limit: int | None) -> TokenBlocks:
+    """At most ``limit`` blocks, evenly spaced over the split, so every document can contribute."""
+    count = blocks.input_ids.shape[0]
+    if limit is None or count <= limit:
+        return blocks
+    index = torch.linspace(0, count - 1, limit).round().long()
+    return TokenBlocks(blocks.input_ids[index], blocks.target_bytes[index], blocks.document_index[index],
+                       blocks.dropped_tokens)
 
 
 def save_blocks(blocks: TokenBlocks, path: Path) -> None:

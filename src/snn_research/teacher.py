@@ -99,17 +99,31 @@ def check_model_folder(folder: Path) -> str:
     return "hf"
 
 
-def _path_teacher(value: str, dtype: torch.dtype) -> LoadedTeacher:
+def _load_hf_folder(folder: Path, dtype: torch.dtype):
+    """Model and tokenizer of a checked folder; a damaged file is a ValueError naming it, not a traceback."""
+    import safetensors
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as error:
+        raise ValueError(f"{folder}: unreadable tokenizer ({type(error).__name__}: {error})") from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=False, use_safetensors=True)
+    except (safetensors.SafetensorError, OSError, ValueError, RuntimeError) as error:
+        weights = ", ".join(str(path) for path in sorted(folder.glob("*.safetensors")))
+        raise ValueError(f"{weights}: cannot load the weights ({error})") from None
+    return model, tokenizer
+
+
+def _path_teacher(value: str, dtype: torch.dtype) -> LoadedTeacher:
     folder = Path(value).expanduser()
     kind = check_model_folder(folder)
     if kind == "gguf":
         gguf = next(folder.glob("*.gguf"))
         model, tokenizer = _load_gguf(folder, gguf.name, dtype)
         return LoadedTeacher(model, tokenizer, f"path:{value}", sha256_file(gguf))
-    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=False, use_safetensors=True)
+    model, tokenizer = _load_hf_folder(folder, dtype)
     digest = _combined_sha256(sorted(folder.glob("*.safetensors")))
     return LoadedTeacher(model, tokenizer, f"path:{value}", digest)
 
@@ -210,11 +224,8 @@ def save_teacher_folder(teacher: LoadedTeacher, folder: Path) -> dict:
 
 def load_teacher(folder: Path, dtype: torch.dtype = torch.float32):
     """Load ``models/teacher`` for the later stages (model in eval mode, frozen)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     check_model_folder(Path(folder))
-    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=False, use_safetensors=True)
+    model, tokenizer = _load_hf_folder(Path(folder), dtype)
     model.eval()
     for param in model.parameters():
         param.requires_grad_(False)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from snn_research.config import Params
 
@@ -83,7 +84,7 @@ class Tracker:
             function(*args)
         except Exception as error:  # noqa: BLE001 - any tracking fault must not cost the stage's results
             self.failed = f"{type(error).__name__}: {error}"
-            console.print(f"[yellow]MLflow tracking failed ({self.failed}); the stage's outputs are still written[/]")
+            console.print(f"[yellow]MLflow tracking failed ({escape(self.failed)}); the stage's outputs are still written[/]")
             self._end_quietly()
 
     def _start(self, params_path: Path, stage_params: dict[str, Any]) -> None:

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 from snn_research.conversion.calibrator import Calibrator, save_calibration
-from snn_research.data import load_blocks
+from snn_research.data import load_blocks, spread
 from snn_research.io import atomic_directory, sha256_file
-from snn_research.stages.common import CALIBRATION_DIR, SPLITS_DIR, TEACHER_DIR, StageContext, console, progress_bar
+from snn_research.stages.common import StageContext, console, progress_bar
 from snn_research.teacher import load_teacher
 
 
 def run(context: StageContext) -> None:
     params = context.params.calibrate
-    context.verify(TEACHER_DIR, "download-teacher")
-    context.verify(SPLITS_DIR, "split")
-    model, _ = load_teacher(TEACHER_DIR)
-    blocks = load_blocks(SPLITS_DIR, "calib").input_ids[: params.max_blocks]
+    context.verify(context.paths.teacher, "download-teacher")
+    context.verify(context.paths.splits, "split")
+    model, _ = load_teacher(context.paths.teacher)
+    blocks = spread(load_blocks(context.paths.splits, "calib"), params.max_blocks).input_ids
     calibrator = Calibrator(model, bins_per_octave=params.bins_per_octave)
     batches = list(blocks.split(params.batch_size))
     with progress_bar("calibrating", len(batches)) as advance:
@@ -23,14 +23,14 @@ def run(context: StageContext) -> None:
             advance(info=f"{calibrator.tokens:,} tokens")
     calibrator.remove_hooks()
     result = calibrator.result(params.percentile)
-    with atomic_directory(CALIBRATION_DIR) as tmp:
-        summary = save_calibration(result, tmp, sha256_file(SPLITS_DIR / "calib.safetensors"))
+    with atomic_directory(context.paths.calibration) as tmp:
+        summary = save_calibration(result, tmp, sha256_file(context.paths.splits / "calib.safetensors"))
         context.manifest(tmp, "calibrate", {"calibrate": params.model_dump()},
                          {"tokens": result.tokens, "sites": len(result.sites), "percentile": result.percentile,
                           "relative_error_bound": result.relative_error_bound})
     context.tracker.log_metrics({"tokens": result.tokens, "relative_error_bound": result.relative_error_bound})
     for site in summary.sites:
         context.tracker.log_metrics({f"threshold_layer.{site.site}": site.layer_threshold}, step=site.layer)
-    context.tracker.log_artifact(CALIBRATION_DIR / "calibration.json")
+    context.tracker.log_artifact(context.paths.calibration / "calibration.json")
     console.print(f"calibrate: {len(result.sites)} sites from {result.tokens:,} tokens "
                   f"(percentile {result.percentile}, error bound {result.relative_error_bound:.2%})")

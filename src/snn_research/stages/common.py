@@ -14,20 +14,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from snn_research.config import Params
 from snn_research.tracking import Tracker
 
-TEACHER_DIR = Path("models/teacher")
-SPLITS_DIR = Path("data/splits")
-CALIBRATION_DIR = Path("reports/calibration")
-CONVERTED_DIR = Path("models/converted")
-CONVERSION_METADATA = Path("reports/conversion_metadata.json")
-DISTILLED_DIR = Path("models/distilled")
-FINETUNED_DIR = Path("models/finetuned")
-CHECKPOINTS_DIR = Path("models/.checkpoints")
-REPORTS_DIR = Path("reports")
-PLOTS_DIR = Path("reports/plots")
-EVALUATION_DIR = Path("reports/evaluation")
-METRICS_FILE = Path("reports/metrics.json")
-
-console = Console(stderr=True)
+# stage messages quote user paths and values, which may hold [brackets]: no markup unless asked for
+console = Console(stderr=True, markup=False)
 
 
 @dataclass
@@ -37,6 +25,10 @@ class StageContext:
     tracker: Tracker
     started: float = field(default_factory=time.perf_counter)
     inputs: dict[str, str] = field(default_factory=dict)  # input folder -> its manifest's sha256
+
+    @property
+    def paths(self):
+        return self.params.paths
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
@@ -56,7 +48,20 @@ class StageContext:
 
 @contextmanager
 def progress_bar(description: str, total: int | None) -> Iterator:
-    """A rich progress bar on stderr; yields ``advance(n=1, **fields)``."""
+    """A rich progress bar on a terminal, a line every 30 s otherwise (DVC and CI logs); yields ``advance``."""
+    if not console.is_terminal:
+        state = {"done": 0, "last": time.perf_counter(), "start": time.perf_counter()}
+
+        def advance_plain(n: int = 1, info: str = "") -> None:
+            state["done"] += n
+            now = time.perf_counter()
+            if now - state["last"] >= 30 or state["done"] == total:
+                state["last"] = now
+                of_total = f"/{total}" if total else ""
+                console.print(f"{description}: {state['done']}{of_total} ({now - state['start']:.0f} s) {info}")
+
+        yield advance_plain
+        return
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn(), TextColumn("{task.fields[info]}")]
     with Progress(*columns, console=console, transient=False) as progress:

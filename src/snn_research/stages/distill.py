@@ -16,10 +16,10 @@ import safetensors.torch
 import torch
 
 from snn_research.conversion.ann_to_snn_converter import load_hybrid
-from snn_research.data import load_blocks
+from snn_research.data import load_blocks, spread
 from snn_research.io import atomic_directory
 from snn_research.models.hybrid_transformer import SpikingMLP, find_mlps, spiking_parameter_groups
-from snn_research.stages.common import CONVERTED_DIR, DISTILLED_DIR, SPLITS_DIR, TEACHER_DIR, StageContext, console
+from snn_research.stages.common import StageContext, console
 from snn_research.stages.common import progress_bar
 from snn_research.stages.training_common import (
     checkpoint_dir,
@@ -55,7 +55,7 @@ class _FFNOutputs:
         return hook
 
 
-def _layerwise(context, teacher, hybrid, train_blocks, ckpt, fp):
+def _layerwise(context, teacher, hybrid, blocks, ckpt, fp):
     params = context.params.distill
     state_path, report_path = ckpt / LAYERWISE_STATE, ckpt / LAYERWISE_REPORT
     weights, dynamics = spiking_parameter_groups(hybrid)
@@ -68,7 +68,6 @@ def _layerwise(context, teacher, hybrid, train_blocks, ckpt, fp):
         console.print("distill: layer-wise stage restored from its checkpoint")
         return json.loads(report_path.read_text())["layers"]
     layer_params = params.layerwise
-    blocks = train_blocks[: layer_params.blocks]
     converted = sum(isinstance(loc.module, SpikingMLP) for loc in find_mlps(hybrid))
     with progress_bar("layer-wise distillation", converted * layer_params.steps_per_layer) as advance:
         reports = layerwise_distill(
@@ -90,20 +89,22 @@ def _layerwise(context, teacher, hybrid, train_blocks, ckpt, fp):
 def run(context: StageContext) -> None:
     params = context.params.distill
     seed = context.params.seed
-    context.verify(TEACHER_DIR, "download-teacher")
-    context.verify(SPLITS_DIR, "split")
-    context.verify(CONVERTED_DIR, "convert")
-    teacher, tokenizer = load_teacher(TEACHER_DIR)
-    hybrid = load_hybrid(CONVERTED_DIR)
+    context.verify(context.paths.teacher, "download-teacher")
+    context.verify(context.paths.splits, "split")
+    context.verify(context.paths.converted, "convert")
+    teacher, tokenizer = load_teacher(context.paths.teacher)
+    hybrid = load_hybrid(context.paths.converted)
     time_steps = hybrid.hybrid_metadata.plan.time_steps
-    train_blocks = load_blocks(SPLITS_DIR, "train").input_ids
-    val_blocks = load_blocks(SPLITS_DIR, "val").input_ids[: params.val_blocks]
+    train_split = load_blocks(context.paths.splits, "train")
+    train_blocks = train_split.input_ids
+    val_blocks = spread(load_blocks(context.paths.splits, "val"), params.val_blocks).input_ids
     fp = fingerprint(context, params.model_dump())
-    ckpt = checkpoint_dir("distill")
+    ckpt = checkpoint_dir(context, "distill")
 
     layer_rows = []
     if params.layerwise.enabled and params.layerwise.steps_per_layer > 0:
-        layer_rows = _layerwise(context, teacher, hybrid, train_blocks, ckpt / "layerwise", fp)
+        layer_blocks = spread(train_split, params.layerwise.blocks).input_ids
+        layer_rows = _layerwise(context, teacher, hybrid, layer_blocks, ckpt / "layerwise", fp)
 
     with torch.no_grad():  # the teacher's validation targets, once
         val_targets = [teacher_top_k(teacher(input_ids=b, use_cache=False).logits, VAL_TOP_K)
@@ -124,10 +125,19 @@ def run(context: StageContext) -> None:
     teacher_ffn = _FFNOutputs(teacher, converted_layers) if use_mse else None
     hybrid_ffn = _FFNOutputs(hybrid, converted_layers) if use_mse else None
 
-    def loss_fn(model, batch):
+    def loss_fn(model, batch, step):
+        keep = 0  # logits for every position
+        targets = batch[:, 1:]
+        if params.kl_positions:
+            # the LM head (262k x 640 for Gemma 3) dominates a step: score a random subset of positions
+            generator = torch.Generator().manual_seed(seed * 100_003 + step)
+            chosen = torch.randperm(batch.shape[1] - 1, generator=generator)[: params.kl_positions].sort().values
+            keep, targets = chosen, batch[:, chosen + 1]
         with torch.no_grad():
-            teacher_logits = teacher(input_ids=batch, use_cache=False).logits
-        logits = model(input_ids=batch, use_cache=False).logits
+            teacher_logits = teacher(input_ids=batch, use_cache=False, logits_to_keep=keep).logits
+        logits = model(input_ids=batch, use_cache=False, logits_to_keep=keep).logits
+        if not params.kl_positions:
+            teacher_logits, logits = teacher_logits[:, :-1], logits[:, :-1]
         parts = {}
         loss = torch.zeros((), dtype=torch.float32)
         if params.kl_weight > 0:
@@ -135,7 +145,7 @@ def run(context: StageContext) -> None:
             loss = loss + params.kl_weight * kl
             parts["kl"] = kl.item()
         if params.ce_weight > 0:
-            ce = next_token_nll(logits, batch)
+            ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
             loss = loss + params.ce_weight * ce
             parts["ce"] = ce.item()
         if use_mse:
@@ -159,17 +169,17 @@ def run(context: StageContext) -> None:
     if result.best_step == 0:
         console.print("distill: no end-to-end step improved the validation KL; keeping the state it started from")
     final = validate(hybrid)
-    curves = write_curves("distill", result)
+    curves = write_curves(context, "distill", result)
     write_csv(curves["val"].parent / "distill_layerwise.csv", ["layer", "loss_before", "loss_after", "stream_error"],
               [[r["layer"], r["loss_before"], r["loss_after"], r["stream_error"]] for r in layer_rows])
     summary = {"final_val": final, "start_val": start_metrics, "best_step": result.best_step,
                "steps_done": result.steps_done, "resumed_from": result.resumed_from, "layerwise": layer_rows}
     history = json.dumps({"history": result.history, "train_losses": result.train_losses, "layerwise": layer_rows})
-    save_trained(context, "distill", DISTILLED_DIR, hybrid, tokenizer, {"distill": params.model_dump(), "seed": seed},
+    save_trained(context, "distill", context.paths.distilled, hybrid, tokenizer, {"distill": params.model_dump(), "seed": seed},
                  summary, {"history.json": history})
     context.tracker.log_metrics({f"final_val_{k}": v for k, v in final.items()})
     for path in curves.values():
         context.tracker.log_artifact(path, "plots")
     console.print(f"distill: val KL {start_metrics['kl_to_teacher']:.4f} -> {final['kl_to_teacher']:.4f}, "
-                  f"val ppl {final['ppl']:.2f} -> {DISTILLED_DIR}")
+                  f"val ppl {final['ppl']:.2f} -> {context.paths.distilled}")
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from snn_research.io import atomic_directory
-from snn_research.stages.common import TEACHER_DIR, StageContext, console
+from snn_research.stages.common import StageContext, console
 from snn_research.teacher import obtain_teacher, save_teacher_folder
 
 
@@ -11,9 +11,9 @@ def run(context: StageContext) -> None:
     params = context.params
     console.print(f"download-teacher: loading {params.teacher.source} ({params.teacher.dtype})")
     teacher = obtain_teacher(params.teacher.source, params.teacher.dtype, params.seed)
-    with atomic_directory(TEACHER_DIR) as tmp:
+    with atomic_directory(context.paths.teacher) as tmp:
         summary = save_teacher_folder(teacher, tmp)
         context.manifest(tmp, "download-teacher", {"teacher": params.teacher.model_dump(), "seed": params.seed}, summary)
     context.tracker.log_metrics({"parameters": summary["parameters"], "num_layers": summary["num_layers"]})
-    context.tracker.log_artifact(TEACHER_DIR / "manifest.json")
-    console.print(f"download-teacher: {summary['model_type']} with {summary['parameters']:,} parameters -> {TEACHER_DIR}")
+    context.tracker.log_artifact(context.paths.teacher / "manifest.json")
+    console.print(f"download-teacher: {summary['model_type']} with {summary['parameters']:,} parameters -> {context.paths.teacher}")

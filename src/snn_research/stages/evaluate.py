@@ -8,68 +8,58 @@ reports under ``reports/evaluation/``.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from snn_research.artifacts import read_manifest
 from snn_research.conversion.ann_to_snn_converter import load_hybrid
-from snn_research.data import load_blocks
+from snn_research.data import load_blocks, spread
 from snn_research.evaluation.energy import measure_energy
 from snn_research.evaluation.layers import ffn_output_errors
 from snn_research.evaluation.plots import plot_layers
 from snn_research.evaluation.quality import evaluate_quality
 from snn_research.evaluation.report import metrics_document, summary_markdown
 from snn_research.io import atomic_directory, atomic_write_text
-from snn_research.stages.common import (
-    CALIBRATION_DIR,
-    CONVERTED_DIR,
-    DISTILLED_DIR,
-    EVALUATION_DIR,
-    FINETUNED_DIR,
-    METRICS_FILE,
-    PLOTS_DIR,
-    SPLITS_DIR,
-    TEACHER_DIR,
-    StageContext,
-    console,
-    progress_bar,
-)
+from snn_research.stages.common import StageContext, console, progress_bar
 from snn_research.stages.training_common import write_csv
 from snn_research.teacher import load_teacher
 
-HYBRIDS = {"converted": CONVERTED_DIR, "distilled": DISTILLED_DIR, "finetuned": FINETUNED_DIR}
-STAGE_FOLDERS = {"download-teacher": TEACHER_DIR, "split": SPLITS_DIR, "calibrate": CALIBRATION_DIR,
-                 "convert": CONVERTED_DIR, "distill": DISTILLED_DIR, "finetune": FINETUNED_DIR}
+
+
+def stage_folders(paths) -> dict[str, Path]:
+    return {"download-teacher": paths.teacher, "split": paths.splits, "calibrate": paths.calibration,
+            "convert": paths.converted, "distill": paths.distilled, "finetune": paths.finetuned}
 
 
 def run(context: StageContext) -> None:
     params = context.params.evaluate
-    for stage, folder in STAGE_FOLDERS.items():
+    folders = stage_folders(context.paths)
+    for stage, folder in folders.items():
         context.verify(folder, stage)
-    teacher, _ = load_teacher(TEACHER_DIR)
-    hybrids = {name: load_hybrid(folder) for name, folder in HYBRIDS.items()}
+    teacher, _ = load_teacher(context.paths.teacher)
+    hybrids = {name: load_hybrid(folders[stage]) for name, stage in
+               (("converted", "convert"), ("distilled", "distill"), ("finetuned", "finetune"))}
     time_steps = hybrids["finetuned"].hybrid_metadata.plan.time_steps
-    test = load_blocks(SPLITS_DIR, "test")
+    test = spread(load_blocks(context.paths.splits, "test"), params.max_blocks)
     ids, target_bytes = test.input_ids, test.target_bytes
-    if params.max_blocks is not None:
-        ids, target_bytes = ids[: params.max_blocks], target_bytes[: params.max_blocks]
     batches = -(-ids.shape[0] // params.batch_size)
     with progress_bar("evaluating", batches) as advance:
         totals = evaluate_quality(teacher, hybrids, ids, target_bytes, params.batch_size, progress=advance)
-    energy_ids = ids[: params.energy_blocks]
+    energy_ids = spread(test, params.energy_blocks).input_ids
     energy = {name: measure_energy(model, energy_ids, params.e_mac_pj, params.e_ac_pj) for name, model in hybrids.items()}
     layer_errors = {name: ffn_output_errors(teacher, model, energy_ids) for name, model in hybrids.items()}
 
     metrics = metrics_document(time_steps, totals, energy, params.timing)
-    atomic_write_text(METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
+    atomic_write_text(context.paths.metrics, json.dumps(metrics, indent=2) + "\n")
     layer_rows = _layer_rows(energy, layer_errors)
-    write_csv(PLOTS_DIR / "layer_spike_rates.csv", ["layer", *[f"{n}_{s}" for n in hybrids for s in ("input", "second")]],
+    write_csv(context.paths.plots / "layer_spike_rates.csv", ["layer", *[f"{n}_{s}" for n in hybrids for s in ("input", "second")]],
               [[row["layer"], *[row[f"{n}_{s}"] for n in hybrids for s in ("input", "second")]] for row in layer_rows])
-    write_csv(PLOTS_DIR / "layer_ffn_error.csv", ["layer", *hybrids],
+    write_csv(context.paths.plots / "layer_ffn_error.csv", ["layer", *hybrids],
               [[row["layer"], *[row[f"{n}_error"] for n in hybrids]] for row in layer_rows])
-    plot_layers(layer_rows, list(hybrids), PLOTS_DIR / "layers.png")
-    stage_seconds = {stage: read_manifest(folder).summary.get("seconds") for stage, folder in STAGE_FOLDERS.items()}
+    plot_layers(layer_rows, list(hybrids), context.paths.plots / "layers.png")
+    stage_seconds = {stage: read_manifest(folder).summary.get("seconds") for stage, folder in folders.items()}
     stage_seconds["evaluate"] = round(context.elapsed(), 2)
     summary = summary_markdown(metrics, layer_rows, list(hybrids), stage_seconds, ids.numel())
-    with atomic_directory(EVALUATION_DIR) as tmp:
+    with atomic_directory(context.paths.evaluation) as tmp:
         (tmp / "summary.md").write_text(summary)
         (tmp / "energy.json").write_text(json.dumps({n: _energy_dict(r) for n, r in energy.items()}, indent=2))
         (tmp / "layers.json").write_text(json.dumps(layer_rows, indent=2))
@@ -78,7 +68,7 @@ def run(context: StageContext) -> None:
     for name, values in metrics.items():
         if isinstance(values, dict):
             context.tracker.log_metrics({f"{name}.{k}": v for k, v in values.items() if v is not None})
-    for path in (METRICS_FILE, EVALUATION_DIR / "summary.md", PLOTS_DIR / "layers.png"):
+    for path in (context.paths.metrics, context.paths.evaluation / "summary.md", context.paths.plots / "layers.png"):
         context.tracker.log_artifact(path)
     console.print(summary)
 

@@ -12,8 +12,8 @@ import math
 import torch
 
 from snn_research.conversion.ann_to_snn_converter import load_hybrid
-from snn_research.data import load_blocks
-from snn_research.stages.common import DISTILLED_DIR, FINETUNED_DIR, SPLITS_DIR, StageContext, console, progress_bar
+from snn_research.data import load_blocks, spread
+from snn_research.stages.common import StageContext, console, progress_bar
 from snn_research.stages.training_common import checkpoint_dir, fingerprint, loop_settings, save_trained, write_curves
 from snn_research.training.losses import next_token_nll
 from snn_research.training.loop import train
@@ -24,13 +24,13 @@ def run(context: StageContext) -> None:
 
     params = context.params.finetune
     seed = context.params.seed
-    context.verify(SPLITS_DIR, "split")
-    context.verify(DISTILLED_DIR, "distill")
-    hybrid = load_hybrid(DISTILLED_DIR)
-    tokenizer = AutoTokenizer.from_pretrained(DISTILLED_DIR, trust_remote_code=False)
+    context.verify(context.paths.splits, "split")
+    context.verify(context.paths.distilled, "distill")
+    hybrid = load_hybrid(context.paths.distilled)
+    tokenizer = AutoTokenizer.from_pretrained(context.paths.distilled, trust_remote_code=False)
     time_steps = hybrid.hybrid_metadata.plan.time_steps
-    train_blocks = load_blocks(SPLITS_DIR, "train").input_ids
-    val_blocks = load_blocks(SPLITS_DIR, "val").input_ids[: params.val_blocks]
+    train_blocks = load_blocks(context.paths.splits, "train").input_ids
+    val_blocks = spread(load_blocks(context.paths.splits, "val"), params.val_blocks).input_ids
 
     def validate(model) -> dict[str, float]:
         with torch.no_grad():
@@ -39,7 +39,7 @@ def run(context: StageContext) -> None:
         nll /= math.ceil(val_blocks.shape[0] / params.batch_size)
         return {"objective": nll, "nll": nll, "ppl": math.exp(nll)}
 
-    def loss_fn(model, batch):
+    def loss_fn(model, batch, step):
         loss = next_token_nll(model(input_ids=batch, use_cache=False).logits, batch)
         return loss, {}
 
@@ -47,14 +47,14 @@ def run(context: StageContext) -> None:
     context.tracker.log_metrics({f"val_{k}": v for k, v in start.items()}, step=0)
     settings = loop_settings(params, seed, time_steps, patience=params.patience)
     with progress_bar("fine-tuning", params.steps) as advance:
-        result = train(hybrid, train_blocks, loss_fn, validate, settings, checkpoint_dir("finetune") / "loop",
+        result = train(hybrid, train_blocks, loss_fn, validate, settings, checkpoint_dir(context, "finetune") / "loop",
                        fingerprint(context, params.model_dump()), log_metrics=context.tracker.log_metrics,
                        progress=lambda step, loss: advance(info=f"loss {loss:.4f}"), initial_objective=start["objective"])
     final = validate(hybrid)
-    curves = write_curves("finetune", result)
+    curves = write_curves(context, "finetune", result)
     summary = {"start_val": start, "final_val": final, "best_step": result.best_step, "steps_done": result.steps_done,
                "stopped_early": result.stopped_early, "resumed_from": result.resumed_from}
-    save_trained(context, "finetune", FINETUNED_DIR, hybrid, tokenizer, {"finetune": params.model_dump(), "seed": seed},
+    save_trained(context, "finetune", context.paths.finetuned, hybrid, tokenizer, {"finetune": params.model_dump(), "seed": seed},
                  summary, {"history.json": json.dumps({"history": result.history, "train_losses": result.train_losses})})
     context.tracker.log_metrics({f"final_val_{k}": v for k, v in final.items()})
     for path in curves.values():

@@ -12,7 +12,7 @@ from typing import Any
 from snn_research.config import OptimParams
 from snn_research.conversion.ann_to_snn_converter import write_hybrid_files
 from snn_research.io import atomic_directory, atomic_write_text
-from snn_research.stages.common import CHECKPOINTS_DIR, PLOTS_DIR, StageContext
+from snn_research.stages.common import StageContext
 from snn_research.training.loop import LoopResult, LoopSettings
 
 
@@ -39,14 +39,14 @@ def loop_settings(params: OptimParams, seed: int, time_steps: int, **extra) -> L
     )
 
 
-def checkpoint_dir(stage: str) -> Path:
-    return CHECKPOINTS_DIR / stage
+def checkpoint_dir(context: StageContext, stage: str) -> Path:
+    return context.paths.checkpoints / stage
 
 
-def write_curves(stage: str, result: LoopResult) -> dict[str, Path]:
+def write_curves(context: StageContext, stage: str, result: LoopResult) -> dict[str, Path]:
     """DVC plot files: the training loss per step and the validation metrics per evaluation."""
-    PLOTS_DIR.mkdir(parents=True, exist_ok=True)
-    train_path, val_path = PLOTS_DIR / f"{stage}_train.csv", PLOTS_DIR / f"{stage}_val.csv"
+    context.paths.plots.mkdir(parents=True, exist_ok=True)
+    train_path, val_path = context.paths.plots / f"{stage}_train.csv", context.paths.plots / f"{stage}_val.csv"
     rows = ["step,train_loss"] + [f"{step},{loss:.6g}" for step, loss in result.train_losses]
     atomic_write_text(train_path, "\n".join(rows) + "\n")
     keys = sorted({k for row in result.history for k in row if k != "step"})
@@ -64,7 +64,7 @@ def save_trained(context: StageContext, stage: str, folder: Path, model, tokeniz
         for name, text in extra_files.items():
             (tmp / name).write_text(text)
         context.manifest(tmp, stage, params, summary)
-    shutil.rmtree(checkpoint_dir(stage), ignore_errors=True)  # the run is complete: nothing to resume
+    shutil.rmtree(checkpoint_dir(context, stage), ignore_errors=True)  # the run is complete: nothing to resume
 
 
 def write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:

@@ -116,7 +116,7 @@ def _set_noise_step(model: nn.Module, step: int) -> None:
 def train(
     model: nn.Module,
     train_blocks: torch.Tensor,
-    loss_fn: Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, dict[str, float]]],
+    loss_fn: Callable[[nn.Module, torch.Tensor, int], tuple[torch.Tensor, dict[str, float]]],
     validate: Callable[[nn.Module], dict[str, float]],
     settings: LoopSettings,
     checkpoint_dir: Path,
@@ -127,6 +127,7 @@ def train(
 ) -> LoopResult:
     """Train the spiking parts of ``model`` in place; on return it holds the best validated state.
 
+    ``loss_fn(model, batch, step)`` returns the loss and named parts to log;
     ``validate`` returns metrics including ``objective`` (lower is better). With
     ``initial_objective`` (the starting state's validation), the starting state
     counts as step 0 and is kept if no step beats it.
@@ -179,7 +180,7 @@ def train(
         _set_noise_step(model, step)
         model.train()
         batch = train_blocks[batch_indices(step, train_blocks.shape[0], settings.batch_size, settings.seed)].to(device)
-        loss, parts = loss_fn(model, batch)
+        loss, parts = loss_fn(model, batch, step)
         if not torch.isfinite(loss):
             raise TrainingDiverged(f"step {step}: training loss is {loss.item()}; stopped, last checkpoint kept")
         optimizer.zero_grad(set_to_none=True)
