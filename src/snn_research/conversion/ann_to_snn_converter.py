@@ -20,6 +20,7 @@ A hybrid checkpoint is a folder::
 from __future__ import annotations
 
 import copy
+import json
 import platform
 from pathlib import Path
 from typing import Literal
@@ -312,7 +313,7 @@ def write_hybrid_files(model: nn.Module, tokenizer, metadata: ConversionMetadata
     model.config.save_pretrained(folder)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(folder)
-    safetensors.torch.save_model(model, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    save_weights(model, folder / WEIGHTS_FILE)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     metadata.write(folder / METADATA_FILE, tensors)
@@ -338,19 +339,43 @@ def load_hybrid(folder: str | Path, dtype: torch.dtype = torch.float32) -> nn.Mo
     config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
     hybridize(model, metadata.plan)
-    try:
-        missing, unexpected = safetensors.torch.load_model(model, str(weights), strict=False)
-    except (safetensors.SafetensorError, RuntimeError, OSError) as error:
-        raise ValueError(f"{weights}: cannot load hybrid weights ({error})") from None
-    missing = [name for name in missing if not _is_tied(model, name)]
-    if missing or unexpected:
-        raise ValueError(f"{weights}: weights do not match the hybrid (missing {missing[:4]}, unexpected {unexpected[:4]})")
+    load_weights(model, weights)
     model.hybrid_metadata = metadata
     model.eval()
     return model
 
 
-def _is_tied(model: nn.Module, name: str) -> bool:
-    # safetensors stores a tied tensor once; the other name is restored by the tie
-    return bool(getattr(model.config, "tie_word_embeddings", False)) and name.startswith("lm_head.")
+def save_weights(model: nn.Module, path: Path) -> None:
+    """All tensors of the state dict, each stored once, in a byte-reproducible file.
 
+    Tied tensors (Gemma's embedding and LM head) are stored under their first name
+    in sorted order; the other names are listed in the file's metadata.
+    """
+    state = model.state_dict()
+    kept: dict[tuple, str] = {}
+    tied: dict[str, str] = {}
+    tensors = {}
+    for name in sorted(state):
+        tensor = state[name]
+        # the same memory seen under two names (not merely the same storage: views differ by offset)
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.stride())
+        if key in kept and tensor.numel():
+            tied[name] = kept[key]
+            continue
+        kept[key] = name
+        tensors[name] = tensor.detach().contiguous()
+    safetensors.torch.save_file(tensors, str(path), metadata={"format": "pt", "tied": json.dumps(tied, sort_keys=True)})
+
+
+def load_weights(model: nn.Module, path: Path) -> None:
+    """Load ``save_weights`` output strictly: every tensor of the model, nothing else."""
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as handle:
+            tied = json.loads((handle.metadata() or {}).get("tied", "{}"))
+        state = safetensors.torch.load_file(str(path))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except (safetensors.SafetensorError, RuntimeError, OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: cannot load hybrid weights ({error})") from None
+    missing = [name for name in missing if name not in tied]
+    if missing or unexpected:
+        raise ValueError(f"{path}: weights do not match the hybrid (missing {missing[:4]}, unexpected {unexpected[:4]})")
