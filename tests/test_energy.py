@@ -97,3 +97,38 @@ def test_teacher_without_spiking_blocks_has_ratio_one():
     report = measure_energy(teacher, calibration_batches(1)[0])
     assert report.ffn_energy_ratio == pytest.approx(1.0) and report.model_energy_ratio == pytest.approx(1.0)
     assert report.sites == [] and report.mean_spike_rate == 0.0
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3"])
+def test_training_budget_estimates_the_same_ratio_as_the_energy_report(family):
+    from snn_research.training.energy_budget import EnergyBudget
+
+    hybrid = hybrid_of(tiny_model(family), HybridPlan(time_steps=8, neuron="lif"))
+    ids = calibration_batches(1, seed=9)[0]
+    report = measure_energy(hybrid, ids, E_MAC, E_AC)
+    budget = EnergyBudget(hybrid, budget=0.01, weight=1.0, e_mac_pj=E_MAC, e_ac_pj=E_AC)
+    with budget:
+        hybrid(input_ids=ids)
+        ratio = budget.ratio(ids.numel())
+    assert float(ratio) == pytest.approx(report.ffn_energy_ratio, rel=1e-6)
+
+
+def test_budget_penalty_pushes_thresholds_up_when_over_budget():
+    from snn_research.models.hybrid_transformer import spiking_parameter_groups
+    from snn_research.training.energy_budget import EnergyBudget
+
+    hybrid = hybrid_of(tiny_model("llama"), HybridPlan(time_steps=8, learnable_threshold=True))
+    ids = calibration_batches(1, seed=9)[0]
+    budget = EnergyBudget(hybrid, budget=0.01, weight=1.0, e_mac_pj=E_MAC, e_ac_pj=E_AC)
+    with budget:
+        hybrid(input_ids=ids)
+        penalty = budget.penalty(ids.numel())
+    assert penalty.item() > 0 and budget.last_ratio > 0.01
+    penalty.backward()
+    _, thresholds = spiking_parameter_groups(hybrid)
+    # a larger threshold means fewer spikes: descending the penalty raises every threshold on balance
+    assert all(p.grad.sum() < 0 for p in thresholds)
+    under = EnergyBudget(hybrid, budget=10.0, weight=1.0, e_mac_pj=E_MAC, e_ac_pj=E_AC)
+    with under:
+        hybrid(input_ids=ids)
+        assert under.penalty(ids.numel()).item() == 0.0

@@ -83,7 +83,7 @@ BAD = [
     ("finetune-lr-nan", {"finetune.lr": float("nan")}, "finetune.lr", "nan"),
     ("finetune-eval-every-zero", {"finetune.eval_every": 0}, "finetune.eval_every", "0"),
     ("finetune-unknown-key", {"finetune.early_stop": True}, "finetune.early_stop", "True"),
-    ("evaluate-energy-negative", {"evaluate.e_mac_pj": -4.6}, "evaluate.e_mac_pj", "-4.6"),
+    ("energy-negative", {"energy.e_mac_pj": -4.6}, "energy.e_mac_pj", "-4.6"),
     ("evaluate-timing-word", {"evaluate.timing": "sometimes"}, "evaluate.timing", "'sometimes'"),
     ("evaluate-max-blocks-zero", {"evaluate.max_blocks": 0}, "evaluate.max_blocks", "0"),
     ("evaluate-energy-blocks-word", {"evaluate.energy_blocks": "all"}, "evaluate.energy_blocks", "'all'"),

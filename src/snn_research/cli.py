@@ -26,9 +26,9 @@ STAGES = {
     "split": ("split", ("data", "seed")),
     "calibrate": ("calibrate", ("calibrate",)),
     "convert": ("convert", ("convert", "seed")),
-    "distill": ("distill", ("distill", "seed")),
-    "finetune": ("finetune", ("finetune", "seed")),
-    "evaluate": ("evaluate", ("evaluate", "seed")),
+    "distill": ("distill", ("distill", "seed", "energy")),
+    "finetune": ("finetune", ("finetune", "seed", "energy")),
+    "evaluate": ("evaluate", ("evaluate", "seed", "energy")),
 }
 
 ParamsOption = typer.Option(Path("params.yaml"), "--params", "-p", help="params file to validate and use")

@@ -93,6 +93,16 @@ class TrackingParams(Strict):
     strict: bool = Field(False, description="exit non-zero when tracking fails (outputs are written either way)")
 
 
+class EnergyParams(Strict):
+    """Energy constants (shared by evaluation and the training-time budget)."""
+
+    e_mac_pj: float = Field(4.6, gt=0.0, description="energy of one multiply-accumulate (45 nm FP32)")
+    e_ac_pj: float = Field(0.9, gt=0.0, description="energy of one accumulate (45 nm FP32)")
+    ffn_budget: float | None = Field(
+        None, gt=0.0, description="training keeps the estimated FFN energy ratio at or below this (null: free)"
+    )
+
+
 class TeacherParams(Strict):
     source: str = Field("package:gemma3-270m", description="where the teacher comes from")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="dtype of the saved teacher weights")
@@ -160,6 +170,7 @@ class LayerwiseParams(Strict):
     steps_per_layer: int = Field(64, ge=0)
     lr: float = Field(1e-4, gt=0.0, le=1.0)
     threshold_lr: float = Field(1e-2, gt=0.0, le=1.0, description="learning rate of log-thresholds")
+    energy_weight: float = Field(1.0, ge=0.0, description="weight of the energy.ffn_budget penalty (per layer)")
 
 
 class OptimParams(Strict):
@@ -173,6 +184,7 @@ class OptimParams(Strict):
     eval_every: int = Field(25, ge=1, description="validate every N steps")
     val_blocks: int = Field(8, ge=1, description="validation blocks per evaluation")
     checkpoint_every: int = Field(25, ge=1, description="write a resumable checkpoint every N steps")
+    energy_weight: float = Field(1.0, ge=0.0, description="weight of the energy.ffn_budget penalty")
 
 
 class CurriculumParams(Strict):
@@ -209,13 +221,12 @@ class EvaluateParams(Strict):
     batch_size: int = Field(4, ge=1, le=1024)
     energy_blocks: int = Field(4, ge=1, description="blocks in the energy-accounting pass")
     timing: bool = Field(True, description="measure tokens/s (false writes null: timings never repeat exactly)")
-    e_mac_pj: float = Field(4.6, gt=0.0, description="energy of one multiply-accumulate (45 nm FP32)")
-    e_ac_pj: float = Field(0.9, gt=0.0, description="energy of one accumulate (45 nm FP32)")
 
 
 class Params(Strict):
     seed: int = Field(0, ge=0, description="seeds the split, sampling and stochastic encoders")
     paths: PathsParams = Field(default_factory=PathsParams)
+    energy: EnergyParams = Field(default_factory=EnergyParams)
     tracking: TrackingParams = Field(default_factory=TrackingParams)
     teacher: TeacherParams = Field(default_factory=TeacherParams)
     data: DataParams = Field(default_factory=DataParams)

@@ -224,37 +224,70 @@ def _add_analog_ffn_elementwise(mlp: nn.Module, tokens: int, targets, add) -> No
             add(ops, "ffn_analog", macs=intermediate * tokens)  # activation
 
 
-def _account_spiking_block(block: SpikingMLP, tokens: int, recorder: SpikeRecorder, report, hybrid, teacher, add) -> None:
+@dataclass(frozen=True)
+class BlockCosts:
+    """Per-token operation counts of one spiking FFN and of the dense FFN it replaced.
+
+    Everything except the synaptic events is fixed by the shapes and T; the
+    synaptic events are spikes x ``fan_outs[site]``.
+    """
+
+    fan_outs: dict[str, int]
+    neurons: dict[str, int]
+    teacher_macs: float
+    teacher_acs: float
+    hybrid_analog_macs: float  # activation, gating multiply, decoder rescales
+    hybrid_analog_acs: float  # bias adds after the decoders
+    neuron_macs: float  # LIF leak multiplies
+    neuron_acs: float  # membrane integrations (and per-step bias currents)
+
+    def teacher_pj(self, e_mac_pj: float, e_ac_pj: float) -> float:
+        return self.teacher_macs * e_mac_pj + self.teacher_acs * e_ac_pj
+
+    def fixed_hybrid_pj(self, e_mac_pj: float, e_ac_pj: float) -> float:
+        return (self.hybrid_analog_macs + self.neuron_macs) * e_mac_pj + (self.hybrid_analog_acs + self.neuron_acs) * e_ac_pj
+
+
+def block_costs(block: SpikingMLP) -> BlockCosts:
     time_steps = block.plan_time_steps
     if isinstance(block, SpikingGatedMLP):
         hidden, intermediate = block.gate_proj.in_features, block.gate_proj.out_features
-        dense_macs = 3 * hidden * intermediate
-        fan_outs = {"input": 2 * intermediate, "product": hidden}
+        has_bias = any(m.bias is not None for m in (block.gate_proj, block.up_proj, block.down_proj))
+        bias_adds = 2 * intermediate + hidden if has_bias else 0  # gated biases act after the decoders
         neurons = {"input": hidden, "product": intermediate}
-        biases = sum(m.bias is not None for m in (block.gate_proj, block.up_proj, block.down_proj))
-        teacher_bias_adds = intermediate * 2 + hidden if biases else 0
-        analog_macs = 2 * intermediate + (2 * intermediate + hidden)  # act + gate multiply; decoder rescales
-        step_bias_adds = 0  # gated biases act after the decoder, once per token
-        leak_macs = 0.0
-        teacher_elementwise = 2 * intermediate
-    elif isinstance(block, SpikingGPT2MLP):
+        return BlockCosts(
+            fan_outs={"input": 2 * intermediate, "product": hidden},
+            neurons=neurons,
+            teacher_macs=3 * hidden * intermediate + 2 * intermediate,  # dense maps + act + gating multiply
+            teacher_acs=bias_adds,
+            hybrid_analog_macs=2 * intermediate + (2 * intermediate + hidden),
+            hybrid_analog_acs=bias_adds,
+            neuron_macs=0.0,
+            neuron_acs=sum(neurons.values()) * time_steps,
+        )
+    if isinstance(block, SpikingGPT2MLP):
         hidden, intermediate = block.c_fc.weight.shape
-        dense_macs = 2 * hidden * intermediate
-        fan_outs = {"input": intermediate, "hidden": hidden}
         neurons = {"input": hidden, "hidden": intermediate}
-        teacher_bias_adds = intermediate + hidden
-        analog_macs = hidden  # decoder rescale of c_proj's output
-        step_bias_adds = intermediate * time_steps  # c_fc's bias is a constant current each step
         leaky = block.hidden_neurons.kind == "lif" and bool((block.hidden_neurons.beta < 1).any())
-        leak_macs = intermediate * time_steps if leaky else 0.0
-        teacher_elementwise = intermediate
-    else:
-        raise ValueError(f"no energy rule for {type(block).__name__}")
+        return BlockCosts(
+            fan_outs={"input": intermediate, "hidden": hidden},
+            neurons=neurons,
+            teacher_macs=2 * hidden * intermediate + intermediate,  # dense maps + GELU
+            teacher_acs=intermediate + hidden,
+            hybrid_analog_macs=hidden,  # decoder rescale of c_proj's output
+            hybrid_analog_acs=hidden if block.c_proj.bias is not None else 0,
+            neuron_macs=intermediate * time_steps if leaky else 0.0,
+            # membrane integrations, plus c_fc's bias injected as a constant current every step
+            neuron_acs=sum(neurons.values()) * time_steps + intermediate * time_steps,
+        )
+    raise ValueError(f"no energy rule for {type(block).__name__}")
 
-    add(teacher, "ffn_dense", macs=dense_macs * tokens, acs=teacher_bias_adds * tokens)
-    add(teacher, "ffn_analog", macs=teacher_elementwise * tokens)
+
+def _account_spiking_block(block: SpikingMLP, tokens: int, recorder: SpikeRecorder, report, hybrid, teacher, add) -> None:
+    costs = block_costs(block)
+    add(teacher, "ffn_dense", macs=costs.teacher_macs * tokens, acs=costs.teacher_acs * tokens)
     synaptic = 0.0
-    for site, fan_out in fan_outs.items():
+    for site, fan_out in costs.fan_outs.items():
         key = site_key(block.path, site)
         if key not in recorder.spikes:
             raise ValueError(f"site {key} recorded no spikes during the energy pass")
@@ -272,11 +305,5 @@ def _account_spiking_block(block: SpikingMLP, tokens: int, recorder: SpikeRecord
             )
         )
     add(hybrid, "ffn_synaptic", acs=synaptic * tokens)
-    neuron_steps = sum(neurons.values()) * time_steps
-    add(hybrid, "ffn_neurons", macs=leak_macs * tokens, acs=(neuron_steps + step_bias_adds) * tokens)
-    bias_adds = 0
-    if isinstance(block, SpikingGatedMLP):
-        bias_adds = teacher_bias_adds
-    elif block.c_proj.bias is not None:
-        bias_adds = hidden
-    add(hybrid, "ffn_analog", macs=analog_macs * tokens, acs=bias_adds * tokens)
+    add(hybrid, "ffn_neurons", macs=costs.neuron_macs * tokens, acs=costs.neuron_acs * tokens)
+    add(hybrid, "ffn_analog", macs=costs.hybrid_analog_macs * tokens, acs=costs.hybrid_analog_acs * tokens)

@@ -59,11 +59,12 @@ def _check_time_steps(time_steps: int) -> int:
 
 def if_spike_counts(x: torch.Tensor, threshold: torch.Tensor, time_steps: int, membrane_init: str) -> torch.Tensor:
     """Closed-form spike count of the signed IF encoder after ``time_steps`` steps."""
-    charge = x.abs() * (time_steps / threshold)  # total input in units of theta
+    # one new tensor, updated in place: on a (B, L, C) activation each pass is a trip through memory
+    charge = x.abs().mul_(time_steps / threshold)  # total input in units of theta
     if membrane_init == "zero":
-        magnitude = torch.floor(charge)
+        magnitude = charge.floor_()
     elif membrane_init == "symmetric":
-        magnitude = torch.floor(charge + 0.5)
+        magnitude = charge.add_(0.5).floor_()
     elif membrane_init == "half":
         # Positive inputs start half-way to their threshold, negative ones half further away:
         # a negative input below 1.5 theta in size misses the first step, and since at most
@@ -73,7 +74,7 @@ def if_spike_counts(x: torch.Tensor, threshold: torch.Tensor, time_steps: int, m
         magnitude = torch.where(x >= 0, torch.floor(charge + 0.5), negative)
     else:
         raise ValueError(f"membrane_init must be 'zero', 'half' or 'symmetric' (got {membrane_init!r})")
-    return torch.sign(x) * magnitude.clamp_(max=float(time_steps))
+    return magnitude.clamp_(max=float(time_steps)).copysign_(x)
 
 
 def if_spike_train(x: torch.Tensor, threshold: torch.Tensor, time_steps: int, membrane_init: str) -> torch.Tensor:
@@ -123,14 +124,16 @@ class _StraightThroughSpikes(torch.autograd.Function):
             grad_counts, slope = grad_spikes.sum(0), 1.0
         else:
             grad_counts, slope = grad_spikes, float(ctx.time_steps)
-        inside = (x.abs() <= threshold).to(grad_counts.dtype)
-        # counts ~ T * x / theta inside the clip range, T * sign(x) outside
-        grad_x = grad_counts * inside * (slope / threshold) if ctx.needs_input_grad[0] else None
+        # counts ~ T * x / theta inside the clip range, T * sign(x) outside, so
+        # dcounts/dx = T / theta * inside and dcounts/dtheta = -T x / theta^2 * inside = -dcounts/dx * x / theta
+        inside = x.abs().le_(threshold)  # 1.0 inside the clip range, 0.0 outside (and for NaN)
+        grad_inside = (grad_counts * (slope / threshold)).mul_(inside)
         grad_threshold = None
         if ctx.needs_input_grad[1]:
-            per_element = -grad_counts * inside * x * (slope / threshold.square())
-            flat = per_element.reshape(-1, per_element.shape[-1]).sum(0)
+            channels = x.shape[-1]
+            flat = (grad_inside.reshape(-1, channels) * x.reshape(-1, channels)).sum(0).div_(threshold).neg_()
             grad_threshold = flat if threshold.numel() == flat.numel() else flat.sum().reshape(threshold.shape)
+        grad_x = grad_inside if ctx.needs_input_grad[0] else None
         return grad_x, grad_threshold, None, None
 
 

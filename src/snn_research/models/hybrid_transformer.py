@@ -198,6 +198,7 @@ class SpikingMLP(nn.Module):
         self.plan_time_steps = plan.time_steps
         self.analog = False  # True runs the teacher's analog computation (a wiring check)
         self.recorder: SpikeRecorder | None = None
+        self.spike_sink: list[tuple[str, torch.Tensor]] | None = None  # differentiable counts, for an energy budget
         self.decoder = SpikesToAnalog()
 
     def encoders(self) -> dict[str, AnalogToSpikes]:
@@ -210,6 +211,8 @@ class SpikingMLP(nn.Module):
         self.plan_time_steps = time_steps
 
     def _record(self, site: str, spikes: torch.Tensor, channels: int, tokens: int) -> None:
+        if self.spike_sink is not None:
+            self.spike_sink.append((site, spikes))
         if self.recorder is not None:
             self.recorder.add(site_key(self.path, site), spikes.detach().abs().sum(), channels, tokens, self.plan_time_steps)
 

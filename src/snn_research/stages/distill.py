@@ -23,6 +23,7 @@ from snn_research.stages.common import StageContext, console
 from snn_research.stages.common import progress_bar
 from snn_research.stages.training_common import (
     checkpoint_dir,
+    energy_budget,
     fingerprint,
     loop_settings,
     save_trained,
@@ -74,6 +75,7 @@ def _layerwise(context, teacher, hybrid, blocks, ckpt, fp):
             teacher, hybrid, blocks, params.batch_size, layer_params.steps_per_layer, layer_params.lr,
             layer_params.threshold_lr, seed=context.params.seed,
             progress=lambda layer, step, loss: advance(info=f"layer {layer} loss {loss:.4f}"),
+            budget_for=lambda mlp: energy_budget(context, mlp, layer_params.energy_weight),
         )
     rows = [r.__dict__ for r in reports]
     with atomic_directory(ckpt) as tmp:
@@ -105,6 +107,7 @@ def run(context: StageContext) -> None:
     if params.layerwise.enabled and params.layerwise.steps_per_layer > 0:
         layer_blocks = spread(train_split, params.layerwise.blocks).input_ids
         layer_rows = _layerwise(context, teacher, hybrid, layer_blocks, ckpt / "layerwise", fp)
+    budget = energy_budget(context, hybrid, params.energy_weight)
 
     with torch.no_grad():  # the teacher's validation targets, once
         val_targets = [teacher_top_k(teacher(input_ids=b, use_cache=False).logits, VAL_TOP_K)
@@ -135,7 +138,12 @@ def run(context: StageContext) -> None:
             keep, targets = chosen, batch[:, chosen + 1]
         with torch.no_grad():
             teacher_logits = teacher(input_ids=batch, use_cache=False, logits_to_keep=keep).logits
-        logits = model(input_ids=batch, use_cache=False, logits_to_keep=keep).logits
+        if budget is not None:
+            with budget:
+                logits = model(input_ids=batch, use_cache=False, logits_to_keep=keep).logits
+                energy_penalty = budget.penalty(batch.numel())
+        else:
+            logits = model(input_ids=batch, use_cache=False, logits_to_keep=keep).logits
         if not params.kl_positions:
             teacher_logits, logits = teacher_logits[:, :-1], logits[:, :-1]
         parts = {}
@@ -153,6 +161,9 @@ def run(context: StageContext) -> None:
             mse = mse / len(converted_layers)
             loss = loss + params.ffn_mse_weight * mse
             parts["ffn_mse"] = mse.item()
+        if budget is not None:
+            loss = loss + energy_penalty
+            parts["energy_ratio"] = budget.last_ratio
         return loss, parts
 
     start_metrics = validate(hybrid)

@@ -45,7 +45,7 @@ def run(context: StageContext) -> None:
     with progress_bar("evaluating", batches) as advance:
         totals = evaluate_quality(teacher, hybrids, ids, target_bytes, params.batch_size, progress=advance)
     energy_ids = spread(test, params.energy_blocks).input_ids
-    energy = {name: measure_energy(model, energy_ids, params.e_mac_pj, params.e_ac_pj) for name, model in hybrids.items()}
+    energy = {name: measure_energy(model, energy_ids, context.params.energy.e_mac_pj, context.params.energy.e_ac_pj) for name, model in hybrids.items()}
     layer_errors = {name: ffn_output_errors(teacher, model, energy_ids) for name, model in hybrids.items()}
 
     metrics = metrics_document(time_steps, totals, energy, params.timing)

@@ -14,7 +14,14 @@ import torch
 from snn_research.conversion.ann_to_snn_converter import load_hybrid
 from snn_research.data import load_blocks, spread
 from snn_research.stages.common import StageContext, console, progress_bar
-from snn_research.stages.training_common import checkpoint_dir, fingerprint, loop_settings, save_trained, write_curves
+from snn_research.stages.training_common import (
+    checkpoint_dir,
+    energy_budget,
+    fingerprint,
+    loop_settings,
+    save_trained,
+    write_curves,
+)
 from snn_research.training.losses import next_token_nll
 from snn_research.training.loop import train
 
@@ -39,9 +46,15 @@ def run(context: StageContext) -> None:
         nll /= math.ceil(val_blocks.shape[0] / params.batch_size)
         return {"objective": nll, "nll": nll, "ppl": math.exp(nll)}
 
+    budget = energy_budget(context, hybrid, params.energy_weight)
+
     def loss_fn(model, batch, step):
-        loss = next_token_nll(model(input_ids=batch, use_cache=False).logits, batch)
-        return loss, {}
+        if budget is None:
+            return next_token_nll(model(input_ids=batch, use_cache=False).logits, batch), {}
+        with budget:
+            loss = next_token_nll(model(input_ids=batch, use_cache=False).logits, batch)
+            penalty = budget.penalty(batch.numel())
+        return loss + penalty, {"ce": loss.item(), "energy_ratio": budget.last_ratio}
 
     start = validate(hybrid)
     context.tracker.log_metrics({f"val_{k}": v for k, v in start.items()}, step=0)

@@ -39,6 +39,16 @@ def loop_settings(params: OptimParams, seed: int, time_steps: int, **extra) -> L
     )
 
 
+def energy_budget(context: StageContext, model, weight: float):
+    """The training-time FFN energy budget of ``energy.ffn_budget`` (None when unset or weight 0)."""
+    from snn_research.training.energy_budget import EnergyBudget
+
+    energy = context.params.energy
+    if energy.ffn_budget is None or weight == 0:
+        return None
+    return EnergyBudget(model, energy.ffn_budget, weight, energy.e_mac_pj, energy.e_ac_pj)
+
+
 def checkpoint_dir(context: StageContext, stage: str) -> Path:
     return context.paths.checkpoints / stage
 

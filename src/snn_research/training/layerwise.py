@@ -20,11 +20,13 @@ through the whole model and its 262k-token LM head.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
 
 from snn_research.models.hybrid_transformer import SpikingMLP, block_list, spiking_parameter_groups
+from snn_research.training.energy_budget import EnergyBudget
 
 # The norm that reads the residual stream at the start of a block, and the final one.
 _INPUT_NORM = {"gpt2": "ln_1"}
@@ -120,8 +122,12 @@ def layerwise_distill(
     threshold_lr: float,
     seed: int = 0,
     progress=None,
+    budget_for: Callable[[nn.Module], EnergyBudget] | None = None,
 ) -> list[LayerReport]:
-    """Train every spiking FFN of ``hybrid`` in place, block by block; returns per-layer losses."""
+    """Train every spiking FFN of ``hybrid`` in place, block by block; returns per-layer losses.
+
+    ``budget_for(mlp)``, if given, makes the energy budget each block's FFN trains under.
+    """
     count = (blocks.shape[0] // batch_size) * batch_size
     if count == 0:
         raise ValueError(f"layer-wise distillation needs at least batch_size={batch_size} blocks (got {blocks.shape[0]})")
@@ -144,9 +150,10 @@ def layerwise_distill(
         gain, centred = readers[index]
         mlp = block.mlp
         if isinstance(mlp, SpikingMLP) and steps_per_layer > 0:
+            budget = budget_for(mlp) if budget_for is not None else None
             reports.append(
                 _train_block(block, mlp, stream, targets[index], call, gain, centred,
-                             steps_per_layer, lr, threshold_lr, seed + index, index, progress)
+                             steps_per_layer, lr, threshold_lr, seed + index, index, progress, budget)
             )
         with torch.no_grad():
             stream = [run_block(block, x, call) for x in stream]
@@ -157,7 +164,8 @@ def layerwise_distill(
     return reports
 
 
-def _train_block(block, mlp, stream, targets, call, gain, centred, steps, lr, threshold_lr, seed, index, progress):
+def _train_block(block, mlp, stream, targets, call, gain, centred, steps, lr, threshold_lr, seed, index, progress,
+                 budget: EnergyBudget | None):
     weights, thresholds = spiking_parameter_groups(mlp)
     trainable_before = {id(p): p.requires_grad for p in mlp.parameters()}
     for param in weights + thresholds:
@@ -173,8 +181,14 @@ def _train_block(block, mlp, stream, targets, call, gain, centred, steps, lr, th
             for module in mlp.modules():
                 if hasattr(module, "noise_step"):
                     module.noise_step = step
-            output = run_block(block, stream[batch], call)
-            loss = stream_loss(output, targets[batch], gain, centred)
+            if budget is None:
+                output = run_block(block, stream[batch], call)
+                loss = stream_loss(output, targets[batch], gain, centred)
+            else:
+                with budget:
+                    output = run_block(block, stream[batch], call)
+                    tokens = stream[batch].numel() // stream[batch].shape[-1]
+                    loss = stream_loss(output, targets[batch], gain, centred) + budget.penalty(tokens)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"layer-wise distillation of block {index}: loss is {loss.item()} at step {step}")
             optimizer.zero_grad(set_to_none=True)

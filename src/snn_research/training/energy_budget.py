@@ -1,0 +1,58 @@
+"""A differentiable FFN energy budget for training.
+
+Learned thresholds drift down (a smaller threshold clips less), and every step
+down adds spikes: left alone, training buys quality with energy. The budget
+adds ``weight * max(0, ratio - budget)`` to the loss, where ``ratio`` is the
+estimated FFN energy of the hybrid over that of the dense teacher FFNs, counted
+with the same rules as ``evaluation/energy.py``: the synaptic events of this
+batch (spike counts x fan-out, which carry the encoders' straight-through and
+the neurons' surrogate gradients) plus the fixed per-token costs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from snn_research.evaluation.energy import block_costs
+from snn_research.models.hybrid_transformer import SpikingMLP, spiking_mlps
+
+
+class EnergyBudget:
+    """Use as ``with budget: loss = task + budget.penalty(tokens)`` around the forward pass."""
+
+    def __init__(self, model: nn.Module, budget: float, weight: float, e_mac_pj: float, e_ac_pj: float) -> None:
+        self.blocks: list[SpikingMLP] = list(spiking_mlps(model))
+        if not self.blocks:
+            raise ValueError("an energy budget needs a model with spiking blocks")
+        self.budget, self.weight, self.e_ac_pj = budget, weight, e_ac_pj
+        self.costs = {id(b): block_costs(b) for b in self.blocks}
+        self.teacher_pj = sum(c.teacher_pj(e_mac_pj, e_ac_pj) for c in self.costs.values())
+        self.fixed_pj = sum(c.fixed_hybrid_pj(e_mac_pj, e_ac_pj) for c in self.costs.values())
+        self.last_ratio = float("nan")
+
+    def __enter__(self) -> "EnergyBudget":
+        for block in self.blocks:
+            block.spike_sink = []
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for block in self.blocks:
+            block.spike_sink = None
+
+    def ratio(self, tokens: int) -> torch.Tensor:
+        """Estimated FFN energy ratio of the forward pass(es) since entering, per token."""
+        synaptic = torch.zeros(())
+        for block in self.blocks:
+            fan_outs = self.costs[id(block)].fan_outs
+            for site, spikes in block.spike_sink or []:
+                synaptic = synaptic + spikes.abs().sum().float() * fan_outs[site]
+        return (synaptic * self.e_ac_pj / tokens + self.fixed_pj) / self.teacher_pj
+
+    def penalty(self, tokens: int) -> torch.Tensor:
+        ratio = self.ratio(tokens)
+        self.last_ratio = float(ratio.detach())
+        for block in self.blocks:  # the counts are consumed; free them with the graph
+            if block.spike_sink is not None:
+                block.spike_sink.clear()
+        return self.weight * torch.relu(ratio - self.budget)
