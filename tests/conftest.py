@@ -30,7 +30,7 @@ def tiny_model(family: str, layers: int = 2, seed: int = 0):
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     # random init at std 0.02 makes near-constant activations; widen it so the FFNs matter
     with torch.no_grad():
-        for name, param in model.named_parameters():
+        for param in model.parameters():
             if param.dim() == 2:
                 param.normal_(0.0, 0.2)
     model.eval()

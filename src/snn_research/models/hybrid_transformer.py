@@ -201,9 +201,6 @@ class SpikingMLP(nn.Module):
         self.spike_sink: list[tuple[str, torch.Tensor]] | None = None  # differentiable counts, for an energy budget
         self.decoder = SpikesToAnalog()
 
-    def encoders(self) -> dict[str, AnalogToSpikes]:
-        return {name[: -len("_encoder")]: m for name, m in self.named_children() if isinstance(m, AnalogToSpikes)}
-
     def set_time_steps(self, time_steps: int) -> None:
         for module in self.modules():
             if isinstance(module, AnalogToSpikes):
