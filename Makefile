@@ -30,5 +30,19 @@ smoke: setup
 
 test: test-unit smoke
 
-bench: setup
-	$(BIN)/python -m benchmarks.run
+# The peers of the neuron benchmark live in their own venv: SpikingJelly is never a project dependency.
+# benchmarks/neuron.py runs itself there (PYTHONPATH=src) when the project venv has no SpikingJelly.
+BENCH_VENV := .bench-venv
+BENCH_STAMP := $(BENCH_VENV)/.installed
+
+$(BENCH_STAMP):
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install --quiet --upgrade pip
+	$(BENCH_VENV)/bin/pip install --quiet torch==2.13.0
+	$(BENCH_VENV)/bin/pip install --quiet loguru tqdm requests scipy matplotlib h5py snntorch==1.0.0
+	# its other declared dependencies (torchvision, tensorboard, ...) are not needed for its neurons
+	$(BENCH_VENV)/bin/pip install --quiet --no-deps spikingjelly==2.0.0
+	touch $(BENCH_STAMP)
+
+bench: setup $(BENCH_STAMP)
+	$(BIN)/python -m benchmarks.run $(if $(ONLY),--only $(ONLY))

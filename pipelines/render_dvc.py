@@ -111,12 +111,14 @@ def stages(src: str) -> str:
       - {src}/training
       - {src}/hybrid
       - {src}/models/hybrid_transformer.py
+      - ${{paths.teacher}}
       - ${{paths.splits}}
       - ${{paths.distilled}}
     params:
       - finetune
       - seed
       - energy
+      - paths.teacher
       - paths.splits
       - paths.distilled
       - paths.finetuned

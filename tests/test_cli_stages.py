@@ -184,3 +184,17 @@ def test_every_offline_teacher_source_runs_the_pipeline(source, tmp_path):
     assert_metrics_shape(metrics, timing=False)
     for stage in STAGES:
         verify_folder(folder / OUTPUTS[stage][0], stage)
+
+
+def test_finetune_with_a_teacher_kl_anchor(pipeline, tmp_path, monkeypatch):
+    work = copy_pipeline(pipeline[0], tmp_path / "work")
+    monkeypatch.chdir(work)
+    write_params(set_dotted(tiny_params(), {"finetune.kl_weight": 0.5, "finetune.kl_positions": 8}))
+    run_stages("finetune")
+    manifest = verify_folder(work / "models" / "finetuned", "finetune")[0]
+    assert set(manifest.inputs) == INPUTS["finetune"] | {"models/teacher"}  # the teacher is read, so hashed
+    final = manifest.summary["final_val"]
+    assert math.isfinite(final["kl_to_teacher"]) and final["kl_to_teacher"] >= 0
+    assert final["objective"] == pytest.approx(final["nll"] + 0.5 * final["kl_to_teacher"])
+    history = json.loads((work / "models" / "finetuned" / "history.json").read_text())
+    assert all("kl_to_teacher" in row for row in history["history"]), "every validation scores the KL"

@@ -214,6 +214,8 @@ class DistillParams(OptimParams):
 class FinetuneParams(OptimParams):
     lr: float = Field(5e-6, gt=0.0, le=1.0)
     patience: int = Field(3, ge=1, description="stop after this many validations without improvement")
+    kl_weight: float = Field(0.0, ge=0.0, description="weight of the KL to the teacher added to the cross-entropy")
+    kl_positions: int = Field(64, ge=1, description="random positions per block the KL is scored on")
 
 
 class EvaluateParams(Strict):
@@ -244,10 +246,17 @@ class Params(Strict):
                 "distill.curriculum.start_time_steps", start,
                 f"must be >= convert.time_steps ({self.convert.time_steps}): the curriculum anneals down to the target T",
             )
+        if self.finetune.kl_weight > 0 and self.finetune.kl_positions >= self.data.block_length:
+            raise FieldError(
+                "finetune.kl_positions", self.finetune.kl_positions,
+                f"must be below data.block_length ({self.data.block_length}): a block has block_length - 1 "
+                "positions with a next token",
+            )
         if self.distill.kl_positions >= self.data.block_length:
-            raise ValueError(
-                f"distill.kl_positions ({self.distill.kl_positions}) must be below data.block_length "
-                f"({self.data.block_length}): a block has block_length - 1 positions with a next token"
+            raise FieldError(
+                "distill.kl_positions", self.distill.kl_positions,
+                f"must be below data.block_length ({self.data.block_length}): a block has block_length - 1 "
+                "positions with a next token",
             )
         if self.convert.encoder == "rate" and self.convert.membrane_init != "symmetric":
             raise FieldError(

@@ -32,8 +32,9 @@ Two implementations of that function, with the same semantics:
 - the compiled CPU kernel (``neuron_kernel.py``), used for float32/float64 CPU
   tensors: one pass over the elements per direction, T steps inside, membranes
   recomputed in the backward instead of stored. On a (8, 4096, 2048) float32
-  LIF it is over 10x faster than snnTorch's ``Leaky`` and SpikingJelly's
-  ``LIFNode`` (forward + backward; ``python -m benchmarks.run --only neuron``);
+  LIF, forward + backward, it measured 8-10x faster than the faster of
+  snnTorch's ``Leaky`` and SpikingJelly's ``LIFNode`` on 2 cores
+  (``python -m benchmarks.run --only neuron``);
 - the eager loop below, used everywhere else (GPU, bf16, no compiler, or
   ``use_kernel = False``) and the reference the kernel is tested against: its
   spikes are bit-identical, its gradients equal to rounding.

@@ -1,11 +1,15 @@
 """finetune: surrogate-gradient fine-tuning of the distilled hybrid with next-token cross-entropy.
 
+With ``finetune.kl_weight`` > 0 the KL to the frozen teacher is added, so that the
+hybrid gains on the corpus without drifting from the teacher's predictions.
+
 A small learning rate, validation perplexity every N steps, early stopping after
 ``finetune.patience`` validations without improvement; the best state is kept.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 
@@ -22,8 +26,11 @@ from snn_research.stages.training_common import (
     save_trained,
     write_curves,
 )
-from snn_research.training.losses import next_token_nll
+from snn_research.teacher import load_teacher
+from snn_research.training.losses import distillation_kl, next_token_nll, teacher_top_k, top_k_kl
 from snn_research.training.loop import train
+
+VAL_TOP_K = 256  # teacher tokens cached per validation position
 
 
 def run(context: StageContext) -> None:
@@ -33,28 +40,57 @@ def run(context: StageContext) -> None:
     seed = context.params.seed
     context.verify(context.paths.splits, "split")
     context.verify(context.paths.distilled, "distill")
+    teacher = None
+    if params.kl_weight > 0:
+        context.verify(context.paths.teacher, "download-teacher")
+        teacher, _ = load_teacher(context.paths.teacher)
     hybrid = load_hybrid(context.paths.distilled)
     tokenizer = AutoTokenizer.from_pretrained(context.paths.distilled, trust_remote_code=False)
     time_steps = hybrid.hybrid_metadata.plan.time_steps
     train_blocks = load_blocks(context.paths.splits, "train").input_ids
     val_blocks = spread(load_blocks(context.paths.splits, "val"), params.val_blocks).input_ids
+    val_batches = list(val_blocks.split(params.batch_size))
+    val_targets = []
+    if teacher is not None:
+        with torch.no_grad():
+            val_targets = [teacher_top_k(teacher(input_ids=b, use_cache=False).logits, VAL_TOP_K) for b in val_batches]
 
     def validate(model) -> dict[str, float]:
+        nll = kl = 0.0
         with torch.no_grad():
-            nll = sum(float(next_token_nll(model(input_ids=b, use_cache=False).logits, b))
-                      for b in val_blocks.split(params.batch_size))
-        nll /= math.ceil(val_blocks.shape[0] / params.batch_size)
-        return {"objective": nll, "nll": nll, "ppl": math.exp(nll)}
+            for index, batch in enumerate(val_batches):
+                logits = model(input_ids=batch, use_cache=False).logits
+                nll += float(next_token_nll(logits, batch))
+                if val_targets:
+                    kl += float(top_k_kl(logits, *val_targets[index]))
+        nll, kl = nll / len(val_batches), kl / len(val_batches)
+        metrics = {"objective": nll + params.kl_weight * kl, "nll": nll, "ppl": math.exp(nll)}
+        if val_targets:
+            metrics["kl_to_teacher"] = kl
+        return metrics
 
     budget = energy_budget(context, hybrid, params.energy_weight)
 
     def loss_fn(model, batch, step):
-        if budget is None:
-            return next_token_nll(model(input_ids=batch, use_cache=False).logits, batch), {}
-        with budget:
-            loss = next_token_nll(model(input_ids=batch, use_cache=False).logits, batch)
-            penalty = budget.penalty(batch.numel())
-        return loss + penalty, {"ce": loss.item(), "energy_ratio": budget.last_ratio}
+        with contextlib.ExitStack() as stack:
+            if budget is not None:
+                stack.enter_context(budget)
+            logits = model(input_ids=batch, use_cache=False).logits
+            ce = next_token_nll(logits, batch)
+            loss, parts = ce, {"ce": ce.item()}
+            if teacher is not None:
+                # the KL over a 262k vocabulary costs more than the step itself: score sampled positions
+                generator = torch.Generator().manual_seed(seed * 100_003 + step)
+                chosen = torch.randperm(batch.shape[1] - 1, generator=generator)[: params.kl_positions].sort().values
+                with torch.no_grad():
+                    teacher_logits = teacher(input_ids=batch, use_cache=False, logits_to_keep=chosen).logits
+                kl = distillation_kl(logits[:, chosen], teacher_logits)
+                loss = loss + params.kl_weight * kl
+                parts["kl"] = kl.item()
+            if budget is not None:
+                loss = loss + budget.penalty(batch.numel())
+                parts["energy_ratio"] = budget.last_ratio
+        return loss, parts
 
     start = validate(hybrid)
     context.tracker.log_metrics({f"val_{k}": v for k, v in start.items()}, step=0)
