@@ -205,6 +205,19 @@ def test_pipeline_metrics_are_byte_identical_across_runs(encoder, tmp_path):
     assert json.loads((first / "models/converted/hybrid.json").read_text())["plan"]["encoder"] == encoder
 
 
+@pytest.mark.slow
+def test_smoke_pipeline_metrics_are_byte_identical_across_two_runs(tmp_path):
+    """pipelines/smoke/params.yaml as it is (tracking off: it changes no output), run twice from scratch."""
+    import yaml
+
+    params = yaml.safe_load((REPO / "pipelines" / "smoke" / "params.yaml").read_text())
+    params["tracking"]["enabled"] = False
+    runs = [prepare(tmp_path / name, params, STAGES) for name in ("first", "second")]
+    metrics = [(folder / "reports" / "metrics.json").read_bytes() for folder in runs]
+    assert metrics[0] == metrics[1]
+    assert json.loads(metrics[0])["finetuned"]["spike_rate"] > 0
+
+
 # --- (d) nothing unsafe is ever loaded ---------------------------------------------------------------------------
 
 

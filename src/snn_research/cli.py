@@ -90,7 +90,7 @@ def frontier(
 
     try:
         points = write_frontier(metrics, csv_path, plot_path)
-    except (ValueError, KeyError) as error:
+    except ValueError as error:
         console.print(f"[red]error in frontier:[/] {escape(str(error))}", markup=True)
         raise typer.Exit(1) from None
     for point in points:

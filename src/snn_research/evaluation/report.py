@@ -2,11 +2,60 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from snn_research.errors import format_validation_error
 from snn_research.evaluation.energy import EnergyReport
 from snn_research.evaluation.quality import QualityTotals
 
 HYBRID_KEYS = ("ppl", "bpb", "agreement_top1", "kl_to_teacher", "spike_rate", "ffn_energy_ratio",
                "model_energy_ratio", "tokens_per_s")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TeacherMetrics(_Strict):
+    ppl: float = Field(gt=0)
+    bpb: float = Field(ge=0)
+    tokens_per_s: float | None = Field(ge=0)
+
+
+class HybridMetrics(_Strict):
+    ppl: float = Field(gt=0)
+    bpb: float = Field(ge=0)
+    agreement_top1: float = Field(ge=0, le=1)
+    kl_to_teacher: float = Field(ge=0)
+    spike_rate: float = Field(ge=0)
+    ffn_energy_ratio: float = Field(ge=0)
+    model_energy_ratio: float = Field(ge=0)
+    tokens_per_s: float | None = Field(ge=0)
+
+
+class MetricsDocument(_Strict):
+    """The fixed shape of ``reports/metrics.json``."""
+
+    time_steps: int = Field(ge=1)
+    teacher: TeacherMetrics
+    converted: HybridMetrics
+    distilled: HybridMetrics
+    finetuned: HybridMetrics
+
+
+def read_metrics(path: Path | str) -> MetricsDocument:
+    """A metrics.json, validated; ValueError naming the file and the field otherwise."""
+    try:
+        return MetricsDocument.model_validate(json.loads(Path(path).read_text()))
+    except OSError as error:
+        raise ValueError(f"{path}: cannot read metrics ({error.strerror or error})") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not JSON ({error})") from None
+    except ValidationError as error:
+        raise ValueError(f"{path}: not a metrics.json of the evaluate stage: {format_validation_error(error)}") from None
 
 
 def metrics_document(time_steps: int, totals: dict[str, QualityTotals], energy: dict[str, EnergyReport],
@@ -23,6 +72,7 @@ def metrics_document(time_steps: int, totals: dict[str, QualityTotals], energy: 
         }
         document[name] = {key: _round(values[key]) for key in HYBRID_KEYS}
     document["teacher"] = {key: _round(value) for key, value in document["teacher"].items()}
+    MetricsDocument.model_validate(document)  # the documented shape, or a bug here
     return document
 
 

@@ -6,10 +6,10 @@ convert -> distill -> finetune -> evaluate once per T.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from snn_research.evaluation.plots import plot_frontier
+from snn_research.evaluation.report import read_metrics
 from snn_research.stages.training_common import write_csv
 
 COLUMNS = ("time_steps", "model", "ppl", "bpb", "agreement_top1", "kl_to_teacher", "spike_rate", "ffn_energy_ratio",
@@ -17,18 +17,19 @@ COLUMNS = ("time_steps", "model", "ppl", "bpb", "agreement_top1", "kl_to_teacher
 
 
 def frontier_points(metrics_files: list[Path]) -> tuple[list[dict], float]:
-    points, teacher_ppl = [], None
-    for path in metrics_files:
-        try:
-            metrics = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as error:
-            raise ValueError(f"{path}: cannot read metrics ({error})") from None
-        teacher_ppl = metrics["teacher"]["ppl"]
-        for model in ("converted", "distilled", "finetuned"):
-            points.append({"time_steps": metrics["time_steps"], "model": model,
-                           **{key: metrics[model][key] for key in COLUMNS[2:]}})
-    if not points:
+    """One row per (T, model) from the evaluate stage's metrics files; ValueError naming a bad file."""
+    if not metrics_files:
         raise ValueError("no metrics files given")
+    points, teacher_ppl, seen = [], None, {}
+    for path in metrics_files:
+        metrics = read_metrics(path)
+        if metrics.time_steps in seen:
+            raise ValueError(f"{path}: T={metrics.time_steps} again (already in {seen[metrics.time_steps]})")
+        seen[metrics.time_steps] = path
+        teacher_ppl = metrics.teacher.ppl
+        for model in ("converted", "distilled", "finetuned"):
+            values = getattr(metrics, model).model_dump()
+            points.append({"time_steps": metrics.time_steps, "model": model, **{key: values[key] for key in COLUMNS[2:]}})
     return sorted(points, key=lambda p: (p["model"], p["time_steps"])), teacher_ppl
 
 
