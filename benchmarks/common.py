@@ -107,11 +107,13 @@ def load_gemma_teacher():
 def write_csv(rows: list[Row], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     names = [f.name for f in fields(Row)]
-    with path.open("w", newline="") as handle:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=names)
         writer.writeheader()
         for r in rows:
             writer.writerow(asdict(r))
+    tmp.replace(path)  # an interrupted run never leaves a truncated CSV
     return path
 
 

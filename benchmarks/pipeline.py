@@ -25,7 +25,7 @@ NOOP_TARGET = "< 3"
 FULL_TARGET = "< 120"
 
 
-def _copy_tree(destination: Path) -> None:
+def copy_smoke_tree(destination: Path) -> None:
     """What the smoke pipeline reads: the package source and its dvc.yaml and params.yaml."""
     listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard", "src"], cwd=ROOT,
                             capture_output=True, check=True).stdout.decode().split("\0")
@@ -35,19 +35,20 @@ def _copy_tree(destination: Path) -> None:
             (destination / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, destination / name)
     subprocess.run(["git", "init", "-q"], cwd=destination, check=True)
-    subprocess.run(["dvc", "init", "-q"], cwd=destination, check=True, env=_env())
+    subprocess.run(["dvc", "init", "-q"], cwd=destination, check=True, env=dvc_env())
 
 
-def _env() -> dict[str, str]:
+def dvc_env() -> dict[str, str]:
     bin_dir = str(Path(sys.executable).parent)
     env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
     env.pop("MLFLOW_TRACKING_URI", None)  # the copy tracks into its own mlflow.db, never a shared server
+    env["DVC_NO_ANALYTICS"] = "1"
     return env
 
 
 def _dvc(folder: Path, *args: str) -> float:
     start = time.perf_counter()
-    done = subprocess.run(["dvc", "repro", *args], cwd=folder, env=_env(), capture_output=True, text=True)
+    done = subprocess.run(["dvc", "repro", *args], cwd=folder, env=dvc_env(), capture_output=True, text=True)
     seconds = time.perf_counter() - start
     if done.returncode != 0:
         raise RuntimeError(f"dvc repro {' '.join(args)} in {folder} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
@@ -74,7 +75,7 @@ def default_stage_times() -> str | None:
 def run() -> list[Row]:
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
         copy = Path(tmp)
-        _copy_tree(copy)
+        copy_smoke_tree(copy)
         smoke = copy / "pipelines" / "smoke"
         full = _dvc(smoke, "-f")
         noop = statistics.median(_dvc(smoke) for _ in range(2))

@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             found = _run_one(name)
         except Exception as error:  # one broken benchmark must not hide the others
             traceback.print_exc()
-            found = [Row(name, "benchmark failed to run", "", float("nan"), "", "FAIL", str(error).splitlines()[0])]
+            found = [Row(name, "benchmark failed to run", "", float("nan"), "", "FAIL", (str(error).splitlines() or [type(error).__name__])[0])]
         print_rows(found)
         print(f"({time.perf_counter() - start:.0f} s)", flush=True)
         rows.extend(found)

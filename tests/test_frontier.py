@@ -75,3 +75,12 @@ def test_metrics_document_is_the_documented_shape():
     MetricsDocument.model_validate(metrics(8, 10, 0.2))
     with pytest.raises(ValueError):
         MetricsDocument.model_validate({**metrics(8, 10, 0.2), "finetuned": {"ppl": 1.0}})
+
+
+def test_unwritable_output_is_refused_naming_it(tmp_path):
+    good = write(tmp_path, "good.json", metrics(4, 10, 0.2))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    result = invoke("frontier", str(good), "--csv", str(blocker / "f.csv"), "--plot", str(tmp_path / "f.png"))
+    assert_clean_failure(result, 1)
+    assert "a-file" in result.output

@@ -1,12 +1,17 @@
 """The compiled neuron kernel against the eager loop it replaces, and its fallback."""
 
+import os
+
 import pytest
 import torch
 
 from snn_research.hybrid import neuron_kernel
 from snn_research.hybrid.neurons import MultiStepNeuron
 
-needs_compiler = pytest.mark.skipif(neuron_kernel._compiler() is None, reason="no C++ compiler")
+needs_compiler = pytest.mark.skipif(
+    neuron_kernel._compiler() is None or os.environ.get(neuron_kernel.KERNEL_ENV, "").lower() == "eager",
+    reason="no C++ compiler, or the kernel is switched off",
+)
 
 
 @pytest.fixture
@@ -21,6 +26,9 @@ def _run(neuron, currents, upstream, use_kernel):
     neuron.use_kernel = use_kernel
     x = currents.clone().requires_grad_()
     spikes = neuron(x)
+    if use_kernel:  # or the comparisons below would compare the eager loop with itself
+        assert neuron_kernel.load() is not None, "the kernel did not build or load (see the warning)"
+        assert spikes.grad_fn is not None and len(spikes.grad_fn.saved_tensors) == 3
     params = [p for p in (neuron.log_threshold, neuron.beta) if p.requires_grad]
     grads = torch.autograd.grad((spikes * upstream).sum(), [x, *params])
     return spikes, grads

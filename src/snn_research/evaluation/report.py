@@ -16,7 +16,7 @@ HYBRID_KEYS = ("ppl", "bpb", "agreement_top1", "kl_to_teacher", "spike_rate", "f
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class TeacherMetrics(_Strict):
@@ -52,6 +52,8 @@ def read_metrics(path: Path | str) -> MetricsDocument:
         return MetricsDocument.model_validate(json.loads(Path(path).read_text()))
     except OSError as error:
         raise ValueError(f"{path}: cannot read metrics ({error.strerror or error})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text, so not a metrics.json") from None
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}: not JSON ({error})") from None
     except ValidationError as error:
@@ -72,7 +74,11 @@ def metrics_document(time_steps: int, totals: dict[str, QualityTotals], energy: 
         }
         document[name] = {key: _round(values[key]) for key in HYBRID_KEYS}
     document["teacher"] = {key: _round(value) for key, value in document["teacher"].items()}
-    MetricsDocument.model_validate(document)  # the documented shape, or a bug here
+    try:  # the documented shape; a NaN or infinite figure is refused rather than written
+        MetricsDocument.model_validate(document)
+    except ValidationError as error:
+        raise ValueError(f"metrics.json would not be valid, so it was not written: "
+                         f"{format_validation_error(error)}") from None
     return document
 
 

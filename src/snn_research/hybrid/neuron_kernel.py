@@ -138,7 +138,12 @@ def load() -> ctypes.CDLL | None:
                 compiler = _compiler()
                 if compiler is None:
                     raise RuntimeError("no C++ compiler found (set $CXX or $SNN_RESEARCH_CXX)")
-                _library = _open(_build(compiler))
+                path = _build(compiler)
+                try:
+                    _library = _open(path)
+                except OSError:  # e.g. a cache shared with a host whose C++ runtime differs: build afresh
+                    path.unlink(missing_ok=True)
+                    _library = _open(_build(compiler))
             except Exception as error:  # any failure means the eager loop, never a crash
                 warnings.warn(f"compiled neuron kernel unavailable, using the eager loop: {error}", RuntimeWarning,
                               stacklevel=2)
@@ -154,8 +159,15 @@ def reset() -> None:
         _library, _tried = None, False
 
 
-def supports(currents: torch.Tensor) -> bool:
-    return currents.device.type == "cpu" and currents.dtype in DTYPES and currents.dim() >= 2 and currents.numel() > 0
+def supports(currents: torch.Tensor, *per_channel: torch.Tensor) -> bool:
+    """Whether the kernel can take these tensors: CPU float32/float64 currents (T, ..., C), and per-channel
+    tensors (threshold, leak) on the CPU in the same dtype with 1 or C elements; else the eager loop runs."""
+    if not (currents.device.type == "cpu" and currents.dtype in DTYPES and currents.dim() >= 2
+            and currents.numel() > 0):
+        return False
+    channels = currents.shape[-1]
+    return all(t.device.type == "cpu" and t.dtype == currents.dtype and t.numel() in (1, channels)
+               for t in per_channel)
 
 
 def reset_kind(reset_to_zero: bool, leak_reset: bool) -> int:

@@ -156,7 +156,8 @@ class _MultiStepNeuronFunction(torch.autograd.Function):
         use_kernel: bool,
     ) -> torch.Tensor:
         ctx.options = (signed, reset_to_zero, leak_reset, surrogate, sharpness)
-        library = neuron_kernel.load() if use_kernel and neuron_kernel.supports(currents) else None
+        library = (neuron_kernel.load() if use_kernel and neuron_kernel.supports(currents, threshold, beta)
+                   else None)
         ctx.compiled = library is not None
         if library is not None:
             currents = currents.contiguous()

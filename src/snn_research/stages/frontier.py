@@ -35,6 +35,14 @@ def frontier_points(metrics_files: list[Path]) -> tuple[list[dict], float]:
 
 def write_frontier(metrics_files: list[Path], csv_path: Path, plot_path: Path) -> list[dict]:
     points, teacher_ppl = frontier_points(metrics_files)
-    write_csv(csv_path, list(COLUMNS), [[p[c] for c in COLUMNS] for p in points])
-    plot_frontier(points, plot_path, teacher_ppl)
+    for path in (csv_path, plot_path):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ValueError(f"{path}: cannot create its folder ({error.strerror or error})") from None
+    try:  # the plot first: a plot that fails leaves the old CSV and PNG as a pair
+        plot_frontier(points, plot_path, teacher_ppl)
+        write_csv(csv_path, list(COLUMNS), [[p[c] for c in COLUMNS] for p in points])
+    except OSError as error:
+        raise ValueError(f"{error.filename or csv_path}: cannot write ({error.strerror or error})") from None
     return points
