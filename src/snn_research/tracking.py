@@ -1,8 +1,10 @@
 """MLflow tracking: one parent run per pipeline run, one nested run per stage.
 
-A pipeline run is identified by a key: the sha256 of the params file, the git
-commit and the pipeline folder (or ``SNN_RESEARCH_RUN_KEY`` when set, e.g. by
-CI). The first stage of a run creates the parent (all params, the git commit);
+A pipeline run is identified by a key: ``SNN_RESEARCH_RUN_KEY`` when set (e.g.
+by CI); else, when the stage runs under ``dvc repro`` / ``dvc exp run``, that
+DVC process (its pid and start time, from /proc), so each invocation gets its
+own parent run; else (a stage run by hand) the sha256 of the params file, the
+git commit and the pipeline folder. The first stage of a run creates the parent (all params, the git commit);
 every stage adds a nested run with its own params, metrics (with steps) and
 artifacts, and tags the parent with the dvc.lock hash it found.
 
@@ -50,9 +52,37 @@ def _sha256_or_none(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "none"
 
 
+def dvc_invocation(max_depth: int = 8) -> str | None:
+    """``dvc-<pid>-<start time>`` of the ``dvc repro``/``dvc exp`` process this one runs under, else None.
+
+    Walks up the process tree through /proc (Linux); elsewhere, or when no DVC
+    ancestor is found within ``max_depth`` levels, returns None.
+    """
+    pid = os.getppid()
+    for _ in range(max_depth):
+        if pid <= 1:
+            return None
+        try:
+            args = [a.decode(errors="replace") for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if a]
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            return None
+        names = [Path(a).name for a in args[:3]]  # "dvc ..." or "python .../dvc ..."
+        if "dvc" in names and ("repro" in args or "exp" in args):
+            return f"dvc-{pid}-{fields[19]}"  # field 22 of stat: start time in clock ticks since boot
+        try:
+            pid = int(fields[1])  # field 4: the parent's pid
+        except (IndexError, ValueError):
+            return None
+    return None
+
+
 def run_key(params_path: Path, commit: str) -> str:
     if os.environ.get("SNN_RESEARCH_RUN_KEY"):
         return os.environ["SNN_RESEARCH_RUN_KEY"]
+    invocation = dvc_invocation()
+    if invocation is not None:
+        return hashlib.sha256(f"{invocation}\0{Path.cwd().resolve()}".encode()).hexdigest()[:32]
     digest = hashlib.sha256()
     digest.update(Path(params_path).read_bytes())
     digest.update(commit.encode())
