@@ -1,6 +1,6 @@
 """Run the benchmarks and write their rows to reports/bench/.
 
-    python -m benchmarks.run                          # all of them (about 20 minutes on 2 cores)
+    python -m benchmarks.run                          # all of them (30-45 minutes on 2 cores)
     python -m benchmarks.run --only neuron,throughput
 
 Each benchmark prints its target, the measured ratio against a baseline
