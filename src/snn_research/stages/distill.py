@@ -9,6 +9,7 @@ MSE and next-token cross-entropy; only the spiking parts train.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 
@@ -25,6 +26,8 @@ from snn_research.stages.training_common import (
     checkpoint_dir,
     energy_budget,
     fingerprint,
+    sampled_positions,
+    teacher_val_targets,
     loop_settings,
     save_trained,
     write_csv,
@@ -32,12 +35,11 @@ from snn_research.stages.training_common import (
 )
 from snn_research.teacher import load_teacher
 from snn_research.training.layerwise import layerwise_distill
-from snn_research.training.losses import distillation_kl, next_token_nll, relative_mse, teacher_top_k, top_k_kl
+from snn_research.training.losses import distillation_kl, next_token_nll, relative_mse, top_k_kl
 from snn_research.training.loop import train
 
 LAYERWISE_STATE = "layerwise.safetensors"
 LAYERWISE_REPORT = "layerwise.json"
-VAL_TOP_K = 256  # teacher tokens cached per validation position
 
 
 class _FFNOutputs:
@@ -109,9 +111,7 @@ def run(context: StageContext) -> None:
         layer_rows = _layerwise(context, teacher, hybrid, layer_blocks, ckpt / "layerwise", fp)
     budget = energy_budget(context, hybrid, params.energy_weight)
 
-    with torch.no_grad():  # the teacher's validation targets, once
-        val_targets = [teacher_top_k(teacher(input_ids=b, use_cache=False).logits, VAL_TOP_K)
-                       for b in val_blocks.split(params.batch_size)]
+    val_targets = teacher_val_targets(teacher, list(val_blocks.split(params.batch_size)))
 
     def validate(model) -> dict[str, float]:
         kl = nll = 0.0
@@ -132,18 +132,13 @@ def run(context: StageContext) -> None:
         keep = 0  # logits for every position
         targets = batch[:, 1:]
         if params.kl_positions:
-            # the LM head (262k x 640 for Gemma 3) dominates a step: score a random subset of positions
-            generator = torch.Generator().manual_seed(seed * 100_003 + step)
-            chosen = torch.randperm(batch.shape[1] - 1, generator=generator)[: params.kl_positions].sort().values
+            chosen = sampled_positions(batch.shape[1], params.kl_positions, seed, step)
             keep, targets = chosen, batch[:, chosen + 1]
         with torch.no_grad():
             teacher_logits = teacher(input_ids=batch, use_cache=False, logits_to_keep=keep).logits
-        if budget is not None:
-            with budget:
-                logits = model(input_ids=batch, use_cache=False, logits_to_keep=keep).logits
-                energy_penalty = budget.penalty(batch.numel())
-        else:
+        with budget or contextlib.nullcontext():
             logits = model(input_ids=batch, use_cache=False, logits_to_keep=keep).logits
+            energy_penalty = budget.penalty(batch.numel()) if budget is not None else None
         if not params.kl_positions:
             teacher_logits, logits = teacher_logits[:, :-1], logits[:, :-1]
         parts = {}

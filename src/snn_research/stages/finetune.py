@@ -22,15 +22,15 @@ from snn_research.stages.training_common import (
     checkpoint_dir,
     energy_budget,
     fingerprint,
+    sampled_positions,
+    teacher_val_targets,
     loop_settings,
     save_trained,
     write_curves,
 )
 from snn_research.teacher import load_teacher
-from snn_research.training.losses import distillation_kl, next_token_nll, teacher_top_k, top_k_kl
+from snn_research.training.losses import distillation_kl, next_token_nll, top_k_kl
 from snn_research.training.loop import train
-
-VAL_TOP_K = 256  # teacher tokens cached per validation position
 
 
 def run(context: StageContext) -> None:
@@ -50,10 +50,7 @@ def run(context: StageContext) -> None:
     train_blocks = load_blocks(context.paths.splits, "train").input_ids
     val_blocks = spread(load_blocks(context.paths.splits, "val"), params.val_blocks).input_ids
     val_batches = list(val_blocks.split(params.batch_size))
-    val_targets = []
-    if teacher is not None:
-        with torch.no_grad():
-            val_targets = [teacher_top_k(teacher(input_ids=b, use_cache=False).logits, VAL_TOP_K) for b in val_batches]
+    val_targets = teacher_val_targets(teacher, val_batches) if teacher is not None else []
 
     def validate(model) -> dict[str, float]:
         nll = kl = 0.0
@@ -72,16 +69,12 @@ def run(context: StageContext) -> None:
     budget = energy_budget(context, hybrid, params.energy_weight)
 
     def loss_fn(model, batch, step):
-        with contextlib.ExitStack() as stack:
-            if budget is not None:
-                stack.enter_context(budget)
+        with budget or contextlib.nullcontext():
             logits = model(input_ids=batch, use_cache=False).logits
             ce = next_token_nll(logits, batch)
             loss, parts = ce, {"ce": ce.item()}
             if teacher is not None:
-                # the KL over a 262k vocabulary costs more than the step itself: score sampled positions
-                generator = torch.Generator().manual_seed(seed * 100_003 + step)
-                chosen = torch.randperm(batch.shape[1] - 1, generator=generator)[: params.kl_positions].sort().values
+                chosen = sampled_positions(batch.shape[1], params.kl_positions, seed, step)
                 with torch.no_grad():
                     teacher_logits = teacher(input_ids=batch, use_cache=False, logits_to_keep=chosen).logits
                 kl = distillation_kl(logits[:, chosen], teacher_logits)

@@ -9,6 +9,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from snn_research.config import OptimParams
 from snn_research.conversion.ann_to_snn_converter import write_hybrid_files
 from snn_research.io import atomic_directory, atomic_write_text
@@ -37,6 +39,26 @@ def loop_settings(params: OptimParams, seed: int, time_steps: int, **extra) -> L
         time_steps=time_steps,
         **extra,
     )
+
+
+VAL_TOP_K = 256  # teacher tokens cached per validation position
+
+
+def teacher_val_targets(teacher, batches: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The teacher's top-k log-probabilities and ids on every validation batch, computed once."""
+    from snn_research.training.losses import teacher_top_k
+
+    with torch.no_grad():
+        return [teacher_top_k(teacher(input_ids=b, use_cache=False).logits, VAL_TOP_K) for b in batches]
+
+
+def sampled_positions(block_length: int, count: int, seed: int, step: int) -> torch.Tensor:
+    """``count`` sorted random positions that have a next token; the same for a (seed, step) on every run.
+
+    The LM head (262k x 640 for Gemma 3) dominates a training step: the KL is scored on these only.
+    """
+    generator = torch.Generator().manual_seed(seed * 100_003 + step)
+    return torch.randperm(block_length - 1, generator=generator)[:count].sort().values
 
 
 def energy_budget(context: StageContext, model, weight: float):

@@ -19,6 +19,7 @@ through the whole model and its 262k-token LM head.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -181,14 +182,11 @@ def _train_block(block, mlp, stream, targets, call, gain, centred, steps, lr, th
             for module in mlp.modules():
                 if hasattr(module, "noise_step"):
                     module.noise_step = step
-            if budget is None:
+            with budget or contextlib.nullcontext():
                 output = run_block(block, stream[batch], call)
                 loss = stream_loss(output, targets[batch], gain, centred)
-            else:
-                with budget:
-                    output = run_block(block, stream[batch], call)
-                    tokens = stream[batch].numel() // stream[batch].shape[-1]
-                    loss = stream_loss(output, targets[batch], gain, centred) + budget.penalty(tokens)
+                if budget is not None:
+                    loss = loss + budget.penalty(stream[batch].numel() // stream[batch].shape[-1])
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"layer-wise distillation of block {index}: loss is {loss.item()} at step {step}")
             optimizer.zero_grad(set_to_none=True)
