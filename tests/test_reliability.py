@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ast
 import json
-import math
 import os
 import signal
 import subprocess
@@ -199,9 +198,8 @@ def test_pipeline_metrics_are_byte_identical_across_runs(encoder, tmp_path):
     for folder in ("models/teacher", "data/splits", "reports/calibration"):
         assert verify_folder(first / folder)[0].files == verify_folder(second / folder)[0].files, folder
     for folder in ("models/converted", "models/distilled", "models/finetuned"):
-        # the hybrids' safetensors headers list tied names in a hash-map order that varies: compare tensors
-        assert_same_tensors(first / folder / "model.safetensors", second / folder / "model.safetensors")
-        assert (first / folder / "hybrid.json").read_bytes() == (second / folder / "hybrid.json").read_bytes()
+        for name in ("model.safetensors", "hybrid.json", "thresholds.safetensors", "manifest.json"):
+            assert (first / folder / name).read_bytes() == (second / folder / name).read_bytes(), f"{folder}/{name}"
     assert json.loads((first / "models/converted/hybrid.json").read_text())["plan"]["encoder"] == encoder
 
 
@@ -216,6 +214,32 @@ def test_smoke_pipeline_metrics_are_byte_identical_across_two_runs(tmp_path):
     metrics = [(folder / "reports" / "metrics.json").read_bytes() for folder in runs]
     assert metrics[0] == metrics[1]
     assert json.loads(metrics[0])["finetuned"]["spike_rate"] > 0
+
+
+@pytest.mark.parametrize("family", ["gemma3", "llama"])
+def test_saving_the_same_hybrid_twice_gives_the_same_bytes(family, tmp_path):
+    """safetensors orders its header metadata by a hash map seeded anew for every map: saves must not vary."""
+    from conftest import tiny_model
+
+    from snn_research.conversion.ann_to_snn_converter import load_weights, save_weights
+    from snn_research.models.hybrid_transformer import HybridPlan, hybridize
+
+    model = tiny_model(family)
+    hybridize(model, HybridPlan(time_steps=4))
+    paths = [tmp_path / f"save{i}.safetensors" for i in range(12)]  # a broken order survives 12 saves 1 in 2048
+    for path in paths:
+        save_weights(model, path)
+    assert len({path.read_bytes() for path in paths}) == 1
+    import safetensors
+
+    with safetensors.safe_open(str(paths[0]), framework="pt") as handle:
+        tied = json.loads(handle.metadata()["tied"])
+    assert tied == ({"model.embed_tokens.weight": "lm_head.weight"} if family == "gemma3" else {})
+    again = tiny_model(family, seed=1)
+    hybridize(again, HybridPlan(time_steps=4))
+    load_weights(again, paths[0])
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, again.state_dict()[name]), name
 
 
 # --- (d) nothing unsafe is ever loaded ---------------------------------------------------------------------------
@@ -307,4 +331,4 @@ def test_unreachable_tracking_server_still_writes_outputs(workdir, dead_tracker,
     assert manifest.summary["source"] == "random:gemma3"
     assert ("tracking failed and tracking.strict is set" in result.output) is strict
     assert time.monotonic() - started < 60
-    assert math.isfinite(manifest.summary["seconds"])
+    assert "seconds" not in manifest.summary  # a DVC output never records time: MLflow gets it

@@ -1,16 +1,20 @@
-"""Mechanics of recovery on tiny models: distillation lowers the KL, curriculum ends at the target T."""
+"""Mechanics of recovery on tiny models: distillation lowers the KL, curriculum ends at the target T,
+the energy budget follows T, the schedule is transformers', devices are checked, explicit parameter sets train."""
 
 import copy
+import math
 
 import pytest
 import torch
 from conftest import calibration_batches, tiny_model
 from test_hybrid_transformer import hybrid_of
 
-from snn_research.models.hybrid_transformer import HybridPlan, spiking_mlps
+from snn_research.evaluation.energy import block_costs
+from snn_research.models.hybrid_transformer import HybridPlan, set_time_steps, spiking_mlps
+from snn_research.training.energy_budget import EnergyBudget
 from snn_research.training.layerwise import layerwise_distill
 from snn_research.training.losses import distillation_kl, teacher_top_k, top_k_kl
-from snn_research.training.loop import LoopSettings, curriculum_time_steps, train
+from snn_research.training.loop import DeviceMismatch, LoopSettings, check_devices, curriculum_time_steps, train
 
 
 def settings(**overrides) -> LoopSettings:
@@ -87,3 +91,85 @@ def test_layerwise_distillation_lowers_every_blocks_loss():
     changed = [not torch.equal(a.gate_proj.weight, b.gate_proj.weight)
                for a, b in zip(spiking_mlps(hybrid), spiking_mlps(reference))]
     assert all(changed)
+
+
+def test_energy_budget_charges_the_fixed_costs_at_the_blocks_current_time_steps():
+    hybrid = hybrid_of(tiny_model("llama"), HybridPlan(time_steps=8))
+    budget = EnergyBudget(hybrid, budget=0.5, weight=1.0, e_mac_pj=4.6, e_ac_pj=0.9)
+    blocks = list(spiking_mlps(hybrid))
+    teacher_pj = sum(block_costs(b).teacher_pj(4.6, 0.9) for b in blocks)
+    for time_steps in (16, 8, 2):  # a curriculum moves T after the budget was made
+        set_time_steps(hybrid, time_steps)
+        fixed_pj = sum(block_costs(b).fixed_hybrid_pj(4.6, 0.9) for b in blocks)
+        with budget:  # no forward pass: the ratio is the fixed part alone
+            assert budget.ratio(tokens=10).item() == pytest.approx(fixed_pj / teacher_pj, rel=1e-6), time_steps
+        assert budget.fixed_pj == pytest.approx(fixed_pj)
+    set_time_steps(hybrid, 16)
+    at_16 = budget.fixed_pj
+    set_time_steps(hybrid, 8)
+    assert budget.fixed_pj < at_16  # neuron updates scale with T
+
+
+def test_check_devices_names_every_misplaced_tensor_and_module():
+    teacher = tiny_model("llama")
+    on_meta = torch.empty(2, 3, device="meta")
+    check_devices(torch.device("cpu"), teacher=teacher, batches=[torch.zeros(2)], targets=[(torch.zeros(1), torch.zeros(1))])
+    with pytest.raises(DeviceMismatch) as caught:
+        check_devices(torch.device("cpu"), teacher=teacher, val_targets=[(torch.zeros(1), on_meta)],
+                      hybrid=copy.deepcopy(teacher).to("meta"))
+    message = str(caught.value)
+    assert "val_targets on meta" in message and "hybrid on meta" in message and "teacher" not in message
+    assert "training runs on cpu" in message
+    assert isinstance(caught.value, ValueError)  # the CLI turns it into exit code 1 with the message
+
+
+def test_learning_rate_follows_transformers_cosine_schedule_with_warmup(tmp_path):
+    from transformers import get_cosine_schedule_with_warmup
+
+    hybrid = hybrid_of(tiny_model("llama"), HybridPlan(time_steps=4))
+    lrs = {}
+
+    def log(metrics, step):
+        if "lr" in metrics:
+            lrs[step] = metrics["lr"]
+
+    def loss_fn(model, batch, step):
+        return model(input_ids=batch, labels=batch).loss, {}
+
+    s = settings(steps=6, warmup_steps=3, lr=1e-3)
+    train(hybrid, torch.cat(calibration_batches(2)), loss_fn, lambda m: {"objective": 0.0}, s, tmp_path, "fp",
+          log_metrics=log)
+    reference = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    schedule = get_cosine_schedule_with_warmup(reference, 3, 6)
+    expected = {}
+    for step in range(1, 7):
+        reference.step()
+        schedule.step()
+        expected[step] = schedule.get_last_lr()[0]
+    assert lrs == pytest.approx(expected)
+    assert lrs[1] == pytest.approx(1e-3 / 3)  # warm-up from 0: the first step ran at lr 0
+
+
+def test_train_updates_only_an_explicit_parameter_set(tmp_path):
+    model = tiny_model("llama")
+    before = copy.deepcopy(model)
+    chosen = list(model.model.layers[1].mlp.parameters())
+    data = torch.cat(calibration_batches(2))
+
+    def loss_fn(m, batch, step):
+        return m(input_ids=batch, labels=batch).loss, {}
+
+    groups = [{"params": chosen, "lr": 1e-2, "weight_decay": 0.0}]
+    train(model, data, loss_fn, lambda m: {"objective": 0.0},
+          settings(steps=3, time_steps=None), tmp_path, "fp", param_groups=groups)
+    changed = {name for (name, p), q in zip(model.named_parameters(), before.parameters()) if not torch.equal(p, q)}
+    assert changed == {f"model.layers.1.mlp.{n}.weight" for n in ("gate_proj", "up_proj", "down_proj")}
+
+
+def test_train_refuses_parameters_of_another_model(tmp_path):
+    model, other = tiny_model("llama"), tiny_model("llama")
+    groups = [{"params": list(other.model.layers[0].mlp.parameters()), "lr": 1e-3, "weight_decay": 0.0}]
+    with pytest.raises(ValueError, match="3 of the 3 parameters to train are not parameters of the model"):
+        train(model, torch.cat(calibration_batches(2)), lambda m, b, s: (m(input_ids=b, labels=b).loss, {}),
+              lambda m: {"objective": math.inf}, settings(steps=1, time_steps=None), tmp_path, "fp",
+              param_groups=groups)

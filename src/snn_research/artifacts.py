@@ -10,6 +10,7 @@ is refused with a message naming the file.
 from __future__ import annotations
 
 import json
+import platform
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,7 +20,8 @@ from snn_research.errors import format_validation_error
 from snn_research.io import atomic_write_text, sha256_file
 
 MANIFEST = "manifest.json"
-StageName = Literal["download-teacher", "split", "calibrate", "convert", "distill", "finetune", "evaluate"]
+StageName = Literal["download-teacher", "split", "calibrate", "convert", "distill", "finetune", "finetune-teacher",
+                    "evaluate"]
 
 
 class Manifest(BaseModel):
@@ -31,6 +33,21 @@ class Manifest(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict, description="the params sections this stage read")
     versions: dict[str, str] = Field(default_factory=dict)
     summary: dict[str, Any] = Field(default_factory=dict, description="what the stage made, in numbers")
+
+
+def package_versions() -> dict[str, str]:
+    """The versions that decide a stage's numbers; no host, path or time, so a rerun writes the same bytes."""
+    import torch
+    import transformers
+
+    from snn_research import __version__
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "snn_research": __version__,
+    }
 
 
 def folder_files(folder: Path) -> dict[str, str]:
@@ -50,8 +67,6 @@ def write_manifest(
     summary: dict[str, Any] | None = None,
 ) -> Manifest:
     """Hash every file of ``folder`` (written, not yet published) and write its manifest."""
-    from snn_research.conversion.ann_to_snn_converter import package_versions
-
     manifest = Manifest(
         stage=stage,
         files=folder_files(folder),
@@ -72,8 +87,15 @@ def read_manifest(folder: Path, stage: str | None = None) -> Manifest:
         raise ValueError(f"{folder}: input folder is missing (run {maker} first)")
     if not path.is_file():
         raise ValueError(f"{path}: manifest is missing; the folder was not written by a completed stage")
+    # parsed here, not by pydantic, so the messages are this project's and stay put across pydantic releases
     try:
-        return Manifest.model_validate_json(path.read_text())
+        document = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: invalid manifest: not JSON ({error})") from None
+    if not isinstance(document, dict):
+        raise ValueError(f"{path}: invalid manifest: the top level must be a JSON object (got {type(document).__name__})")
+    try:
+        return Manifest.model_validate(document)
     except ValidationError as error:
         raise ValueError(f"{path}: invalid manifest: {format_validation_error(error)}") from None
 

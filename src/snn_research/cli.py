@@ -28,6 +28,7 @@ STAGES = {
     "convert": ("convert", ("convert", "seed")),
     "distill": ("distill", ("distill", "seed", "energy")),
     "finetune": ("finetune", ("finetune", "seed", "energy")),
+    "finetune-teacher": ("finetune_teacher", ("finetune", "seed", "convert")),
     "evaluate": ("evaluate", ("evaluate", "seed", "energy")),
 }
 
@@ -52,6 +53,10 @@ def run_stage(stage: str, params_path: Path, overrides: list[str] | None = None)
     context = StageContext(params=params, params_path=params_path, tracker=tracker)
     try:
         module.run(context)
+    except ParamsError as error:  # a params check that needed the model (e.g. a field its family ignores)
+        tracker.finish("FAILED")
+        console.print(f"[red]error in {stage}:[/] {escape(str(error))}", markup=True)
+        raise typer.Exit(2) from None
     except (ValueError, OSError, TrainingDiverged, FloatingPointError) as error:
         tracker.finish("FAILED")
         console.print(f"[red]error in {stage}:[/] {escape(str(error))}", markup=True)
@@ -96,6 +101,49 @@ def frontier(
     for point in points:
         typer.echo(f"{point['model']:9s} T={point['time_steps']:3d}  ppl {point['ppl']:.3f}  "
                    f"FFN energy {point['ffn_energy_ratio']:.3f}")
+
+
+@app.command(name="generate")
+def generate_command(
+    model_dir: Path = typer.Argument(..., help="teacher folder, or hybrid checkpoint folder (has hybrid.json)"),
+    prompt: str = typer.Argument(..., help="text to continue"),
+    compare: Path = typer.Option(None, "--compare", help="hybrid folder to run beside MODEL_DIR on the same prompt"),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1, help="tokens to generate"),
+    sample: bool = typer.Option(False, "--sample", help="sample instead of greedy decoding"),
+    temperature: float = typer.Option(None, "--temperature", help="with --sample: > 0, divides the logits (default 1)"),
+    top_k: int = typer.Option(None, "--top-k", min=1, help="with --sample: keep the k likeliest tokens (default all)"),
+    seed: int = typer.Option(None, "--seed", min=0, help="with --sample: seed of the draws (default 0)"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON instead of tables"),
+) -> None:
+    """Continue a prompt; per token, the spike rate and estimated energy (pJ)."""
+    from rich.console import Console
+
+    from snn_research import generate as generation
+
+    try:
+        given = {"--temperature": temperature, "--top-k": top_k, "--seed": seed}
+        if not sample and any(value is not None for value in given.values()):
+            flags = [flag for flag, value in given.items() if value is not None]
+            raise ValueError(f"{', '.join(flags)} without --sample: they only shape sampling "
+                             f"(got {flags[0]} {given[flags[0]]})")
+        if not prompt.strip():
+            raise ValueError(f"PROMPT is empty (got {prompt!r})")
+        options = generation.GenerationOptions(
+            max_new_tokens=max_new_tokens, sample=sample, temperature=1.0 if temperature is None else temperature,
+            top_k=top_k, seed=0 if seed is None else seed)
+        runs = []
+        for folder in [model_dir] + ([compare] if compare is not None else []):
+            model, tokenizer, _ = generation.load_model_folder(folder)
+            runs.append(generation.generate(model, tokenizer, prompt, options, name=str(folder)))
+        if len(runs) == 2 and runs[0].prompt_ids != runs[1].prompt_ids:
+            raise ValueError(f"{model_dir} and {compare} tokenize the prompt differently: compare needs one tokenizer")
+    except (ValueError, OSError) as error:
+        console.print(f"[red]error in generate:[/] {escape(str(error))}", markup=True)
+        raise typer.Exit(1) from None
+    if as_json:
+        typer.echo(json.dumps(generation.runs_json(runs), indent=2))
+    else:
+        generation.print_runs(Console(markup=False, highlight=False), runs)
 
 
 @app.command()

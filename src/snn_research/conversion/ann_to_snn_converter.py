@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import json
-import platform
 from pathlib import Path
 from typing import Literal
 
@@ -31,7 +30,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
-from snn_research import __version__
+from snn_research.artifacts import package_versions
 from snn_research.conversion.calibrator import CalibrationResult
 from snn_research.errors import format_validation_error
 from snn_research.io import atomic_directory, atomic_write_text
@@ -46,6 +45,14 @@ from snn_research.models.hybrid_transformer import (
 )
 
 METADATA_FILE = "hybrid.json"
+
+
+class PlanConflict(ValueError):
+    """A plan field that does nothing (or cannot run) for the model's family; names the field."""
+
+    def __init__(self, field: str, value: object, message: str) -> None:
+        super().__init__(f"{field}: {message} (got {value!r})")
+        self.field, self.value = field, value
 THRESHOLDS_FILE = "thresholds.safetensors"
 WEIGHTS_FILE = "model.safetensors"
 
@@ -99,6 +106,23 @@ class CalibrationIdentity(BaseModel):
     relative_error_bound: float
 
 
+class ClippingChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    key: str
+    choice: str = Field(description="'scale x<f>' (f times the percentile thresholds) or 'channel max'")
+    error_percentile: float = Field(description="relative FFN output error at the percentile thresholds")
+    error_chosen: float = Field(description="relative FFN output error at the chosen thresholds")
+
+
+class ClippingRecord(BaseModel):
+    """How the percentile thresholds became the conversion's clipping points."""
+
+    model_config = ConfigDict(extra="forbid")
+    method: Literal["percentile", "search"]
+    search_tokens: int = 0
+    sites: list[ClippingChoice] = Field(default_factory=list)
+
+
 class ConversionMetadata(BaseModel):
     model_config = ConfigDict(extra="forbid")
     format_version: Literal[1] = 1
@@ -107,6 +131,7 @@ class ConversionMetadata(BaseModel):
     plan: HybridPlan
     sites: list[SiteMetadata]
     versions: dict[str, str]
+    clipping: ClippingRecord | None = None
 
     def write(self, path: Path, tensors: dict[str, torch.Tensor] | None = None) -> None:
         """Write the JSON (and its tensors file, if any) atomically."""
@@ -162,17 +187,6 @@ class ConversionMetadata(BaseModel):
                 raise ValueError(f"{tensor_path}: unreadable safetensors file ({error})") from None
 
 
-def package_versions() -> dict[str, str]:
-    import transformers
-
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "snn_research": __version__,
-    }
-
-
 def convert(
     teacher: nn.Module,
     calibration: CalibrationResult,
@@ -186,6 +200,11 @@ def convert(
     """
     thresholds = calibration.thresholds(plan.granularity)
     before = {loc.path: loc.module for loc in find_mlps(teacher, plan.layers)}
+    for family in sorted({mlp_family(mlp) for mlp in before.values()}):
+        conflicts = plan.family_conflicts(family)
+        if conflicts:
+            field, value, why = conflicts[0]
+            raise PlanConflict(field, value, f"does nothing for the {family} family: {why}")
     missing = [
         site_key(path, spec.name)
         for path, mlp in before.items()
@@ -263,23 +282,30 @@ def _threshold_entry(block: SpikingMLP, site: str, key: str, tensors: dict[str, 
 
 
 def _population_parameters(block: SpikingMLP, site: str, plan: HybridPlan) -> dict[str, float | int | str | bool]:
+    options = plan.neuron_options()
     if site == "hidden":
+        neuron = plan.neuron or "if"
         return {
-            "neuron": plan.neuron,
-            "beta": 1.0 if plan.neuron == "if" else plan.beta,
-            "reset": plan.reset,
-            "surrogate": plan.surrogate,
-            "sharpness": plan.sharpness,
+            "neuron": neuron,
+            "beta": 1.0 if neuron == "if" else options["beta"],
+            "reset": options["reset"],
+            "surrogate": options["surrogate"],
+            "sharpness": options["sharpness"],
             "learnable_threshold": plan.learnable_threshold,
-            "learnable_leak": plan.learnable_leak,
+            "learnable_leak": options["learnable_leak"],
         }
     encoder = getattr(block, f"{site}_encoder")
-    return {
+    parameters: dict[str, float | int | str | bool] = {
         "encoder": encoder.kind,
-        "membrane_init": encoder.membrane_init,
+        "levels": encoder.levels,
         "seed": encoder.seed,
         "learnable_threshold": plan.learnable_threshold,
     }
+    if encoder.kind == "if":
+        parameters["membrane_init"] = encoder.membrane_init
+    if encoder.kind == "lif":
+        parameters.update({k: options[k] for k in ("beta", "reset", "surrogate", "sharpness", "learnable_leak")})
+    return parameters
 
 
 def refresh_metadata(model: nn.Module, metadata: ConversionMetadata) -> tuple[ConversionMetadata, dict[str, torch.Tensor]]:
@@ -365,6 +391,17 @@ def save_weights(model: nn.Module, path: Path) -> None:
         kept[key] = name
         tensors[name] = tensor.detach().contiguous()
     safetensors.torch.save_file(tensors, str(path), metadata={"format": "pt", "tied": json.dumps(tied, sort_keys=True)})
+    # safetensors writes __metadata__ from a hash map whose order changes from one process to the next:
+    # rewrite the header with those keys sorted, in place (the same length, so the tensors stay where they are)
+    with open(path, "r+b") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(size))
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > size:
+            raise ValueError(f"{path}: the sorted safetensors header is {len(text)} bytes, longer than the {size} written")
+        handle.seek(8)
+        handle.write(text.ljust(size))
 
 
 def load_weights(model: nn.Module, path: Path) -> None:

@@ -20,15 +20,26 @@ Horowitz, ISSCC 2014: a multiply-accumulate E_MAC = 4.6 pJ, an add E_AC = 0.9 pJ
   neuron also does one AC per time step to integrate its input (plus one MAC
   for the leak of a LIF neuron with beta < 1), and a bias, where a spiking
   linear has one, is injected as one AC per output per step. The decoders'
-  1/T rescale is one MAC per decoded output (the threshold is folded into the
+  1/L rescale is one MAC per decoded output (the threshold is folded into the
   synaptic weights).
+- Weighted (binary, 2^-t) encoders: a spike is still one AC per synapse; the
+  step weight is applied by the receiving neurons, which shift their
+  accumulator once per step (Horner's scheme): one AC per consuming output
+  neuron per step (fan-out x T).
 
 The teacher's figures come from the same pass: the spiking blocks' linears are
 counted as the dense MACs the teacher would do on that token.
+
+Memory traffic is counted as weight bytes read per token: every weight matrix
+of a linear that ran, once per token, plus one embedding row per token.
+Biases are left out (a few thousand values against millions of weights).
+``baselines.py`` prices these counts against INT8 and low-bit ANNs and with
+the weight reads included.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -46,6 +57,10 @@ from snn_research.models.hybrid_transformer import (
 )
 
 
+# Components of the spiking blocks; every other component is shared by hybrid and teacher.
+SPIKING_COMPONENTS = frozenset({"ffn_synaptic", "ffn_neurons", "ffn_step_weights", "ffn_spiking_analog", "ffn_dense"})
+
+
 @dataclass
 class SiteEnergy:
     key: str
@@ -54,6 +69,19 @@ class SiteEnergy:
     fan_out: int
     synaptic_ops_per_token: float
     energy_pj: float
+    neurons: int = 0  # spiking neurons at the site, per token
+    time_steps: int = 1
+    activation_bits: int = 0  # bits of a quantised activation with as many levels as the site's spike count
+
+
+@dataclass
+class BlockEnergy:
+    """Per-token figures of one spiking FFN that the baselines re-price."""
+
+    path: str
+    costs: "BlockCosts"
+    spikes_per_token: dict[str, float]
+    weight_bytes: float  # bytes of the spiking linears' weight matrices
 
 
 @dataclass
@@ -63,9 +91,12 @@ class EnergyReport:
     e_mac_pj: float
     e_ac_pj: float
     sites: list[SiteEnergy] = field(default_factory=list)
+    blocks: list[BlockEnergy] = field(default_factory=list)
     # per token: component -> (MACs, ACs)
     hybrid_ops: dict[str, tuple[float, float]] = field(default_factory=dict)
     teacher_ops: dict[str, tuple[float, float]] = field(default_factory=dict)
+    # per token: component -> weight bytes read, for the parts hybrid and teacher share
+    shared_weight_bytes: dict[str, float] = field(default_factory=dict)
 
     def _energy(self, ops: dict[str, tuple[float, float]], ffn_only: bool) -> float:
         return sum(
@@ -125,20 +156,28 @@ def _mean_keys(sequence_length: int, window: int | None) -> float:
     return float(positions.mean())
 
 
-def attention_ops(config, sequence_length: int) -> tuple[float, float]:
-    """(MACs, ACs) per token of scores, softmax and values over all layers."""
+def attention_ops(config, sequence_length: int, position: int | None = None) -> tuple[float, float]:
+    """(MACs, ACs) per token of scores, softmax and values over all layers.
+
+    Averaged over the positions of a causal sequence of ``sequence_length``, or, with
+    ``position`` (0-based), for the one query at that position (a decoding step).
+    """
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     layer_types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
     window = getattr(config, "sliding_window", None)
     macs = 0.0
     for layer_type in layer_types:
-        keys = _mean_keys(sequence_length, window if layer_type == "sliding_attention" and window else None)
+        layer_window = window if layer_type == "sliding_attention" and window else None
+        if position is None:
+            keys = _mean_keys(sequence_length, layer_window)
+        else:
+            keys = float(position + 1 if layer_window is None else min(position + 1, layer_window))
         macs += 2 * heads * head_dim * keys + heads * keys
     return macs, 0.0
 
 
-def _norm_cost(module: nn.Module) -> int | None:
+def norm_cost(module: nn.Module) -> int | None:
     name = type(module).__name__
     if isinstance(module, nn.LayerNorm) or name.endswith("LayerNorm"):
         return 3
@@ -158,6 +197,7 @@ def measure_energy(
     mlp_paths = [loc.path for loc in find_mlps(model)]
     hybrid: dict[str, list[float]] = {}
     teacher: dict[str, list[float]] = {}
+    weight_bytes: dict[str, float] = {}
 
     def add(ops: dict[str, list[float]], component: str, macs: float = 0.0, acs: float = 0.0) -> None:
         entry = ops.setdefault(component, [0.0, 0.0])
@@ -176,13 +216,21 @@ def measure_energy(
                 continue  # accounted from spike counts below
             component = "lm_head" if name == "lm_head" else ("ffn_analog" if mlp_path else "attention_projections")
 
-            def hook(_m, args, _out, component=component, fan=in_features * out_features, out=out_features, bias=has_bias):
+            def hook(_m, args, _out, component=component, fan=in_features * out_features, out=out_features,
+                     bias=has_bias, size=module.weight.element_size()):
                 rows = args[0].numel() // args[0].shape[-1]
                 for ops in (hybrid, teacher):
                     add(ops, component, macs=rows * fan, acs=rows * out if bias else 0.0)
+                weight_bytes[component] = weight_bytes.get(component, 0.0) + rows * fan * size
 
             handles.append(module.register_forward_hook(hook))
-        elif (cost := _norm_cost(module)) is not None:
+        elif isinstance(module, nn.Embedding):
+
+            def embedding_hook(_m, _args, out):  # one row read per looked-up token
+                weight_bytes["embeddings"] = weight_bytes.get("embeddings", 0.0) + out.numel() * out.element_size()
+
+            handles.append(module.register_forward_hook(embedding_hook))
+        elif (cost := norm_cost(module)) is not None:
 
             def norm_hook(_m, _args, out, cost=cost):
                 for ops in (hybrid, teacher):
@@ -210,6 +258,7 @@ def measure_energy(
         add(ops, "attention_scores_values", macs=macs * tokens, acs=acs * tokens)
     report.hybrid_ops = {k: (v[0] / tokens, v[1] / tokens) for k, v in hybrid.items()}
     report.teacher_ops = {k: (v[0] / tokens, v[1] / tokens) for k, v in teacher.items()}
+    report.shared_weight_bytes = {k: v / tokens for k, v in weight_bytes.items()}
     return report
 
 
@@ -224,12 +273,25 @@ def _add_analog_ffn_elementwise(mlp: nn.Module, tokens: int, targets, add) -> No
             add(ops, "ffn_analog", macs=intermediate * tokens)  # activation
 
 
+def activation_bits(levels: int, signed: bool = True) -> int:
+    """Bits of a quantised activation with as many values as a spike count in [-L, L] (or [0, L])."""
+    values = 2 * levels + 1 if signed else levels + 1
+    return max(1, math.ceil(math.log2(values)))
+
+
+def encoder_levels(encoder: nn.Module) -> int:
+    """L, the largest spike level of one sign: 2^T - 1 for a weighted code, T otherwise."""
+    levels = getattr(encoder, "levels", None)
+    return int(levels) if levels is not None else int(encoder.time_steps)
+
+
 @dataclass(frozen=True)
 class BlockCosts:
     """Per-token operation counts of one spiking FFN and of the dense FFN it replaced.
 
     Everything except the synaptic events is fixed by the shapes and T; the
-    synaptic events are spikes x ``fan_outs[site]``.
+    synaptic events are spikes x ``fan_outs[site]``. The dense FFN's linear maps
+    read exactly the sites' activations: their MACs are neurons x fan-out per site.
     """
 
     fan_outs: dict[str, int]
@@ -240,12 +302,37 @@ class BlockCosts:
     hybrid_analog_acs: float  # bias adds after the decoders
     neuron_macs: float  # LIF leak multiplies
     neuron_acs: float  # membrane integrations (and per-step bias currents)
+    time_steps: int = 1
+    step_weight_acs: float = 0.0  # accumulator shifts of the neurons receiving weighted spikes
+    bits: dict[str, int] = field(default_factory=dict)  # activation bits matching each site's spike levels
+
+    @property
+    def teacher_linear_macs(self) -> float:
+        return float(sum(self.neurons[site] * fan_out for site, fan_out in self.fan_outs.items()))
 
     def teacher_pj(self, e_mac_pj: float, e_ac_pj: float) -> float:
         return self.teacher_macs * e_mac_pj + self.teacher_acs * e_ac_pj
 
     def fixed_hybrid_pj(self, e_mac_pj: float, e_ac_pj: float) -> float:
-        return (self.hybrid_analog_macs + self.neuron_macs) * e_mac_pj + (self.hybrid_analog_acs + self.neuron_acs) * e_ac_pj
+        return ((self.hybrid_analog_macs + self.neuron_macs) * e_mac_pj
+                + (self.hybrid_analog_acs + self.neuron_acs + self.step_weight_acs) * e_ac_pj)
+
+
+def _leaky(population: nn.Module | None) -> bool:
+    return (population is not None and getattr(population, "kind", None) == "lif"
+            and bool((population.beta < 1).any()))
+
+
+def _encoder_terms(encoders: dict[str, nn.Module], fan_outs: dict[str, int], time_steps: int) -> tuple[float, float, dict]:
+    """(leak MACs, accumulator-shift ACs, bits) of a block's encoder sites, per token."""
+    leak_macs, shift_acs, bits = 0.0, 0.0, {}
+    for site, encoder in encoders.items():
+        bits[site] = activation_bits(encoder_levels(encoder))
+        if _leaky(getattr(encoder, "neurons", None)):  # a LIF encoder leaks every step
+            leak_macs += encoder.channels * time_steps
+        if getattr(encoder, "kind", None) == "weighted":  # Horner: one shift per receiving neuron per step
+            shift_acs += fan_outs[site] * time_steps
+    return leak_macs, shift_acs, bits
 
 
 def block_costs(block: SpikingMLP) -> BlockCosts:
@@ -255,43 +342,63 @@ def block_costs(block: SpikingMLP) -> BlockCosts:
         has_bias = any(m.bias is not None for m in (block.gate_proj, block.up_proj, block.down_proj))
         bias_adds = 2 * intermediate + hidden if has_bias else 0  # gated biases act after the decoders
         neurons = {"input": hidden, "product": intermediate}
+        fan_outs = {"input": 2 * intermediate, "product": hidden}
+        leak_macs, shift_acs, bits = _encoder_terms(
+            {"input": block.input_encoder, "product": block.product_encoder}, fan_outs, time_steps)
         return BlockCosts(
-            fan_outs={"input": 2 * intermediate, "product": hidden},
+            fan_outs=fan_outs,
             neurons=neurons,
             teacher_macs=3 * hidden * intermediate + 2 * intermediate,  # dense maps + act + gating multiply
             teacher_acs=bias_adds,
             hybrid_analog_macs=2 * intermediate + (2 * intermediate + hidden),
             hybrid_analog_acs=bias_adds,
-            neuron_macs=0.0,
+            neuron_macs=leak_macs,
             neuron_acs=sum(neurons.values()) * time_steps,
+            time_steps=time_steps,
+            step_weight_acs=shift_acs,
+            bits=bits,
         )
     if isinstance(block, SpikingGPT2MLP):
         hidden, intermediate = block.c_fc.weight.shape
         neurons = {"input": hidden, "hidden": intermediate}
-        leaky = block.hidden_neurons.kind == "lif" and bool((block.hidden_neurons.beta < 1).any())
+        fan_outs = {"input": intermediate, "hidden": hidden}
+        leak_macs, shift_acs, bits = _encoder_terms({"input": block.input_encoder}, fan_outs, time_steps)
+        # the hidden neurons fire at most once per step and never negatively: counts in [0, T]
+        bits["hidden"] = activation_bits(time_steps, signed=False)
+        if _leaky(block.hidden_neurons):
+            leak_macs += intermediate * time_steps
         return BlockCosts(
-            fan_outs={"input": intermediate, "hidden": hidden},
+            fan_outs=fan_outs,
             neurons=neurons,
             teacher_macs=2 * hidden * intermediate + intermediate,  # dense maps + GELU
             teacher_acs=intermediate + hidden,
             hybrid_analog_macs=hidden,  # decoder rescale of c_proj's output
             hybrid_analog_acs=hidden if block.c_proj.bias is not None else 0,
-            neuron_macs=intermediate * time_steps if leaky else 0.0,
+            neuron_macs=leak_macs,
             # membrane integrations, plus c_fc's bias injected as a constant current every step
             neuron_acs=sum(neurons.values()) * time_steps + intermediate * time_steps,
+            time_steps=time_steps,
+            step_weight_acs=shift_acs,
+            bits=bits,
         )
     raise ValueError(f"no energy rule for {type(block).__name__}")
+
+
+def _spiking_weight_bytes(block: SpikingMLP) -> float:
+    linears = [m for m in block.children() if isinstance(m, (nn.Linear, Conv1D))]
+    return float(sum(m.weight.numel() * m.weight.element_size() for m in linears))
 
 
 def _account_spiking_block(block: SpikingMLP, tokens: int, recorder: SpikeRecorder, report, hybrid, teacher, add) -> None:
     costs = block_costs(block)
     add(teacher, "ffn_dense", macs=costs.teacher_macs * tokens, acs=costs.teacher_acs * tokens)
     synaptic = 0.0
+    spikes: dict[str, float] = {}
     for site, fan_out in costs.fan_outs.items():
         key = site_key(block.path, site)
         if key not in recorder.spikes:
             raise ValueError(f"site {key} recorded no spikes during the energy pass")
-        spikes_per_token = recorder.spikes[key] / recorder.tokens[key]
+        spikes[site] = spikes_per_token = recorder.spikes[key] / recorder.tokens[key]
         sops = spikes_per_token * fan_out
         synaptic += sops
         report.sites.append(
@@ -302,8 +409,14 @@ def _account_spiking_block(block: SpikingMLP, tokens: int, recorder: SpikeRecord
                 fan_out=fan_out,
                 synaptic_ops_per_token=sops,
                 energy_pj=sops * report.e_ac_pj,
+                neurons=costs.neurons[site],
+                time_steps=costs.time_steps,
+                activation_bits=costs.bits[site],
             )
         )
+    report.blocks.append(BlockEnergy(block.path, costs, spikes, _spiking_weight_bytes(block)))
     add(hybrid, "ffn_synaptic", acs=synaptic * tokens)
     add(hybrid, "ffn_neurons", macs=costs.neuron_macs * tokens, acs=costs.neuron_acs * tokens)
-    add(hybrid, "ffn_analog", macs=costs.hybrid_analog_macs * tokens, acs=costs.hybrid_analog_acs * tokens)
+    if costs.step_weight_acs:
+        add(hybrid, "ffn_step_weights", acs=costs.step_weight_acs * tokens)
+    add(hybrid, "ffn_spiking_analog", macs=costs.hybrid_analog_macs * tokens, acs=costs.hybrid_analog_acs * tokens)

@@ -1,18 +1,17 @@
-"""The DVC metrics document and the Markdown summary of an evaluation."""
+"""The DVC metrics document, the Markdown summary and the CSV tables of an evaluation."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from snn_research.errors import format_validation_error
-from snn_research.evaluation.energy import EnergyReport
 from snn_research.evaluation.quality import QualityTotals
 
-HYBRID_KEYS = ("ppl", "bpb", "agreement_top1", "kl_to_teacher", "spike_rate", "ffn_energy_ratio",
-               "model_energy_ratio", "tokens_per_s")
+REFERENCES = ("teacher", "teacher_finetuned")  # the ANN references every hybrid is measured against
 
 
 class _Strict(BaseModel):
@@ -22,25 +21,50 @@ class _Strict(BaseModel):
 class TeacherMetrics(_Strict):
     ppl: float = Field(gt=0)
     bpb: float = Field(ge=0)
-    tokens_per_s: float | None = Field(ge=0)
+
+
+class ReferenceMetrics(_Strict):
+    """The teacher fine-tuned with the hybrids' recipe: what the same training does without spikes."""
+
+    ppl: float = Field(gt=0)
+    bpb: float = Field(ge=0)
+    agreement_top1: float = Field(ge=0, le=1)
+    kl_full_to_teacher: float = Field(ge=0, description="KL(teacher || model) over the full vocabulary, nats/token")
 
 
 class HybridMetrics(_Strict):
     ppl: float = Field(gt=0)
     bpb: float = Field(ge=0)
     agreement_top1: float = Field(ge=0, le=1)
-    kl_to_teacher: float = Field(ge=0)
-    spike_rate: float = Field(ge=0)
-    ffn_energy_ratio: float = Field(ge=0)
+    kl_full_to_teacher: float = Field(ge=0, description="KL(teacher || model) over the full vocabulary, nats/token")
+    ppl_ratio_to_teacher: float = Field(gt=0)
+    ppl_ratio_to_teacher_finetuned: float = Field(gt=0)
+    spike_rate: float = Field(ge=0, description="spikes per neuron per time step, all sites")
+    break_even_spike_rate: float = Field(ge=0, description="rate at which the spiking FFNs cost as much as FP32 ones")
+    break_even_spike_rate_int8: float = Field(ge=0, description="the same against INT8 FFNs")
+    ffn_energy_ratio: float = Field(ge=0, description="against the FP32 teacher")
     model_energy_ratio: float = Field(ge=0)
-    tokens_per_s: float | None = Field(ge=0)
+    ffn_energy_ratio_int8: float = Field(ge=0, description="against the teacher with INT8 weights and activations")
+    model_energy_ratio_int8: float = Field(ge=0)
+    activation_bits: int = Field(ge=1, description="bits of the low-bit baseline's FFN activations")
+    ffn_energy_ratio_lowbit: float = Field(ge=0, description="against 8-bit weights x activation_bits activations")
+    model_energy_ratio_lowbit: float = Field(ge=0)
+    ffn_memory_ratio_per_step: float = Field(ge=0, description="FP32, weights read once per time step")
+    model_memory_ratio_per_step: float = Field(ge=0)
+    ffn_memory_ratio_per_token: float = Field(ge=0, description="FP32, weights read once per token")
+    model_memory_ratio_per_token: float = Field(ge=0)
+
+
+HYBRID_KEYS = tuple(HybridMetrics.model_fields)
+HYBRIDS = ("converted", "distilled", "finetuned")
 
 
 class MetricsDocument(_Strict):
-    """The fixed shape of ``reports/metrics.json``."""
+    """The fixed shape of ``reports/metrics.json``: nothing in it depends on the host or the time."""
 
     time_steps: int = Field(ge=1)
     teacher: TeacherMetrics
+    teacher_finetuned: ReferenceMetrics
     converted: HybridMetrics
     distilled: HybridMetrics
     finetuned: HybridMetrics
@@ -60,20 +84,20 @@ def read_metrics(path: Path | str) -> MetricsDocument:
         raise ValueError(f"{path}: not a metrics.json of the evaluate stage: {format_validation_error(error)}") from None
 
 
-def metrics_document(time_steps: int, totals: dict[str, QualityTotals], energy: dict[str, EnergyReport],
-                     timing: bool) -> dict:
-    """``{"time_steps", "teacher": {ppl, bpb, tokens_per_s}, <hybrid>: {the eight HYBRID_KEYS}}``."""
-    document: dict = {"time_steps": time_steps, "teacher": totals["teacher"].summary(teacher=True, timing=timing)}
-    for name, report in energy.items():
-        quality = totals[name].summary(teacher=False, timing=timing)
-        values = {
-            **quality,
-            "spike_rate": report.mean_spike_rate,
-            "ffn_energy_ratio": report.ffn_energy_ratio,
-            "model_energy_ratio": report.model_energy_ratio,
-        }
+def metrics_document(time_steps: int, totals: dict[str, QualityTotals], energy: dict[str, dict[str, float]]) -> dict:
+    """metrics.json: quality of every model, and for each hybrid its ppl ratios and ``energy[name]``
+    (``baselines.compare`` of its energy report, plus ``spike_rate``)."""
+    teacher = totals["teacher"].summary(teacher=True)
+    reference = totals["teacher_finetuned"].summary(teacher=False)
+    document: dict = {"time_steps": time_steps, "teacher": teacher, "teacher_finetuned": reference}
+    for name, figures in energy.items():
+        quality = totals[name].summary(teacher=False)
+        values = {**quality, **figures, "ppl_ratio_to_teacher": quality["ppl"] / teacher["ppl"],
+                  "ppl_ratio_to_teacher_finetuned": quality["ppl"] / reference["ppl"]}
         document[name] = {key: _round(values[key]) for key in HYBRID_KEYS}
-    document["teacher"] = {key: _round(value) for key, value in document["teacher"].items()}
+        document[name]["activation_bits"] = int(values["activation_bits"])
+    for name in REFERENCES:
+        document[name] = {key: _round(value) for key, value in document[name].items()}
     try:  # the documented shape; a NaN or infinite figure is refused rather than written
         MetricsDocument.model_validate(document)
     except ValidationError as error:
@@ -82,46 +106,80 @@ def metrics_document(time_steps: int, totals: dict[str, QualityTotals], energy: 
     return document
 
 
-def _round(value: float | None) -> float | None:
+def _round(value: float) -> float:
     # 6 significant digits: stable text for DVC diffs, far below run-to-run differences that matter
-    return None if value is None else float(f"{value:.6g}")
+    return float(f"{value:.6g}")
 
 
 def _fmt(value, digits: int = 3) -> str:
-    return "n/a" if value is None else f"{value:.{digits}f}"
+    return "n/a" if value is None or value != value else f"{value:.{digits}f}"
 
 
-def summary_markdown(metrics: dict, layer_rows: list[dict], hybrids: list[str], stage_seconds: dict,
-                     test_tokens: int) -> str:
-    teacher = metrics["teacher"]
+def summary_markdown(metrics: dict, layer_rows: list[dict], hybrids: list[str], test_tokens: int) -> str:
+    """The evaluation at a glance: quality, energy against each baseline, spike rates per layer."""
+    teacher, reference = metrics["teacher"], metrics["teacher_finetuned"]
     lines = [
         f"# Evaluation at T = {metrics['time_steps']} ({test_tokens:,} test tokens)",
         "",
-        "| model | ppl | ppl / teacher | bpb | top-1 agreement | KL to teacher | spike rate | FFN energy | model energy | tokens/s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-        f"| teacher | {_fmt(teacher['ppl'], 2)} | 1.000 | {_fmt(teacher['bpb'])} | | | | 1.000 | 1.000 | "
-        f"{_fmt(teacher['tokens_per_s'], 0)} |",
+        "KL is KL(teacher || model) over the full vocabulary (nats per token); training's validation KL "
+        "covers the teacher's top 256 tokens only and is a lower bound of it.",
+        "",
+        "| model | ppl | ppl / teacher | ppl / teacher finetuned | bpb | top-1 agreement | kl_full_to_teacher |",
+        "|---|---|---|---|---|---|---|",
+        f"| teacher | {_fmt(teacher['ppl'], 2)} | 1.000 | {_fmt(teacher['ppl'] / reference['ppl'])} | "
+        f"{_fmt(teacher['bpb'])} | | |",
+        f"| teacher_finetuned | {_fmt(reference['ppl'], 2)} | {_fmt(reference['ppl'] / teacher['ppl'])} | 1.000 | "
+        f"{_fmt(reference['bpb'])} | {_fmt(reference['agreement_top1'])} | {_fmt(reference['kl_full_to_teacher'], 4)} |",
     ]
     for name in hybrids:
         row = metrics[name]
         lines.append(
-            f"| {name} | {_fmt(row['ppl'], 2)} | {_fmt(row['ppl'] / teacher['ppl'])} | {_fmt(row['bpb'])} | "
-            f"{_fmt(row['agreement_top1'])} | {_fmt(row['kl_to_teacher'], 4)} | {_fmt(row['spike_rate'], 4)} | "
-            f"{_fmt(row['ffn_energy_ratio'])} | {_fmt(row['model_energy_ratio'])} | {_fmt(row['tokens_per_s'], 0)} |"
+            f"| {name} | {_fmt(row['ppl'], 2)} | {_fmt(row['ppl_ratio_to_teacher'])} | "
+            f"{_fmt(row['ppl_ratio_to_teacher_finetuned'])} | {_fmt(row['bpb'])} | {_fmt(row['agreement_top1'])} | "
+            f"{_fmt(row['kl_full_to_teacher'], 4)} |"
         )
-    lines += ["", "## Per layer (finetuned unless noted)", "",
-              "| layer | input spike rate | second-site spike rate | FFN output error (rel. sq.) |", "|---|---|---|---|"]
+    lines += [
+        "",
+        "## Energy against each baseline (hybrid / baseline, per token)",
+        "",
+        "The hybrid is priced as it runs (FP32 weights, 45 nm FP32 table); the INT8 and low-bit ANNs re-price the "
+        "teacher; memory adds weight reads, the spiking linears' weights read once per time step or once per token.",
+        "",
+        "| model | spike rate | break-even FP32 | break-even INT8 | FFN FP32 | FFN INT8 | FFN low-bit (bits) | "
+        "FFN +memory per step | FFN +memory per token | model FP32 | model INT8 | model low-bit | "
+        "model +memory per step | model +memory per token |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name in hybrids:
+        row = metrics[name]
+        lines.append(
+            f"| {name} | {_fmt(row['spike_rate'], 4)} | {_fmt(row['break_even_spike_rate'], 4)} | "
+            f"{_fmt(row['break_even_spike_rate_int8'], 4)} | {_fmt(row['ffn_energy_ratio'])} | "
+            f"{_fmt(row['ffn_energy_ratio_int8'])} | {_fmt(row['ffn_energy_ratio_lowbit'])} ({row['activation_bits']}) | "
+            f"{_fmt(row['ffn_memory_ratio_per_step'])} | {_fmt(row['ffn_memory_ratio_per_token'])} | "
+            f"{_fmt(row['model_energy_ratio'])} | {_fmt(row['model_energy_ratio_int8'])} | "
+            f"{_fmt(row['model_energy_ratio_lowbit'])} | {_fmt(row['model_memory_ratio_per_step'])} | "
+            f"{_fmt(row['model_memory_ratio_per_token'])} |"
+        )
     last = hybrids[-1]
+    lines += ["", f"## Per layer ({last})", "",
+              "| layer | input spike rate | break-even FP32 / INT8 | second-site spike rate | break-even FP32 / INT8 "
+              "| FFN output error (rel. sq.) |", "|---|---|---|---|---|---|"]
     for row in layer_rows:
-        lines.append(f"| {row['layer']} | {_fmt(row[f'{last}_input'], 4)} | {_fmt(row[f'{last}_second'], 4)} | "
-                     f"{_fmt(row[f'{last}_error'], 5)} |")
+        lines.append(
+            f"| {row['layer']} | {_fmt(row[f'{last}_input'], 4)} | {_fmt(row[f'{last}_input_break_even'], 4)} / "
+            f"{_fmt(row[f'{last}_input_break_even_int8'], 4)} | {_fmt(row[f'{last}_second'], 4)} | "
+            f"{_fmt(row[f'{last}_second_break_even'], 4)} / {_fmt(row[f'{last}_second_break_even_int8'], 4)} | "
+            f"{_fmt(row[f'{last}_error'], 5)} |")
     worst = sorted(layer_rows, key=lambda r: -r[f"{last}_error"])[:3]
     lines += ["", "Layers adding the most FFN error: " + ", ".join(f"{r['layer']} ({r[f'{last}_error']:.4f})"
                                                                   for r in worst), ""]
-    lines += ["## Time per stage", "", "| stage | seconds |", "|---|---|"]
-    total = 0.0
-    for stage, seconds in stage_seconds.items():
-        lines.append(f"| {stage} | {_fmt(seconds, 1)} |")
-        total += seconds or 0.0
-    lines += [f"| total | {total:.1f} |", ""]
     return "\n".join(lines)
+
+
+def write_table(table: pd.DataFrame, path: Path) -> None:
+    """``table`` as CSV, atomically: a reader sees the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    table.to_csv(tmp, index=False)
+    tmp.replace(path)

@@ -23,16 +23,38 @@ Two encoders:
   generator seeded by ``seed`` (and ``noise_step``, which a training loop
   advances), so a given input and seed always give the same train.
 
-Both saturate at one spike per step (|decoded value| <= theta).
+- ``"weighted"``: signed binary-weighted (phase) coding. The spike at step t
+  (t = 1..T) carries the weight ``2^(T - t)`` of the smallest step, so the T
+  steps of one neuron spell the magnitude in binary, most significant step
+  first: ``L = 2^T - 1`` levels per sign instead of T. The neuron is an IF
+  neuron whose threshold halves every step: its membrane, in units of the
+  smallest step ``theta / L``, starts at ``|x| L / theta + 1/2`` (the half
+  rounds, as the symmetric IF start does), fires when it reaches the step's
+  weight and subtracts it. On hardware the step weight is not a weight per
+  synapse: the receiving neuron shifts its accumulator by one bit every step
+  (Horner's scheme), so a spike still costs one accumulate per synapse.
 
-Spike counts. The input of an encoder is constant over the T steps, so the
-count of the IF encoder has a closed form, ``n = sign(x) * min(floor(T |x| /
+- ``"lif"``: a signed leaky integrate-and-fire population (``neurons.py``:
+  the compiled kernel, surrogate gradients) driven by ``x`` as a constant
+  current for T steps. The leak makes its count depend on the order of the
+  steps, so it has no closed form: it is simulated, and trained by surrogate
+  back-propagation through time instead of the straight-through gradient.
+
+All saturate: the decoded value is at most theta in size.
+
+Levels and spike counts. ``forward`` returns the signed level ``n`` in
+[-L, L] (L = T for ``if``, ``rate`` and ``lif``; ``2^T - 1`` for ``weighted``);
+the decoded value is ``theta * n / L``. For the unweighted encoders the level
+is the spike count; for ``weighted`` the spike count is the number of set bits
+of ``|n|`` (``spike_count``). The input of an encoder is constant over the T
+steps, so the count of the IF encoder has a closed form, ``n = sign(x) * min(floor(T |x| /
 theta + c), T)`` with ``c`` = 0, 1/2 (and the ``"half"`` start's asymmetric
-variant). ``spike_counts`` uses it; ``spike_train`` runs the T-step dynamics
-and is the reference the closed form is tested against.
+variant), and the weighted encoder's level is ``sign(x) * min(floor(L |x| /
+theta + 1/2), L)``. ``forward`` uses the closed forms; ``spike_train`` runs
+the T-step dynamics and is the reference they are tested against.
 
-Gradient. The decoded rate ``theta * n / T`` is a uniform quantiser of ``x``
-clipped at ``+-theta``, so both encoders back-propagate the quantiser's
+Gradient. The decoded value ``theta * n / L`` is a uniform quantiser of ``x``
+clipped at ``+-theta``, so the ``if``, ``rate`` and ``weighted`` encoders back-propagate the quantiser's
 straight-through gradient: slope 1 inside the clip range and 0 outside for
 ``x``, and for the threshold the step-size gradient of learned step-size
 quantisation (``n / T - x / theta`` inside the range, ``sign(x)`` outside).
@@ -47,8 +69,16 @@ from typing import Literal
 import torch
 from torch import nn
 
-EncoderKind = Literal["if", "rate"]
+EncoderKind = Literal["if", "rate", "weighted", "lif"]
 MembraneInit = Literal["zero", "half", "symmetric"]
+ENCODER_KINDS = ("if", "rate", "weighted", "lif")
+# the membrane, up to 2^T - 1/2, must keep its half-step offset exact in float32 (24-bit significand)
+MAX_WEIGHTED_TIME_STEPS = 16
+
+
+def encoder_levels(kind: str, time_steps: int) -> int:
+    """L: the largest spike level of one sign (decoded value = theta * level / L)."""
+    return 2**time_steps - 1 if kind == "weighted" else time_steps
 
 
 def _check_time_steps(time_steps: int) -> int:
@@ -96,6 +126,49 @@ def if_spike_train(x: torch.Tensor, threshold: torch.Tensor, time_steps: int, me
     return spikes
 
 
+def weighted_levels(x: torch.Tensor, threshold: torch.Tensor, time_steps: int) -> torch.Tensor:
+    """Closed-form signed level of the binary-weighted encoder, in [-(2^T - 1), 2^T - 1]."""
+    levels = float(encoder_levels("weighted", time_steps))
+    charge = x.abs().mul_(levels / threshold).add_(0.5)  # membrane start, in units of the smallest step
+    return charge.floor_().clamp_(max=levels).copysign_(x)
+
+
+def weighted_spike_train(x: torch.Tensor, threshold: torch.Tensor, time_steps: int) -> torch.Tensor:
+    """Step-by-step simulation of the binary-weighted encoder; (T, ..., C) in {-1, 0, 1}.
+
+    The membrane starts with the whole charge (same expression as ``weighted_levels``)
+    and the step-t threshold is 2^(T - t) smallest steps. Subtracting a power of two
+    from a membrane in [2^k, 2^(k+1)) is exact in floating point (Sterbenz), so the
+    simulation is exact, not just close.
+    """
+    levels = float(encoder_levels("weighted", time_steps))
+    membrane = x.abs().mul_(levels / threshold).add_(0.5)
+    sign = torch.sign(x)
+    spikes = torch.empty((time_steps, *x.shape), dtype=x.dtype, device=x.device)
+    for t in range(time_steps):
+        weight = float(2 ** (time_steps - 1 - t))
+        fired = (membrane >= weight).to(x.dtype)
+        membrane = membrane - fired * weight
+        spikes[t] = fired * sign
+    return spikes
+
+
+def step_weights(kind: str, time_steps: int) -> torch.Tensor:
+    """(T,) weight of each step's spike in units of the smallest level (1 for unweighted codes)."""
+    if kind == "weighted":
+        return 2.0 ** torch.arange(time_steps - 1, -1, -1, dtype=torch.float64)
+    return torch.ones(time_steps, dtype=torch.float64)
+
+
+def popcount(levels: torch.Tensor, time_steps: int) -> torch.Tensor:
+    """Number of set bits of ``|levels|`` (integers below 2^T): spikes per neuron of the weighted code."""
+    value = levels.detach().abs().to(torch.int64)
+    count = torch.zeros_like(value)
+    for bit in range(time_steps):
+        count += (value >> bit) & 1
+    return count.to(levels.dtype)
+
+
 def rate_spike_train(x: torch.Tensor, threshold: torch.Tensor, time_steps: int, generator: torch.Generator) -> torch.Tensor:
     probability = (x.abs() / threshold).clamp_(max=1.0)
     draws = torch.rand((time_steps, *x.shape), generator=generator, dtype=x.dtype, device=x.device)
@@ -105,15 +178,14 @@ def rate_spike_train(x: torch.Tensor, threshold: torch.Tensor, time_steps: int, 
 class _StraightThroughSpikes(torch.autograd.Function):
     """Attach the clipped straight-through gradient to precomputed spikes.
 
-    ``spikes`` is either the counts (..., C) or the train (T, ..., C); for a
-    train the gradient of every step is summed, each step carrying 1/T of the
-    count's slope.
+    ``spikes`` is either the levels (..., C) or the train (T, ..., C); for a
+    train the gradient of every step is summed, each step carrying 1/theta.
     """
 
     @staticmethod
-    def forward(ctx, x, threshold, spikes, time_steps):  # type: ignore[override]
+    def forward(ctx, x, threshold, spikes, levels):  # type: ignore[override]
         ctx.save_for_backward(x, threshold)
-        ctx.time_steps = time_steps
+        ctx.levels = levels
         ctx.is_train = spikes.dim() == x.dim() + 1
         return spikes
 
@@ -123,9 +195,11 @@ class _StraightThroughSpikes(torch.autograd.Function):
         if ctx.is_train:
             grad_counts, slope = grad_spikes.sum(0), 1.0
         else:
-            grad_counts, slope = grad_spikes, float(ctx.time_steps)
-        # counts ~ T * x / theta inside the clip range, T * sign(x) outside, so
-        # dcounts/dx = T / theta * inside and dcounts/dtheta = -T x / theta^2 * inside = -dcounts/dx * x / theta
+            grad_counts, slope = grad_spikes, float(ctx.levels)
+        # level n ~ L * x / theta inside the clip range, L * sign(x) outside, so
+        # dn/dx = L / theta * inside and dn/dtheta = -L x / theta^2 * inside = -dn/dx * x / theta.
+        # A train's step t enters the level with weight w_t (sum L): a slope 1 / theta per step
+        # gives the same dn/dx for either code.
         inside = x.abs().le_(threshold)  # 1.0 inside the clip range, 0.0 outside (and for NaN)
         grad_inside = (grad_counts * (slope / threshold)).mul_(inside)
         grad_threshold = None
@@ -140,9 +214,9 @@ class _StraightThroughSpikes(torch.autograd.Function):
 class AnalogToSpikes(nn.Module):
     """Signed encoder from an analog activation (..., C) to T steps of ternary spikes.
 
-    ``forward`` returns the per-neuron spike counts (..., C), which is all a
-    linear map followed by a time average needs; ``spike_train`` returns the
-    full (T, ..., C) train.
+    ``forward`` returns the per-neuron signed level (..., C) in [-L, L], which
+    is all a linear map followed by the decoder needs; ``spike_train`` returns
+    the full (T, ..., C) train; ``spike_count`` turns levels into spikes.
     """
 
     def __init__(
@@ -155,15 +229,16 @@ class AnalogToSpikes(nn.Module):
         membrane_init: MembraneInit = "symmetric",
         learnable_threshold: bool = False,
         seed: int = 0,
+        neuron_options: dict | None = None,
     ) -> None:
         super().__init__()
-        if kind not in ("if", "rate"):
-            raise ValueError(f"encoder kind must be 'if' or 'rate' (got {kind!r})")
+        if kind not in ENCODER_KINDS:
+            raise ValueError(f"encoder kind must be one of {list(ENCODER_KINDS)} (got {kind!r})")
         if membrane_init not in ("zero", "half", "symmetric"):
             raise ValueError(f"membrane_init must be 'zero', 'half' or 'symmetric' (got {membrane_init!r})")
         self.channels = channels
-        self.time_steps = _check_time_steps(time_steps)
         self.kind = kind
+        self.time_steps = self._checked_time_steps(time_steps)
         self.membrane_init = membrane_init
         self.seed = int(seed)
         self.noise_step = 0
@@ -173,13 +248,44 @@ class AnalogToSpikes(nn.Module):
         if (threshold <= 0).any() or not torch.isfinite(threshold).all():
             raise ValueError("encoder thresholds must be finite and positive")
         self.log_threshold = nn.Parameter(threshold.log().expand(size).clone(), requires_grad=learnable_threshold)
+        self.neurons = None
+        if kind == "lif":
+            from snn_research.hybrid.neurons import MultiStepNeuron
+
+            # the population owns the threshold and leak; this module's log_threshold is unused then
+            self.neurons = MultiStepNeuron(
+                channels, kind="lif", threshold=threshold.expand(size).clone(), signed=True,
+                per_channel=per_channel, learnable_threshold=learnable_threshold, **(neuron_options or {}),
+            )
+            del self.log_threshold
+        elif neuron_options:
+            raise ValueError(f"neuron options {sorted(neuron_options)} apply to the 'lif' encoder only (kind {kind!r})")
+
+    def _checked_time_steps(self, time_steps: int) -> int:
+        time_steps = _check_time_steps(time_steps)
+        if self.kind == "weighted" and time_steps > MAX_WEIGHTED_TIME_STEPS:
+            raise ValueError(
+                f"the weighted encoder supports time_steps <= {MAX_WEIGHTED_TIME_STEPS} "
+                f"(2^T - 1 levels; got {time_steps})"
+            )
+        return time_steps
 
     @property
     def threshold(self) -> torch.Tensor:
+        if self.neurons is not None:
+            return self.neurons.threshold
         return self.log_threshold.exp()
 
+    @property
+    def levels(self) -> int:
+        """L: the decoded value is ``threshold * level / L``."""
+        return encoder_levels(self.kind, self.time_steps)
+
     def set_time_steps(self, time_steps: int) -> None:
-        self.time_steps = _check_time_steps(time_steps)
+        self.time_steps = self._checked_time_steps(time_steps)
+
+    def step_weights(self) -> torch.Tensor:
+        return step_weights(self.kind, self.time_steps)
 
     def _generator(self, device: torch.device) -> torch.Generator:
         generator = torch.Generator(device=device)
@@ -193,41 +299,70 @@ class AnalogToSpikes(nn.Module):
     def _train(self, x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
         if self.kind == "if":
             return if_spike_train(x, threshold, self.time_steps, self.membrane_init)
+        if self.kind == "weighted":
+            return weighted_spike_train(x, threshold, self.time_steps)
         return rate_spike_train(x, threshold, self.time_steps, self._generator(x.device))
 
+    def _lif_train(self, x: torch.Tensor) -> torch.Tensor:
+        # a constant current for T steps; the population's surrogate carries the gradient
+        return self.neurons(x.unsqueeze(0).expand(self.time_steps, *x.shape))
+
     def spike_train(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., C) -> (T, ..., C) spikes in {-1, 0, 1}, with a straight-through gradient."""
+        """(..., C) -> (T, ..., C) spikes in {-1, 0, 1}, with the encoder's gradient."""
         self._check(x)
+        if self.neurons is not None:
+            return self._lif_train(x)
         threshold = self.threshold.to(x.dtype)
         with torch.no_grad():
             spikes = self._train(x, threshold)
-        return _StraightThroughSpikes.apply(x, threshold, spikes, self.time_steps)
+        return _StraightThroughSpikes.apply(x, threshold, spikes, self.levels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., C) -> spike counts (..., C) in [-T, T], with a straight-through gradient."""
+        """(..., C) -> signed levels (..., C) in [-L, L], with the encoder's gradient."""
         self._check(x)
+        if self.neurons is not None:
+            return self._lif_train(x).sum(0)
         threshold = self.threshold.to(x.dtype)
         with torch.no_grad():
             if self.kind == "if":
-                counts = if_spike_counts(x, threshold, self.time_steps, self.membrane_init)
+                levels = if_spike_counts(x, threshold, self.time_steps, self.membrane_init)
+            elif self.kind == "weighted":
+                levels = weighted_levels(x, threshold, self.time_steps)
             else:
-                counts = self._train(x, threshold).sum(0)
-        return _StraightThroughSpikes.apply(x, threshold, counts, self.time_steps)
+                levels = self._train(x, threshold).sum(0)
+        return _StraightThroughSpikes.apply(x, threshold, levels, self.levels)
+
+    def spike_count(self, levels: torch.Tensor) -> torch.Tensor:
+        """Spikes per neuron behind ``levels`` (signed like them), keeping their gradient.
+
+        Unweighted codes: the level is the count. Weighted: the set bits of ``|level|``;
+        its gradient is the level's scaled by bits / level, so that an energy budget
+        still pushes the level (and the threshold behind it) the right way.
+        """
+        if self.kind != "weighted":
+            return levels
+        bits = popcount(levels, self.time_steps)
+        safe = torch.where(levels == 0, torch.ones_like(levels), levels.detach())
+        return (bits * torch.sign(levels.detach())) * (levels / safe)
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, time_steps={self.time_steps}, kind={self.kind}, membrane_init={self.membrane_init}"
 
 
 class SpikesToAnalog(nn.Module):
-    """Time average of a spike train (or spike counts / T), rescaled by the threshold.
+    """Weighted time sum of a spike train (or the level), rescaled: ``theta * level / L``.
 
-    A linear map commutes with this decoder: averaging ``W (theta * s_t)`` over
-    the T steps equals ``W`` applied once to ``theta * n / T``.
+    A linear map commutes with this decoder: summing ``w_t / L * W (theta * s_t)``
+    over the T steps equals ``W`` applied once to ``theta * n / L``.
     """
 
-    def forward(self, counts: torch.Tensor, threshold: torch.Tensor, time_steps: int) -> torch.Tensor:
-        return counts * (threshold.to(counts.dtype) / time_steps)
+    def forward(self, levels: torch.Tensor, threshold: torch.Tensor, max_level: int) -> torch.Tensor:
+        return levels * (threshold.to(levels.dtype) / max_level)
 
-    def from_train(self, spikes: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-        """(T, ..., C) -> (..., C)."""
-        return spikes.mean(0) * threshold.to(spikes.dtype)
+    def from_train(self, spikes: torch.Tensor, threshold: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """(T, ..., C) -> (..., C); ``weights`` (T,) are the steps' weights (default: all 1, a time average)."""
+        if weights is None:
+            return spikes.mean(0) * threshold.to(spikes.dtype)
+        weights = weights.to(spikes.dtype)
+        level = torch.tensordot(weights, spikes, dims=1)
+        return level * (threshold.to(spikes.dtype) / weights.sum())

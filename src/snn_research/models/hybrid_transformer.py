@@ -16,11 +16,22 @@ Gated (Llama/Mistral/Qwen2 SwiGLU, Gemma/Gemma 2/Gemma 3 GeGLU)::
     x -> encoder -> gate_proj, up_proj on spikes -> decoder
       -> act(gate) * up (analog) -> encoder -> down_proj on spikes -> decoder
 
-A linear map whose output is only time-averaged commutes with the decoder, so
-it runs once on the decoded spike counts instead of T times on the train (exact
-up to float summation order; ``forward_per_step`` keeps the T-step path to test
-that). The per-step path is kept where it is needed: c_fc feeds LIF neurons,
-whose response depends on the order of the currents.
+What runs, per family and encoder:
+
+- gated, ``if`` / ``weighted``: each encoder is its closed form (a clipped
+  rounding to 2T+1 or 2^(T+1)-1 levels, see ``hybrid/adapter.py``), trained
+  with a straight-through / learned-step-size gradient; no neuron is simulated.
+- gated, ``rate``: T Bernoulli draws per neuron, straight-through gradient.
+- gated, ``lif``: a signed LIF population per site, simulated over T steps
+  (compiled kernel) and trained by surrogate back-propagation through time.
+- GPT-2: the input encoder (``if`` or ``rate``) feeds c_fc per step, and an
+  IF or LIF population replacing GELU is simulated and trained by surrogate BPTT.
+
+A linear map whose output is only decoded (a weighted time sum) commutes with
+the decoder, so it runs once on the decoded levels instead of T times on the
+train (exact up to float summation order; ``forward_per_step`` keeps the T-step
+path to test that). The per-step path is kept where it is needed: c_fc feeds
+neurons whose response depends on the order of the currents.
 """
 
 from __future__ import annotations
@@ -32,7 +43,13 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
-from snn_research.hybrid.adapter import AnalogToSpikes, EncoderKind, MembraneInit, SpikesToAnalog
+from snn_research.hybrid.adapter import (
+    MAX_WEIGHTED_TIME_STEPS,
+    AnalogToSpikes,
+    EncoderKind,
+    MembraneInit,
+    SpikesToAnalog,
+)
 from snn_research.hybrid.neurons import MultiStepNeuron, NeuronKind, ResetMode
 from snn_research.hybrid.surrogate import SurrogateName
 
@@ -57,24 +74,41 @@ BLOCK_LISTS = {
 }
 
 
+# Settings of LIF populations (the GPT-2 hidden neurons, the 'lif' encoder) when left unset.
+NEURON_DEFAULTS: dict[str, object] = {
+    "beta": 0.9, "reset": "subtract", "surrogate": "atan", "sharpness": 2.0, "learnable_leak": False,
+}
+
+
 class HybridPlan(BaseModel):
-    """Which FFNs become spiking, and how."""
+    """Which FFNs become spiking, and how.
+
+    Fields that only some families or encoders use default to null; ``family_conflicts``
+    names those set for a family or encoder that ignores them (``convert`` refuses them).
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     layers: list[int] | None = Field(None, description="decoder blocks to convert; null converts every block")
     time_steps: int = Field(8, ge=1, le=4096, description="simulation steps T per token")
-    encoder: EncoderKind = Field("if", description="'if': deterministic signed IF; 'rate': seeded Bernoulli")
-    membrane_init: MembraneInit = Field("symmetric", description="IF encoder start: zero | half | symmetric")
+    encoder: EncoderKind = Field(
+        "if", description="'if': deterministic signed IF (closed form, 2T+1 levels); 'weighted': binary-weighted "
+        "spikes (closed form, 2^(T+1)-1 levels); 'rate': seeded Bernoulli; 'lif': simulated signed LIF (surrogate BPTT)"
+    )
+    membrane_init: MembraneInit | None = Field(
+        None, description="'if' encoder start: zero | half | symmetric (null: symmetric)"
+    )
     granularity: Granularity = Field("channel", description="one threshold per channel or per layer")
-    neuron: NeuronKind = Field("if", description="neurons replacing the non-gated activation: if | lif")
-    beta: float = Field(0.9, gt=0.0, le=1.0, description="LIF leak per step (IF uses 1)")
-    reset: ResetMode = Field("subtract", description="neuron reset: subtract | zero")
-    surrogate: SurrogateName = Field("atan", description="surrogate derivative of the spike")
-    sharpness: float = Field(2.0, gt=0.0, description="surrogate steepness")
-    learnable_threshold: bool = Field(True, description="train thresholds with the surrogate gradient")
-    learnable_leak: bool = Field(False, description="train the LIF leak (LIF neurons only)")
-    seed: int = Field(0, ge=0, description="seed of the stochastic rate encoders")
+    neuron: NeuronKind | None = Field(
+        None, description="GPT-2 only: neurons replacing GELU, if | lif (null: if); gated FFNs keep act(gate) * up analog"
+    )
+    beta: float | None = Field(None, gt=0.0, le=1.0, description="LIF leak per step (LIF populations only; null: 0.9)")
+    reset: ResetMode | None = Field(None, description="LIF/IF population reset: subtract | zero (null: subtract)")
+    surrogate: SurrogateName | None = Field(None, description="surrogate derivative of a simulated spike (null: atan)")
+    sharpness: float | None = Field(None, gt=0.0, description="surrogate steepness (null: 2.0)")
+    learnable_threshold: bool = Field(True, description="train thresholds (straight-through or surrogate gradient)")
+    learnable_leak: bool | None = Field(None, description="train the LIF leak (LIF populations only; null: false)")
+    seed: int = Field(0, ge=0, description="seed of the stochastic rate encoders (each site draws its own stream)")
 
     @field_validator("layers")
     @classmethod
@@ -90,9 +124,43 @@ class HybridPlan(BaseModel):
 
     @model_validator(mode="after")
     def _leak_needs_lif(self) -> "HybridPlan":
-        if self.learnable_leak and self.neuron != "lif":
-            raise ValueError(f"learnable_leak needs neuron 'lif' (got neuron {self.neuron!r})")
+        if self.learnable_leak and self.neuron != "lif" and self.encoder != "lif":
+            raise ValueError(
+                f"learnable_leak needs LIF neurons: neuron 'lif' (GPT-2) or encoder 'lif' "
+                f"(got neuron {self.neuron!r}, encoder {self.encoder!r})"
+            )
+        if self.membrane_init is not None and self.encoder != "if":
+            raise ValueError(f"membrane_init applies to the 'if' encoder only (got encoder {self.encoder!r})")
+        if self.encoder == "weighted" and self.time_steps > MAX_WEIGHTED_TIME_STEPS:
+            raise ValueError(f"the weighted encoder supports time_steps <= {MAX_WEIGHTED_TIME_STEPS} (got {self.time_steps})")
         return self
+
+    def neuron_options(self) -> dict[str, object]:
+        """beta, reset, surrogate, sharpness and learnable_leak, unset ones filled with their defaults."""
+        return {name: default if getattr(self, name) is None else getattr(self, name)
+                for name, default in NEURON_DEFAULTS.items()}
+
+    def family_conflicts(self, family: str) -> list[tuple[str, object, str]]:
+        """(field, value, why) for every set field that does nothing (or cannot run) for ``family``."""
+        conflicts: list[tuple[str, object, str]] = []
+        lif_populations = self.encoder == "lif" or (family == "gpt2" and self.neuron == "lif")
+        if family == "gated":
+            if self.neuron is not None:
+                conflicts.append(("neuron", self.neuron, "gated FFNs keep act(gate) * up analog: no neuron "
+                                  "population replaces an activation (use encoder 'lif' for leaky neurons)"))
+        elif self.encoder in ("weighted", "lif"):
+            conflicts.append(("encoder", self.encoder, "GPT-2's hidden neurons integrate per-step currents of the "
+                              "input train; this encoder is offered for gated FFNs only (use 'if' or 'rate')"))
+        for name in ("beta", "learnable_leak"):
+            if getattr(self, name) is not None and not lif_populations:
+                conflicts.append((name, getattr(self, name), "there is no LIF population (encoder 'lif', or neuron "
+                                  "'lif' on GPT-2)"))
+        has_population = self.encoder == "lif" or family == "gpt2"
+        for name in ("reset", "surrogate", "sharpness"):
+            if getattr(self, name) is not None and not has_population:
+                conflicts.append((name, getattr(self, name), f"the {self.encoder!r} encoder is a closed-form "
+                                  "quantiser with a straight-through gradient: no simulated neurons use it"))
+        return conflicts
 
 
 @dataclass(frozen=True)
@@ -216,20 +284,21 @@ class SpikingMLP(nn.Module):
     def _encode(self, site: str, x: torch.Tensor) -> torch.Tensor:
         """Encode then decode: the analog value the consuming linear effectively receives."""
         encoder: AnalogToSpikes = getattr(self, f"{site}_encoder")
-        counts = encoder(x)
-        self._record(site, counts, encoder.channels, x.numel() // encoder.channels)
-        return self.decoder(counts, encoder.threshold, encoder.time_steps)
+        levels = encoder(x)
+        self._record(site, encoder.spike_count(levels), encoder.channels, x.numel() // encoder.channels)
+        return self.decoder(levels, encoder.threshold, encoder.levels)
 
 
 class SpikingGatedMLP(SpikingMLP):
     family = "gated"
 
-    def __init__(self, mlp: nn.Module, path: str, plan: HybridPlan, thresholds: Mapping[str, torch.Tensor]) -> None:
+    def __init__(self, mlp: nn.Module, path: str, plan: HybridPlan, thresholds: Mapping[str, torch.Tensor],
+                 layer: int = 0) -> None:
         super().__init__(path, plan)
         self.gate_proj, self.up_proj, self.down_proj, self.act_fn = mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn
         hidden, intermediate = self.gate_proj.in_features, self.gate_proj.out_features
-        self.input_encoder = _encoder(hidden, plan, thresholds.get("input"), seed_offset=0)
-        self.product_encoder = _encoder(intermediate, plan, thresholds.get("product"), seed_offset=1)
+        self.input_encoder = _encoder(hidden, plan, thresholds.get("input"), site_seed(plan.seed, layer, 0))
+        self.product_encoder = _encoder(intermediate, plan, thresholds.get("product"), site_seed(plan.seed, layer, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, L, C)
         if self.analog:
@@ -243,33 +312,39 @@ class SpikingGatedMLP(SpikingMLP):
         """Reference: every spike-consuming linear applied at each of the T steps, then averaged."""
         enc_in, enc_prod = self.input_encoder, self.product_encoder
         spikes = enc_in.spike_train(x) * enc_in.threshold  # (T, B, L, C)
-        gate = self.gate_proj(spikes).mean(0)
-        up = self.up_proj(spikes).mean(0)
+        weights = (enc_in.step_weights() / enc_in.levels).to(x.dtype)  # (T,): w_t / L, summing to 1
+        gate = torch.tensordot(weights, self.gate_proj(spikes), dims=1)
+        up = torch.tensordot(weights, self.up_proj(spikes), dims=1)
         product = self.act_fn(gate) * up
         spikes = enc_prod.spike_train(product) * enc_prod.threshold  # (T, B, L, I)
-        return self.down_proj(spikes).mean(0)
+        weights = (enc_prod.step_weights() / enc_prod.levels).to(x.dtype)
+        return torch.tensordot(weights, self.down_proj(spikes), dims=1)
 
 
 class SpikingGPT2MLP(SpikingMLP):
     family = "gpt2"
 
-    def __init__(self, mlp: nn.Module, path: str, plan: HybridPlan, thresholds: Mapping[str, torch.Tensor]) -> None:
+    def __init__(self, mlp: nn.Module, path: str, plan: HybridPlan, thresholds: Mapping[str, torch.Tensor],
+                 layer: int = 0) -> None:
         super().__init__(path, plan)
+        if plan.encoder not in ("if", "rate"):
+            raise ValueError(f"{path}: encoder {plan.encoder!r} is offered for gated FFNs only; GPT-2 takes 'if' or 'rate'")
         self.c_fc, self.c_proj, self.act, self.dropout = mlp.c_fc, mlp.c_proj, mlp.act, mlp.dropout
         hidden, intermediate = self.c_fc.weight.shape  # Conv1D stores (in, out)
-        self.input_encoder = _encoder(hidden, plan, thresholds.get("input"), seed_offset=0)
+        self.input_encoder = _encoder(hidden, plan, thresholds.get("input"), site_seed(plan.seed, layer, 0))
         threshold = thresholds.get("hidden")
+        options = plan.neuron_options()
         self.hidden_neurons = MultiStepNeuron(
             intermediate,
-            kind=plan.neuron,
+            kind=plan.neuron or "if",
             threshold=1.0 if threshold is None else threshold,
-            beta=plan.beta,
-            reset=plan.reset,
-            surrogate=plan.surrogate,
-            sharpness=plan.sharpness,
+            beta=options["beta"],
+            reset=options["reset"],
+            surrogate=options["surrogate"],
+            sharpness=options["sharpness"],
             per_channel=plan.granularity == "channel",
             learnable_threshold=plan.learnable_threshold,
-            learnable_leak=plan.learnable_leak,
+            learnable_leak=options["learnable_leak"],
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, L, C)
@@ -293,16 +368,26 @@ class SpikingGPT2MLP(SpikingMLP):
         return self.dropout(self.c_proj(hidden).mean(0))
 
 
-def _encoder(channels: int, plan: HybridPlan, threshold: torch.Tensor | None, seed_offset: int) -> AnalogToSpikes:
+def site_seed(plan_seed: int, layer: int, site_index: int) -> int:
+    """A distinct, reproducible noise seed per (plan seed, layer, site): no two sites share a stream."""
+    return (plan_seed * 65_537 + layer) * 4 + site_index
+
+
+def _encoder(channels: int, plan: HybridPlan, threshold: torch.Tensor | None, seed: int) -> AnalogToSpikes:
+    neuron_options = None
+    if plan.encoder == "lif":
+        options = plan.neuron_options()
+        neuron_options = {k: options[k] for k in ("beta", "reset", "surrogate", "sharpness", "learnable_leak")}
     return AnalogToSpikes(
         channels,
         plan.time_steps,
         kind=plan.encoder,
         threshold=1.0 if threshold is None else threshold,
         per_channel=plan.granularity == "channel",
-        membrane_init=plan.membrane_init,
+        membrane_init=plan.membrane_init or "symmetric",
         learnable_threshold=plan.learnable_threshold,
-        seed=plan.seed * 2 + seed_offset,
+        seed=seed,
+        neuron_options=neuron_options,
     )
 
 
@@ -327,7 +412,7 @@ def hybridize(
             if key in thresholds:
                 site_thresholds[site.name] = _checked_threshold(key, thresholds[key], plan.granularity)
         cls = SpikingGatedMLP if family == "gated" else SpikingGPT2MLP
-        spiking = cls(location.module, location.path, plan, site_thresholds)
+        spiking = cls(location.module, location.path, plan, site_thresholds, layer=location.layer)
         parent_path, _, child = location.path.rpartition(".")
         setattr(model.get_submodule(parent_path), child, spiking)
         converted.append(spiking)
@@ -369,8 +454,15 @@ def spiking_parameter_groups(model: nn.Module) -> tuple[list[nn.Parameter], list
     for block in spiking_mlps(model):
         for module in block.children():
             if isinstance(module, AnalogToSpikes):
-                if module.learnable_threshold:
-                    dynamics.append(module.log_threshold)
+                population = module.neurons
+                if population is None:
+                    if module.learnable_threshold:
+                        dynamics.append(module.log_threshold)
+                    continue
+                if population.learnable_threshold:
+                    dynamics.append(population.log_threshold)
+                if population.learnable_leak:
+                    dynamics.append(population.beta)
             elif isinstance(module, MultiStepNeuron):
                 if module.learnable_threshold:
                     dynamics.append(module.log_threshold)

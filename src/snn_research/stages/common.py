@@ -41,9 +41,12 @@ class StageContext:
         return manifest
 
     def manifest(self, folder: Path, stage: str, params: dict[str, Any], summary: dict[str, Any]) -> None:
+        """Write ``folder``'s manifest; the stage's wall-clock time goes to MLflow, never into a DVC output,
+        whose bytes must not change from one run to the next."""
         from snn_research.artifacts import write_manifest
 
-        write_manifest(folder, stage, params, self.inputs, {**summary, "seconds": round(self.elapsed(), 2)})
+        write_manifest(folder, stage, params, self.inputs, summary)
+        self.tracker.log_metrics({"seconds": round(self.elapsed(), 2)})
 
 
 @contextmanager

@@ -4,20 +4,26 @@ from __future__ import annotations
 
 import shutil
 
+from snn_research.config import ParamsError
 from snn_research.conversion.ann_to_snn_converter import (
     METADATA_FILE,
     THRESHOLDS_FILE,
+    ClippingChoice,
+    ClippingRecord,
+    PlanConflict,
     TeacherIdentity,
     convert,
+    refresh_metadata,
     write_hybrid_files,
 )
 from snn_research.conversion.calibrator import load_calibration
+from snn_research.conversion.threshold_search import search_clipping
+from snn_research.data import load_blocks, spread
 from snn_research.io import atomic_directory, atomic_write_text
-
-CONVERSION_METADATA_FILE = "conversion_metadata.json"
-from snn_research.models.hybrid_transformer import HybridPlan
 from snn_research.stages.common import StageContext, console
 from snn_research.teacher import load_teacher
+
+CONVERSION_METADATA_FILE = "conversion_metadata.json"
 
 
 def run(context: StageContext) -> None:
@@ -26,7 +32,7 @@ def run(context: StageContext) -> None:
     context.verify(context.paths.calibration, "calibrate")
     teacher, tokenizer = load_teacher(context.paths.teacher)
     calibration, calibration_file = load_calibration(context.paths.calibration)
-    plan = HybridPlan(**params.convert.model_dump())
+    plan = params.convert.plan()
     info = teacher_manifest.summary
     identity = TeacherIdentity(
         source=info["source"],
@@ -35,10 +41,31 @@ def run(context: StageContext) -> None:
         architectures=info["architectures"],
         num_layers=info["num_layers"],
     )
-    hybrid, metadata, _ = convert(teacher, calibration, plan, identity, calibration_file.data_sha256)
+    try:
+        hybrid, metadata, _ = convert(teacher, calibration, plan, identity, calibration_file.data_sha256)
+    except PlanConflict as conflict:
+        raise ParamsError(f"{context.params_path}: invalid params\nconvert.{conflict}") from None
+    record = ClippingRecord(method="percentile")
+    if params.convert.clipping == "search":
+        context.verify(context.paths.splits, "split")
+        blocks = spread(load_blocks(context.paths.splits, "calib"), params.convert.search_blocks).input_ids
+        choices = search_clipping(hybrid, teacher, list(blocks.split(params.calibrate.batch_size)))
+        record = ClippingRecord(method="search", search_tokens=int(blocks.numel()),
+                                sites=[ClippingChoice(**choice.__dict__) for choice in choices])
+        metadata, _ = refresh_metadata(hybrid, metadata)
+        for choice in choices:
+            layer = int(choice.key.split(".mlp:")[0].rsplit(".", 1)[-1])
+            context.tracker.log_metrics({f"clip_error_percentile.{choice.key.rsplit(':', 1)[1]}": choice.error_percentile,
+                                         f"clip_error_chosen.{choice.key.rsplit(':', 1)[1]}": choice.error_chosen},
+                                        step=layer)
+        gain = sum(c.error_chosen for c in choices) / max(1e-30, sum(c.error_percentile for c in choices))
+        console.print(f"convert: clipping search over {len(choices)} sites, mean FFN output error x{gain:.3f} "
+                      f"of the percentile thresholds")
+    metadata = metadata.model_copy(update={"clipping": record})
     with atomic_directory(context.paths.converted) as tmp:
         written = write_hybrid_files(hybrid, tokenizer, metadata, tmp)
-        context.manifest(tmp, "convert", {"convert": params.convert.model_dump(), "seed": params.seed},
+        context.manifest(tmp, "convert", {"convert": params.convert.model_dump(), "seed": params.seed,
+                                          "calibrate": params.calibrate.model_dump()},
                          {"sites": len(written.sites), "time_steps": plan.time_steps})
     # the metadata JSON and its tensors, also as top-level reports
     folder = context.paths.conversion_report

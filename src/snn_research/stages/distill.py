@@ -13,33 +13,32 @@ import contextlib
 import json
 import math
 
-import safetensors.torch
+import pandas as pd
 import torch
 
 from snn_research.conversion.ann_to_snn_converter import load_hybrid
 from snn_research.data import load_blocks, spread
-from snn_research.io import atomic_directory
-from snn_research.models.hybrid_transformer import SpikingMLP, find_mlps, spiking_parameter_groups
-from snn_research.stages.common import StageContext, console
-from snn_research.stages.common import progress_bar
+from snn_research.models.hybrid_transformer import SpikingMLP, find_mlps
+from snn_research.stages.common import StageContext, console, progress_bar
 from snn_research.stages.training_common import (
+    VAL_KL,
     checkpoint_dir,
     energy_budget,
     fingerprint,
-    sampled_positions,
-    teacher_val_targets,
     loop_settings,
+    place,
+    sampled_positions,
     save_trained,
-    write_csv,
+    teacher_val_targets,
     write_curves,
+    write_table,
 )
 from snn_research.teacher import load_teacher
-from snn_research.training.layerwise import layerwise_distill
+from snn_research.training.layerwise import LayerCheckpoint, layerwise_distill
 from snn_research.training.losses import distillation_kl, next_token_nll, relative_mse, top_k_kl
-from snn_research.training.loop import train
+from snn_research.training.loop import check_devices, train, training_device
 
-LAYERWISE_STATE = "layerwise.safetensors"
-LAYERWISE_REPORT = "layerwise.json"
+LAYERWISE_COLUMNS = ["layer", "loss_before", "loss_after", "stream_error"]
 
 
 class _FFNOutputs:
@@ -60,17 +59,11 @@ class _FFNOutputs:
 
 def _layerwise(context, teacher, hybrid, blocks, ckpt, fp):
     params = context.params.distill
-    state_path, report_path = ckpt / LAYERWISE_STATE, ckpt / LAYERWISE_REPORT
-    weights, dynamics = spiking_parameter_groups(hybrid)
-    names = {id(p): n for n, p in hybrid.named_parameters()}
-    if report_path.is_file() and json.loads(report_path.read_text()).get("fingerprint") == fp:
-        saved = safetensors.torch.load_file(str(state_path))
-        with torch.no_grad():
-            for param in weights + dynamics:
-                param.copy_(saved[names[id(param)]])
-        console.print("distill: layer-wise stage restored from its checkpoint")
-        return json.loads(report_path.read_text())["layers"]
     layer_params = params.layerwise
+    checkpoint = LayerCheckpoint(ckpt, fp)
+    resumed = checkpoint.read()
+    if resumed is not None:
+        console.print(f"distill: layer-wise stage resumes after block {resumed[0] - 1} from its checkpoint")
     converted = sum(isinstance(loc.module, SpikingMLP) for loc in find_mlps(hybrid))
     with progress_bar("layer-wise distillation", converted * layer_params.steps_per_layer) as advance:
         reports = layerwise_distill(
@@ -78,12 +71,9 @@ def _layerwise(context, teacher, hybrid, blocks, ckpt, fp):
             layer_params.threshold_lr, seed=context.params.seed,
             progress=lambda layer, step, loss: advance(info=f"layer {layer} loss {loss:.4f}"),
             budget_for=lambda mlp: energy_budget(context, mlp, layer_params.energy_weight),
+            checkpoint=checkpoint,
         )
     rows = [r.__dict__ for r in reports]
-    with atomic_directory(ckpt) as tmp:
-        safetensors.torch.save_file({names[id(p)]: p.detach().contiguous() for p in weights + dynamics},
-                                    str(tmp / LAYERWISE_STATE))
-        (tmp / LAYERWISE_REPORT).write_text(json.dumps({"fingerprint": fp, "layers": rows}))
     for row in rows:
         context.tracker.log_metrics({"layerwise_loss_before": row["loss_before"], "layerwise_loss_after": row["loss_after"],
                                      "layerwise_stream_error": row["stream_error"]}, step=row["layer"])
@@ -98,11 +88,14 @@ def run(context: StageContext) -> None:
     context.verify(context.paths.converted, "convert")
     teacher, tokenizer = load_teacher(context.paths.teacher)
     hybrid = load_hybrid(context.paths.converted)
+    device = training_device()
+    place(device, teacher, hybrid)
     time_steps = hybrid.hybrid_metadata.plan.time_steps
     train_split = load_blocks(context.paths.splits, "train")
     train_blocks = train_split.input_ids
-    val_blocks = spread(load_blocks(context.paths.splits, "val"), params.val_blocks).input_ids
-    fp = fingerprint(context, params.model_dump())
+    val_batches = list(spread(load_blocks(context.paths.splits, "val"), params.val_blocks).input_ids.to(device)
+                       .split(params.batch_size))
+    fp = fingerprint(context, {"distill": params.model_dump(), "energy": context.params.energy.model_dump()})
     ckpt = checkpoint_dir(context, "distill")
 
     layer_rows = []
@@ -111,17 +104,27 @@ def run(context: StageContext) -> None:
         layer_rows = _layerwise(context, teacher, hybrid, layer_blocks, ckpt / "layerwise", fp)
     budget = energy_budget(context, hybrid, params.energy_weight)
 
-    val_targets = teacher_val_targets(teacher, list(val_blocks.split(params.batch_size)))
+    val_targets = teacher_val_targets(teacher, val_batches)
+    check_devices(device, teacher=teacher, hybrid=hybrid, val_batches=val_batches, val_targets=val_targets)
 
     def validate(model) -> dict[str, float]:
-        kl = nll = 0.0
+        """The objective is what training minimises, the energy penalty included: a step that buys energy
+        with quality under the budget must be able to count as progress, or no step ever would."""
+        kl = nll = penalty = ratio = 0.0
         with torch.no_grad():
-            for batch, (values, index) in zip(val_blocks.split(params.batch_size), val_targets):
-                logits = model(input_ids=batch, use_cache=False).logits
+            for batch, (values, index) in zip(val_batches, val_targets):
+                with budget or contextlib.nullcontext():
+                    logits = model(input_ids=batch, use_cache=False).logits
+                    if budget is not None:
+                        penalty += float(budget.penalty(batch.numel()))
+                        ratio += budget.last_ratio
                 kl += float(top_k_kl(logits, values, index, 1.0))
                 nll += float(next_token_nll(logits, batch))
         count = len(val_targets)
-        return {"objective": kl / count, "kl_to_teacher": kl / count, "ppl": math.exp(nll / count)}
+        metrics = {"objective": (kl + penalty) / count, VAL_KL: kl / count, "ppl": math.exp(nll / count)}
+        if budget is not None:
+            metrics["energy_ratio"] = ratio / count
+        return metrics
 
     converted_layers = [loc.layer for loc in find_mlps(hybrid) if isinstance(loc.module, SpikingMLP)]
     use_mse = params.ffn_mse_weight > 0
@@ -132,7 +135,7 @@ def run(context: StageContext) -> None:
         keep = 0  # logits for every position
         targets = batch[:, 1:]
         if params.kl_positions:
-            chosen = sampled_positions(batch.shape[1], params.kl_positions, seed, step)
+            chosen = sampled_positions(batch.shape[1], params.kl_positions, seed, step, batch.device)
             keep, targets = chosen, batch[:, chosen + 1]
         with torch.no_grad():
             teacher_logits = teacher(input_ids=batch, use_cache=False, logits_to_keep=keep).logits
@@ -142,7 +145,7 @@ def run(context: StageContext) -> None:
         if not params.kl_positions:
             teacher_logits, logits = teacher_logits[:, :-1], logits[:, :-1]
         parts = {}
-        loss = torch.zeros((), dtype=torch.float32)
+        loss = torch.zeros((), dtype=torch.float32, device=batch.device)
         if params.kl_weight > 0:
             kl = distillation_kl(logits, teacher_logits, params.temperature, params.top_k)
             loss = loss + params.kl_weight * kl
@@ -163,7 +166,7 @@ def run(context: StageContext) -> None:
 
     start_metrics = validate(hybrid)
     context.tracker.log_metrics({f"val_{k}": v for k, v in start_metrics.items()}, step=0)
-    console.print(f"distill: after layer-wise stage: val KL {start_metrics['kl_to_teacher']:.4f}, "
+    console.print(f"distill: after layer-wise stage: val {VAL_KL} {start_metrics[VAL_KL]:.4f}, "
                   f"val ppl {start_metrics['ppl']:.2f}")
     settings = loop_settings(params, seed, time_steps, curriculum_start=params.curriculum.start_time_steps,
                              curriculum_fraction=params.curriculum.anneal_fraction)
@@ -173,11 +176,10 @@ def run(context: StageContext) -> None:
                        progress=lambda step, loss: advance(info=f"loss {loss:.4f}"),
                        initial_objective=start_metrics["objective"])
     if result.best_step == 0:
-        console.print("distill: no end-to-end step improved the validation KL; keeping the state it started from")
+        console.print(f"distill: no end-to-end step improved the validation {VAL_KL}; keeping the state it started from")
     final = validate(hybrid)
     curves = write_curves(context, "distill", result)
-    write_csv(curves["val"].parent / "distill_layerwise.csv", ["layer", "loss_before", "loss_after", "stream_error"],
-              [[r["layer"], r["loss_before"], r["loss_after"], r["stream_error"]] for r in layer_rows])
+    write_table(curves["val"].parent / "distill_layerwise.csv", pd.DataFrame(layer_rows, columns=LAYERWISE_COLUMNS))
     summary = {"final_val": final, "start_val": start_metrics, "best_step": result.best_step,
                "steps_done": result.steps_done, "resumed_from": result.resumed_from, "layerwise": layer_rows}
     history = json.dumps({"history": result.history, "train_losses": result.train_losses, "layerwise": layer_rows})
@@ -186,6 +188,6 @@ def run(context: StageContext) -> None:
     context.tracker.log_metrics({f"final_val_{k}": v for k, v in final.items()})
     for path in curves.values():
         context.tracker.log_artifact(path, "plots")
-    console.print(f"distill: val KL {start_metrics['kl_to_teacher']:.4f} -> {final['kl_to_teacher']:.4f}, "
+    console.print(f"distill: val {VAL_KL} {start_metrics[VAL_KL]:.4f} -> {final[VAL_KL]:.4f}, "
                   f"val ppl {final['ppl']:.2f} -> {context.paths.distilled}")
 

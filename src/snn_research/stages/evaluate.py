@@ -1,97 +1,119 @@
-"""evaluate: teacher, converted, distilled and finetuned side by side on the test split.
+"""evaluate: the teacher, its fine-tuned copy and the three hybrids side by side on the test split.
 
-Writes ``reports/metrics.json`` (DVC metrics, a fixed shape), per-layer plots
-data, a Markdown summary with the time every stage took, and the full energy
-reports under ``reports/evaluation/``.
+Writes ``reports/metrics.json`` (DVC metrics, a fixed shape), per-layer plot
+data, a Markdown summary and the full energy reports under
+``reports/evaluation/``. Nothing in them depends on the host or the time:
+throughput (``evaluate.timing``) goes to MLflow only.
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-from snn_research.artifacts import read_manifest
+import pandas as pd
+
 from snn_research.conversion.ann_to_snn_converter import load_hybrid
 from snn_research.data import load_blocks, spread
+from snn_research.evaluation.baselines import Prices, compare, site_rows
 from snn_research.evaluation.energy import measure_energy
 from snn_research.evaluation.layers import ffn_output_errors
 from snn_research.evaluation.plots import plot_layers
 from snn_research.evaluation.quality import evaluate_quality
-from snn_research.evaluation.report import metrics_document, summary_markdown
+from snn_research.evaluation.report import metrics_document, summary_markdown, write_table
 from snn_research.io import atomic_directory, atomic_write_text
 from snn_research.stages.common import StageContext, console, progress_bar
-from snn_research.stages.training_common import write_csv
 from snn_research.teacher import load_teacher
 
+# hybrid -> the stage that makes it
+HYBRID_STAGES = {"converted": "convert", "distilled": "distill", "finetuned": "finetune"}
 
 
-def stage_folders(paths) -> dict[str, Path]:
-    return {"download-teacher": paths.teacher, "split": paths.splits, "calibrate": paths.calibration,
-            "convert": paths.converted, "distill": paths.distilled, "finetune": paths.finetuned}
+def input_folders(paths) -> dict[str, object]:
+    """stage -> the folder it makes that evaluate reads."""
+    return {"download-teacher": paths.teacher, "finetune-teacher": paths.teacher_finetuned, "split": paths.splits,
+            "calibrate": paths.calibration, "convert": paths.converted, "distill": paths.distilled,
+            "finetune": paths.finetuned}
 
 
 def run(context: StageContext) -> None:
     params = context.params.evaluate
-    folders = stage_folders(context.paths)
+    folders = input_folders(context.paths)
     for stage, folder in folders.items():
         context.verify(folder, stage)
     teacher, _ = load_teacher(context.paths.teacher)
-    hybrids = {name: load_hybrid(folders[stage]) for name, stage in
-               (("converted", "convert"), ("distilled", "distill"), ("finetuned", "finetune"))}
+    reference, _ = load_teacher(context.paths.teacher_finetuned)
+    hybrids = {name: load_hybrid(folders[stage]) for name, stage in HYBRID_STAGES.items()}
     time_steps = hybrids["finetuned"].hybrid_metadata.plan.time_steps
     test = spread(load_blocks(context.paths.splits, "test"), params.max_blocks)
     ids, target_bytes = test.input_ids, test.target_bytes
     batches = -(-ids.shape[0] // params.batch_size)
     with progress_bar("evaluating", batches) as advance:
-        totals = evaluate_quality(teacher, hybrids, ids, target_bytes, params.batch_size, progress=advance)
+        totals = evaluate_quality(teacher, {"teacher_finetuned": reference, **hybrids}, ids, target_bytes,
+                                  params.batch_size, progress=advance)
     energy_ids = spread(test, params.energy_blocks).input_ids
-    energy = {name: measure_energy(model, energy_ids, context.params.energy.e_mac_pj, context.params.energy.e_ac_pj) for name, model in hybrids.items()}
+    prices = Prices.from_params(context.params.energy)
+    reports = {name: measure_energy(model, energy_ids, prices.e_mac_pj, prices.e_ac_pj) for name, model in hybrids.items()}
+    figures = {name: {**compare(report, prices), "spike_rate": report.mean_spike_rate} for name, report in reports.items()}
+    sites = {name: site_rows(report, prices) for name, report in reports.items()}
     layer_errors = {name: ffn_output_errors(teacher, model, energy_ids) for name, model in hybrids.items()}
 
-    metrics = metrics_document(time_steps, totals, energy, params.timing)
+    metrics = metrics_document(time_steps, totals, figures)
     atomic_write_text(context.paths.metrics, json.dumps(metrics, indent=2) + "\n")
-    layer_rows = _layer_rows(energy, layer_errors)
-    write_csv(context.paths.plots / "layer_spike_rates.csv", ["layer", *[f"{n}_{s}" for n in hybrids for s in ("input", "second")]],
-              [[row["layer"], *[row[f"{n}_{s}"] for n in hybrids for s in ("input", "second")]] for row in layer_rows])
-    write_csv(context.paths.plots / "layer_ffn_error.csv", ["layer", *hybrids],
-              [[row["layer"], *[row[f"{n}_error"] for n in hybrids]] for row in layer_rows])
+    layers = layer_table(sites, layer_errors)
+    rates = ["layer", *[f"{n}_{s}" for n in hybrids for s in ("input", "second")]]
+    write_table(layers[rates], context.paths.plots / "layer_spike_rates.csv")
+    write_table(layers[["layer", *[f"{n}_error" for n in hybrids]]].rename(columns=lambda c: c.removesuffix("_error")),
+                context.paths.plots / "layer_ffn_error.csv")
+    layer_rows = layers.to_dict("records")
     plot_layers(layer_rows, list(hybrids), context.paths.plots / "layers.png")
-    stage_seconds = {stage: read_manifest(folder).summary.get("seconds") for stage, folder in folders.items()}
-    stage_seconds["evaluate"] = round(context.elapsed(), 2)
-    summary = summary_markdown(metrics, layer_rows, list(hybrids), stage_seconds, ids.numel())
+    summary = summary_markdown(metrics, layer_rows, list(hybrids), ids.numel())
     with atomic_directory(context.paths.evaluation) as tmp:
         (tmp / "summary.md").write_text(summary)
-        (tmp / "energy.json").write_text(json.dumps({n: _energy_dict(r) for n, r in energy.items()}, indent=2))
+        energy = {name: _energy_dict(reports[name], figures[name], sites[name]) for name in hybrids}
+        (tmp / "energy.json").write_text(json.dumps(energy, indent=2))
         (tmp / "layers.json").write_text(json.dumps(layer_rows, indent=2))
-        context.manifest(tmp, "evaluate", {"evaluate": params.model_dump(), "seed": context.params.seed},
-                         {"test_tokens": int(ids.numel()), "stage_seconds": stage_seconds})
+        context.manifest(tmp, "evaluate", {"evaluate": params.model_dump(), "energy": context.params.energy.model_dump(),
+                                           "seed": context.params.seed}, {"test_tokens": int(ids.numel())})
     for name, values in metrics.items():
         if isinstance(values, dict):
-            context.tracker.log_metrics({f"{name}.{k}": v for k, v in values.items() if v is not None})
+            context.tracker.log_metrics({f"{name}.{k}": v for k, v in values.items()})
+    if params.timing:  # host-dependent, so MLflow only
+        context.tracker.log_metrics({f"{name}.tokens_per_s": entry.tokens_per_s for name, entry in totals.items()})
     for path in (context.paths.metrics, context.paths.evaluation / "summary.md", context.paths.plots / "layers.png"):
         context.tracker.log_artifact(path)
     console.print(summary)
 
 
-def _layer_rows(energy, layer_errors) -> list[dict]:
-    layers = sorted({int(site.key.split(".mlp:")[0].rsplit(".", 1)[-1]) for r in energy.values() for site in r.sites})
-    rows = []
-    for layer in layers:
-        row: dict = {"layer": layer}
-        for name, report in energy.items():
-            rates = [s.spike_rate for s in report.sites if s.key.split(".mlp:")[0].endswith(f".{layer}")]
-            row[f"{name}_input"], row[f"{name}_second"] = (rates + [float("nan")] * 2)[:2]
-            row[f"{name}_error"] = layer_errors[name].get(layer, float("nan"))
-        rows.append(row)
-    return rows
+def _layer(key: str) -> int:
+    return int(key.split(".mlp:")[0].rsplit(".", 1)[-1])  # 'model.layers.3.mlp:input' -> 3
 
 
-def _energy_dict(report) -> dict:
+def layer_table(sites: dict[str, list[dict]], layer_errors: dict[str, dict[int, float]]) -> pd.DataFrame:
+    """One row per spiking layer: per hybrid, each site's spike rate and break-even rates, and the FFN error."""
+    layers = sorted({_layer(site["key"]) for rows in sites.values() for site in rows})
+    table = pd.DataFrame({"layer": layers})
+    for name, rows in sites.items():
+        for column, position in (("input", 0), ("second", 1)):  # the second site: product (gated) or hidden (GPT-2)
+            for suffix, field in (("", "spike_rate"), ("_break_even", "break_even_spike_rate"),
+                                  ("_break_even_int8", "break_even_spike_rate_int8")):
+                by_layer: dict[int, list[float]] = {}
+                for site in rows:
+                    by_layer.setdefault(_layer(site["key"]), []).append(site[field])
+                table[f"{name}_{column}{suffix}"] = [
+                    values[position] if len(values) > position else float("nan")
+                    for values in (by_layer.get(layer, []) for layer in layers)]
+        table[f"{name}_error"] = [layer_errors[name].get(layer, float("nan")) for layer in layers]
+    return table
+
+
+def _energy_dict(report, figures: dict[str, float], sites: list[dict]) -> dict:
     return {
         **report.summary(),
+        **figures,
         "tokens": report.tokens,
         "sequence_length": report.sequence_length,
-        "sites": [site.__dict__ for site in report.sites],
+        "sites": sites,
         "hybrid_ops_per_token": {k: {"macs": v[0], "acs": v[1]} for k, v in report.hybrid_ops.items()},
         "teacher_ops_per_token": {k: {"macs": v[0], "acs": v[1]} for k, v in report.teacher_ops.items()},
+        "shared_weight_bytes_per_token": report.shared_weight_bytes,
     }

@@ -5,6 +5,8 @@ hybrid gains on the corpus without drifting from the teacher's predictions.
 
 A small learning rate, validation perplexity every N steps, early stopping after
 ``finetune.patience`` validations without improvement; the best state is kept.
+The recipe (``finetune_recipe``) is shared with ``finetune-teacher``, which
+trains the teacher's own FFN linears the same way as a fair reference.
 """
 
 from __future__ import annotations
@@ -12,25 +14,98 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
+from snn_research.config import FinetuneParams
 from snn_research.conversion.ann_to_snn_converter import load_hybrid
 from snn_research.data import load_blocks, spread
 from snn_research.stages.common import StageContext, console, progress_bar
 from snn_research.stages.training_common import (
+    VAL_KL,
     checkpoint_dir,
     energy_budget,
     fingerprint,
-    sampled_positions,
-    teacher_val_targets,
     loop_settings,
+    place,
+    sampled_positions,
     save_trained,
+    teacher_val_targets,
     write_curves,
 )
 from snn_research.teacher import load_teacher
+from snn_research.training.energy_budget import EnergyBudget
 from snn_research.training.losses import distillation_kl, next_token_nll, top_k_kl
-from snn_research.training.loop import train
+from snn_research.training.loop import check_devices, train, training_device
+
+
+@dataclass
+class FinetuneRecipe:
+    """What a fine-tuning run trains on and validates with (its data, loss and objective)."""
+
+    train_blocks: torch.Tensor  # (N, L) on the CPU: the loop moves each batch
+    val_batches: list[torch.Tensor]  # on the training device
+    loss_fn: Callable
+    validate: Callable[[torch.nn.Module], dict[str, float]]
+
+
+def finetune_recipe(context: StageContext, params: FinetuneParams, device: torch.device,
+                    reference: torch.nn.Module | None, budget: EnergyBudget | None = None) -> FinetuneRecipe:
+    """Cross-entropy on the train split, plus ``kl_weight`` x the KL to the frozen ``reference`` when given.
+
+    Validation: mean next-token NLL on ``val_blocks`` blocks, plus ``kl_weight`` x the top-256 KL bound to
+    the reference (cached once), plus the energy penalty under ``budget``: the loss training minimises, so
+    the objective early stopping and the best state follow measures the same thing.
+    """
+    seed = context.params.seed
+    train_blocks = load_blocks(context.paths.splits, "train").input_ids
+    val_blocks = spread(load_blocks(context.paths.splits, "val"), params.val_blocks).input_ids.to(device)
+    val_batches = list(val_blocks.split(params.batch_size))
+    val_targets = teacher_val_targets(reference, val_batches) if reference is not None else []
+
+    def validate(model) -> dict[str, float]:
+        nll = kl = penalty = ratio = 0.0
+        with torch.no_grad():
+            for index, batch in enumerate(val_batches):
+                with budget or contextlib.nullcontext():
+                    logits = model(input_ids=batch, use_cache=False).logits
+                    if budget is not None:
+                        penalty += float(budget.penalty(batch.numel()))
+                        ratio += budget.last_ratio
+                nll += float(next_token_nll(logits, batch))
+                if val_targets:
+                    kl += float(top_k_kl(logits, *val_targets[index]))
+        count = len(val_batches)
+        nll, kl, penalty = nll / count, kl / count, penalty / count
+        metrics = {"objective": nll + params.kl_weight * kl + penalty, "nll": nll, "ppl": math.exp(nll)}
+        if val_targets:
+            metrics[VAL_KL] = kl
+        if budget is not None:
+            metrics["energy_ratio"] = ratio / count
+        return metrics
+
+    def loss_fn(model, batch, step):
+        with budget or contextlib.nullcontext():
+            logits = model(input_ids=batch, use_cache=False).logits
+            ce = next_token_nll(logits, batch)
+            loss, parts = ce, {"ce": ce.item()}
+            if reference is not None:
+                chosen = sampled_positions(batch.shape[1], params.kl_positions, seed, step, batch.device)
+                with torch.no_grad():
+                    reference_logits = reference(input_ids=batch, use_cache=False, logits_to_keep=chosen).logits
+                kl = distillation_kl(logits[:, chosen], reference_logits)
+                loss = loss + params.kl_weight * kl
+                parts["kl"] = kl.item()
+            if budget is not None:
+                loss = loss + budget.penalty(batch.numel())
+                parts["energy_ratio"] = budget.last_ratio
+        return loss, parts
+
+    check_devices(device, val_batches=val_batches, val_targets=val_targets,
+                  reference=reference if reference is not None else [])
+    return FinetuneRecipe(train_blocks, val_batches, loss_fn, validate)
 
 
 def run(context: StageContext) -> None:
@@ -46,53 +121,22 @@ def run(context: StageContext) -> None:
         teacher, _ = load_teacher(context.paths.teacher)
     hybrid = load_hybrid(context.paths.distilled)
     tokenizer = AutoTokenizer.from_pretrained(context.paths.distilled, trust_remote_code=False)
+    device = training_device()
+    place(device, hybrid, *([teacher] if teacher is not None else []))
+    check_devices(device, hybrid=hybrid)
     time_steps = hybrid.hybrid_metadata.plan.time_steps
-    train_blocks = load_blocks(context.paths.splits, "train").input_ids
-    val_blocks = spread(load_blocks(context.paths.splits, "val"), params.val_blocks).input_ids
-    val_batches = list(val_blocks.split(params.batch_size))
-    val_targets = teacher_val_targets(teacher, val_batches) if teacher is not None else []
-
-    def validate(model) -> dict[str, float]:
-        nll = kl = 0.0
-        with torch.no_grad():
-            for index, batch in enumerate(val_batches):
-                logits = model(input_ids=batch, use_cache=False).logits
-                nll += float(next_token_nll(logits, batch))
-                if val_targets:
-                    kl += float(top_k_kl(logits, *val_targets[index]))
-        nll, kl = nll / len(val_batches), kl / len(val_batches)
-        metrics = {"objective": nll + params.kl_weight * kl, "nll": nll, "ppl": math.exp(nll)}
-        if val_targets:
-            metrics["kl_to_teacher"] = kl
-        return metrics
-
     budget = energy_budget(context, hybrid, params.energy_weight)
+    recipe = finetune_recipe(context, params, device, teacher, budget)
+    fp = fingerprint(context, {"finetune": params.model_dump(), "energy": context.params.energy.model_dump()})
 
-    def loss_fn(model, batch, step):
-        with budget or contextlib.nullcontext():
-            logits = model(input_ids=batch, use_cache=False).logits
-            ce = next_token_nll(logits, batch)
-            loss, parts = ce, {"ce": ce.item()}
-            if teacher is not None:
-                chosen = sampled_positions(batch.shape[1], params.kl_positions, seed, step)
-                with torch.no_grad():
-                    teacher_logits = teacher(input_ids=batch, use_cache=False, logits_to_keep=chosen).logits
-                kl = distillation_kl(logits[:, chosen], teacher_logits)
-                loss = loss + params.kl_weight * kl
-                parts["kl"] = kl.item()
-            if budget is not None:
-                loss = loss + budget.penalty(batch.numel())
-                parts["energy_ratio"] = budget.last_ratio
-        return loss, parts
-
-    start = validate(hybrid)
+    start = recipe.validate(hybrid)
     context.tracker.log_metrics({f"val_{k}": v for k, v in start.items()}, step=0)
     settings = loop_settings(params, seed, time_steps, patience=params.patience)
     with progress_bar("fine-tuning", params.steps) as advance:
-        result = train(hybrid, train_blocks, loss_fn, validate, settings, checkpoint_dir(context, "finetune") / "loop",
-                       fingerprint(context, params.model_dump()), log_metrics=context.tracker.log_metrics,
+        result = train(hybrid, recipe.train_blocks, recipe.loss_fn, recipe.validate, settings,
+                       checkpoint_dir(context, "finetune") / "loop", fp, log_metrics=context.tracker.log_metrics,
                        progress=lambda step, loss: advance(info=f"loss {loss:.4f}"), initial_objective=start["objective"])
-    final = validate(hybrid)
+    final = recipe.validate(hybrid)
     curves = write_curves(context, "finetune", result)
     summary = {"start_val": start, "final_val": final, "best_step": result.best_step, "steps_done": result.steps_done,
                "stopped_early": result.stopped_early, "resumed_from": result.resumed_from}

@@ -1,14 +1,15 @@
-"""Pieces distill and finetune share: loading, fingerprints, curves, writing the trained hybrid."""
+"""Pieces distill, finetune and finetune-teacher share: fingerprints, validation targets, curves, saving."""
 
 from __future__ import annotations
 
-import csv
+import functools
 import hashlib
 import json
 import shutil
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 
 from snn_research.config import OptimParams
@@ -18,9 +19,32 @@ from snn_research.stages.common import StageContext
 from snn_research.training.loop import LoopResult, LoopSettings
 
 
-def fingerprint(context: StageContext, section: dict[str, Any]) -> str:
-    """Identifies a training run: its params and the exact inputs; a checkpoint resumes only on a match."""
-    payload = json.dumps({"section": section, "seed": context.params.seed, "inputs": context.inputs}, sort_keys=True)
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # src/snn_research
+
+
+@functools.lru_cache(maxsize=None)
+def code_version(root: Path = PACKAGE_ROOT) -> str:
+    """sha256 over the package's own source (``**/*.py`` and ``**/*.cpp``, by relative path, sorted).
+
+    A checkpoint made by other code may hold state that this code would compute
+    differently (a loss, a schedule, a neuron): it must not be resumed.
+    """
+    digest = hashlib.sha256()
+    sources = sorted([*root.rglob("*.py"), *root.rglob("*.cpp")], key=lambda path: path.relative_to(root).as_posix())
+    for path in sources:
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def fingerprint(context: StageContext, sections: dict[str, Any]) -> str:
+    """Identifies a training run; a checkpoint resumes only on a match.
+
+    ``sections`` are the params the run reads (e.g. ``{"distill": ..., "energy": ...}``);
+    the seed, the exact inputs (their manifests' sha256) and the code version always count.
+    """
+    payload = json.dumps({"sections": sections, "seed": context.params.seed, "inputs": context.inputs,
+                          "code": code_version()}, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -42,6 +66,9 @@ def loop_settings(params: OptimParams, seed: int, time_steps: int, **extra) -> L
 
 
 VAL_TOP_K = 256  # teacher tokens cached per validation position
+# The validation KL scores the teacher's top VAL_TOP_K tokens plus one bucket for the rest: a lower bound
+# of the full KL that ``evaluate`` reports as kl_to_teacher, so it carries its own name.
+VAL_KL = f"kl_top{VAL_TOP_K}_to_teacher"
 
 
 def teacher_val_targets(teacher, batches: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -52,13 +79,20 @@ def teacher_val_targets(teacher, batches: list[torch.Tensor]) -> list[tuple[torc
         return [teacher_top_k(teacher(input_ids=b, use_cache=False).logits, VAL_TOP_K) for b in batches]
 
 
-def sampled_positions(block_length: int, count: int, seed: int, step: int) -> torch.Tensor:
+def place(device: torch.device, *modules: torch.nn.Module) -> None:
+    """Move models to the training device (before any validation, so every pass runs there)."""
+    for module in modules:
+        module.to(device)
+
+
+def sampled_positions(block_length: int, count: int, seed: int, step: int,
+                      device: torch.device | str = "cpu") -> torch.Tensor:
     """``count`` sorted random positions that have a next token; the same for a (seed, step) on every run.
 
     The LM head (262k x 640 for Gemma 3) dominates a training step: the KL is scored on these only.
     """
     generator = torch.Generator().manual_seed(seed * 100_003 + step)
-    return torch.randperm(block_length - 1, generator=generator)[:count].sort().values
+    return torch.randperm(block_length - 1, generator=generator)[:count].sort().values.to(device)
 
 
 def energy_budget(context: StageContext, model, weight: float):
@@ -76,16 +110,24 @@ def checkpoint_dir(context: StageContext, stage: str) -> Path:
 
 
 def write_curves(context: StageContext, stage: str, result: LoopResult) -> dict[str, Path]:
-    """DVC plot files: the training loss per step and the validation metrics per evaluation."""
-    context.paths.plots.mkdir(parents=True, exist_ok=True)
+    """DVC plot files: the training loss per step and the validation metrics per evaluation.
+
+    ``<stage>_train.csv``: step, train_loss. ``<stage>_val.csv``: step, then the
+    validation metrics in name order (a metric a row lacks is written as nan).
+    """
     train_path, val_path = context.paths.plots / f"{stage}_train.csv", context.paths.plots / f"{stage}_val.csv"
-    rows = ["step,train_loss"] + [f"{step},{loss:.6g}" for step, loss in result.train_losses]
-    atomic_write_text(train_path, "\n".join(rows) + "\n")
+    train = pd.DataFrame(result.train_losses, columns=["step", "train_loss"])
     keys = sorted({k for row in result.history for k in row if k != "step"})
-    lines = [",".join(["step", *keys])]
-    lines += [",".join([str(row["step"]), *[f"{row.get(k, float('nan')):.6g}" for k in keys]]) for row in result.history]
-    atomic_write_text(val_path, "\n".join(lines) + "\n")
+    val = pd.DataFrame(result.history, columns=["step", *keys])
+    write_table(train_path, train)
+    write_table(val_path, val)
     return {"train": train_path, "val": val_path}
+
+
+def write_table(path: Path, table: pd.DataFrame) -> None:
+    """A CSV for DVC plots, written atomically; floats at full precision, missing values as nan."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, table.to_csv(index=False, na_rep="nan", lineterminator="\n"))
 
 
 def save_trained(context: StageContext, stage: str, folder: Path, model, tokenizer, params: dict[str, Any],
@@ -97,13 +139,3 @@ def save_trained(context: StageContext, stage: str, folder: Path, model, tokeniz
             (tmp / name).write_text(text)
         context.manifest(tmp, stage, params, summary)
     shutil.rmtree(checkpoint_dir(context, stage), ignore_errors=True)  # the run is complete: nothing to resume
-
-
-def write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(header)
-        writer.writerows(rows)
-    tmp.replace(path)

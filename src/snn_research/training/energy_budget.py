@@ -7,6 +7,11 @@ estimated FFN energy of the hybrid over that of the dense teacher FFNs, counted
 with the same rules as ``evaluation/energy.py``: the synaptic events of this
 batch (spike counts x fan-out, which carry the encoders' straight-through and
 the neurons' surrogate gradients) plus the fixed per-token costs.
+
+The fixed costs (neuron updates, bias currents, leaks) grow with T, so they
+are read at each block's current T: under a T curriculum (16 -> 8, say) the
+penalty charges what the pass being trained really costs. Costs are cached
+per (block, T).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from snn_research.evaluation.energy import block_costs
+from snn_research.evaluation.energy import BlockCosts, block_costs
 from snn_research.models.hybrid_transformer import SpikingMLP, spiking_mlps
 
 
@@ -25,11 +30,23 @@ class EnergyBudget:
         self.blocks: list[SpikingMLP] = list(spiking_mlps(model))
         if not self.blocks:
             raise ValueError("an energy budget needs a model with spiking blocks")
-        self.budget, self.weight, self.e_ac_pj = budget, weight, e_ac_pj
-        self.costs = {id(b): block_costs(b) for b in self.blocks}
-        self.teacher_pj = sum(c.teacher_pj(e_mac_pj, e_ac_pj) for c in self.costs.values())
-        self.fixed_pj = sum(c.fixed_hybrid_pj(e_mac_pj, e_ac_pj) for c in self.costs.values())
+        self.budget, self.weight, self.e_mac_pj, self.e_ac_pj = budget, weight, e_mac_pj, e_ac_pj
+        self._costs: dict[tuple[int, int], BlockCosts] = {}
+        # the dense FFNs' cost has no T in it
+        self.teacher_pj = sum(self.costs(b).teacher_pj(e_mac_pj, e_ac_pj) for b in self.blocks)
         self.last_ratio = float("nan")
+
+    def costs(self, block: SpikingMLP) -> BlockCosts:
+        """The block's per-token costs at its current T."""
+        key = (id(block), block.plan_time_steps)
+        if key not in self._costs:
+            self._costs[key] = block_costs(block)
+        return self._costs[key]
+
+    @property
+    def fixed_pj(self) -> float:
+        """Per-token energy of the spiking FFNs that does not depend on spikes, at the blocks' current T."""
+        return sum(self.costs(b).fixed_hybrid_pj(self.e_mac_pj, self.e_ac_pj) for b in self.blocks)
 
     def __enter__(self) -> "EnergyBudget":
         for block in self.blocks:
@@ -42,11 +59,14 @@ class EnergyBudget:
 
     def ratio(self, tokens: int) -> torch.Tensor:
         """Estimated FFN energy ratio of the forward pass(es) since entering, per token."""
-        synaptic = torch.zeros(())
+        synaptic = None
         for block in self.blocks:
-            fan_outs = self.costs[id(block)].fan_outs
+            fan_outs = self.costs(block).fan_outs
             for site, spikes in block.spike_sink or []:
-                synaptic = synaptic + spikes.abs().sum().float() * fan_outs[site]
+                events = spikes.abs().sum().float() * fan_outs[site]
+                synaptic = events if synaptic is None else synaptic + events
+        if synaptic is None:  # no pass since entering: only the fixed part
+            synaptic = torch.zeros((), device=next(self.blocks[0].parameters()).device)
         return (synaptic * self.e_ac_pj / tokens + self.fixed_pj) / self.teacher_pj
 
     def penalty(self, tokens: int) -> torch.Tensor:

@@ -15,19 +15,34 @@ these models carry and that the next norm scales away.
 Only one block runs per step and only its FFN gets gradients, so a step costs
 about one block's forward and its FFN's backward: far cheaper than a pass
 through the whole model and its 262k-token LM head.
+
+Resume. With a ``LayerCheckpoint`` every trained block is saved as soon as
+it is done (its FFN's trainable tensors, then the progress file, each written
+atomically). A rerun with the same fingerprint restores the finished blocks,
+recomputes the stream through them (the same operations on the same weights,
+so the same values) and goes on with the next block: each block's training
+depends only on its input stream, its seed and a fresh optimizer, so the
+result is bit-identical to an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable
 
+import safetensors.torch
 import torch
 from torch import nn
 
+from snn_research.io import atomic_write_text
 from snn_research.models.hybrid_transformer import SpikingMLP, block_list, spiking_parameter_groups
 from snn_research.training.energy_budget import EnergyBudget
+from snn_research.training.loop import check_devices
 
 # The norm that reads the residual stream at the start of a block, and the final one.
 _INPUT_NORM = {"gpt2": "ln_1"}
@@ -46,8 +61,9 @@ def _norm_gain(norm: nn.Module, channels: int) -> tuple[torch.Tensor, bool]:
     """Per-channel gain of a norm, and whether it centres (LayerNorm) before scaling."""
     if isinstance(norm, nn.LayerNorm) or type(norm).__name__.endswith("LayerNorm") and hasattr(norm, "bias"):
         return norm.weight.detach().float().clone(), True
+    weight = next(norm.parameters())
     with torch.no_grad():  # RMSNorm variants (with or without Gemma's 1 + w): the gain is norm(ones)
-        probe = torch.ones(1, channels, dtype=next(norm.parameters()).dtype)
+        probe = torch.ones(1, channels, dtype=weight.dtype, device=weight.device)
         return norm(probe).float().reshape(-1).clone(), False
 
 
@@ -113,6 +129,63 @@ def run_block(block: nn.Module, stream: torch.Tensor, call: tuple[tuple, dict]) 
     return _first(block(stream, *args, **kwargs))
 
 
+class LayerCheckpoint:
+    """Per-block checkpoints of layer-wise distillation in ``folder``, valid for one ``fingerprint``."""
+
+    PROGRESS = "progress.json"
+
+    def __init__(self, folder: Path, fingerprint: str) -> None:
+        self.folder, self.fingerprint = Path(folder), fingerprint
+
+    def _block_file(self, index: int) -> Path:
+        return self.folder / f"block_{index}.safetensors"
+
+    def read(self) -> tuple[int, list[int], list[LayerReport]] | None:
+        """(next block to process, trained blocks, reports so far), or None when there is nothing to resume."""
+        path = self.folder / self.PROGRESS
+        if not path.is_file():
+            return None
+        try:
+            progress = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None  # a damaged progress file: start afresh
+        if progress.get("fingerprint") != self.fingerprint:
+            return None  # made with other params, inputs or code
+        reports = [LayerReport(**row) for row in progress["reports"]]
+        return progress["next_block"], progress["trained"], reports
+
+    def restore(self, index: int, mlp: SpikingMLP) -> None:
+        saved = safetensors.torch.load_file(str(self._block_file(index)))
+        with torch.no_grad():
+            for name, param in _trainable(mlp).items():
+                if name not in saved:
+                    raise ValueError(f"{self._block_file(index)}: no tensor {name!r}; delete {self.folder} to start afresh")
+                param.copy_(saved[name])
+
+    def write(self, next_block: int, trained: list[int], reports: list[LayerReport], mlp: SpikingMLP | None) -> None:
+        """Save the block just trained (if any), then the progress that points at it."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if mlp is not None:
+            fd, tmp = tempfile.mkstemp(prefix=".block.", suffix=".tmp", dir=self.folder)
+            os.close(fd)
+            try:
+                tensors = {name: p.detach().contiguous().cpu() for name, p in _trainable(mlp).items()}
+                safetensors.torch.save_file(tensors, tmp)
+                os.replace(tmp, self._block_file(trained[-1]))
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        progress = {"fingerprint": self.fingerprint, "next_block": next_block, "trained": trained,
+                    "reports": [asdict(r) for r in reports]}
+        atomic_write_text(self.folder / self.PROGRESS, json.dumps(progress))
+
+
+def _trainable(mlp: SpikingMLP) -> dict[str, nn.Parameter]:
+    weights, dynamics = spiking_parameter_groups(mlp)
+    wanted = {id(p) for p in weights + dynamics}
+    return {name: p for name, p in mlp.named_parameters() if id(p) in wanted}
+
+
 def layerwise_distill(
     teacher: nn.Module,
     hybrid: nn.Module,
@@ -124,17 +197,30 @@ def layerwise_distill(
     seed: int = 0,
     progress=None,
     budget_for: Callable[[nn.Module], EnergyBudget] | None = None,
+    checkpoint: LayerCheckpoint | None = None,
 ) -> list[LayerReport]:
     """Train every spiking FFN of ``hybrid`` in place, block by block; returns per-layer losses.
 
     ``budget_for(mlp)``, if given, makes the energy budget each block's FFN trains under.
+    ``checkpoint``, if given, saves each finished block and resumes after the last one saved.
+    Teacher and hybrid must be on one device; the token blocks are moved there.
     """
     count = (blocks.shape[0] // batch_size) * batch_size
     if count == 0:
         raise ValueError(f"layer-wise distillation needs at least batch_size={batch_size} blocks (got {blocks.shape[0]})")
-    batches = list(blocks[:count].split(batch_size))
+    device = next(teacher.parameters()).device
+    check_devices(device, teacher=teacher, hybrid=hybrid)
     _, teacher_blocks = block_list(teacher)
     _, hybrid_blocks = block_list(hybrid)
+    next_block, trained, reports = 0, [], []
+    saved = checkpoint.read() if checkpoint is not None else None
+    if saved is not None:
+        next_block, trained, reports = saved
+        for index in trained:
+            checkpoint.restore(index, hybrid_blocks[index].mlp)
+        if next_block >= len(hybrid_blocks):
+            return reports  # every block was done: nothing left to compute
+    batches = list(blocks[:count].to(device).split(batch_size))
     recorder = _BlockCalls(teacher_blocks)
     try:
         with torch.no_grad():
@@ -145,23 +231,30 @@ def layerwise_distill(
     targets = [recorder.inputs[i] for i in range(1, len(teacher_blocks))] + [recorder.outputs]
     readers = _reader_norms(teacher)
     stream = recorder.inputs[0]  # the embeddings are analog: identical for teacher and hybrid
-    reports = []
     for index, block in enumerate(hybrid_blocks):
         call = recorder.calls[index]
+        if index < next_block:  # finished before a restart: only its output is needed
+            with torch.no_grad():
+                stream = [run_block(block, x, call) for x in stream]
+            continue
         gain, centred = readers[index]
         mlp = block.mlp
-        if isinstance(mlp, SpikingMLP) and steps_per_layer > 0:
+        trains = isinstance(mlp, SpikingMLP) and steps_per_layer > 0
+        if trains:
             budget = budget_for(mlp) if budget_for is not None else None
             reports.append(
                 _train_block(block, mlp, stream, targets[index], call, gain, centred,
                              steps_per_layer, lr, threshold_lr, seed + index, index, progress, budget)
             )
+            trained.append(index)
         with torch.no_grad():
             stream = [run_block(block, x, call) for x in stream]
-        if reports and reports[-1].layer == index:
+        if trains:
             reports[-1].stream_error = float(
                 sum(stream_loss(o, t, gain, centred) for o, t in zip(stream, targets[index])) / len(stream)
             )
+        if checkpoint is not None:
+            checkpoint.write(index + 1, trained, reports, mlp if trains else None)
     return reports
 
 
@@ -199,6 +292,9 @@ def _train_block(block, mlp, stream, targets, call, gain, centred, steps, lr, th
                 progress(index, step, last_loss)
     finally:
         block.eval()
+        for module in mlp.modules():  # the stream after training runs at step 0's noise, resumed or not
+            if hasattr(module, "noise_step"):
+                module.noise_step = 0
         for param in mlp.parameters():
             param.requires_grad_(trainable_before[id(param)])
             param.grad = None

@@ -1,9 +1,15 @@
-"""The training loop shared by distill and finetune (Hugging Face Accelerate underneath).
+"""The training loop shared by distill, finetune and finetune-teacher (Hugging Face Accelerate underneath).
 
-AdamW over two groups (the spiking FFNs' weights, and their log-thresholds and
-leaks at their own learning rate), linear warm-up then cosine decay, gradient
-clipping, validation every N steps with the best state kept, optional early
-stopping, and resumable checkpoints.
+AdamW over parameter groups: by default two (the spiking FFNs' weights, and
+their log-thresholds and leaks at their own learning rate), or any explicit set
+(the teacher's FFN linears for finetune-teacher); transformers' linear warm-up
+then cosine decay, gradient clipping, validation every N steps with the best
+state kept, optional early stopping, and resumable checkpoints.
+
+Devices. The model, its batches and whatever the loss and validation read (a
+teacher, cached targets) must sit on the loop's device, ``training_device()``:
+stages move them there before training and ``check_devices`` refuses a
+mismatch by name instead of failing deep inside a matmul.
 
 Determinism and resume. The batch of step s is a function of (seed, s) alone
 and stochastic encoders draw their noise from (seed, s), so a run resumed from
@@ -22,7 +28,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Iterable
 
 import safetensors.torch
 import torch
@@ -89,21 +95,70 @@ def batch_indices(step: int, count: int, batch_size: int, seed: int) -> torch.Te
     return order[position * batch_size:(position + 1) * batch_size]
 
 
-def _lr_lambda(settings: LoopSettings) -> Callable[[int], float]:
-    def factor(step: int) -> float:
-        if settings.warmup_steps and step < settings.warmup_steps:
-            return (step + 1) / settings.warmup_steps
-        span = max(1, settings.steps - settings.warmup_steps)
-        progress = min(1.0, (step - settings.warmup_steps) / span)
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
-
-
-def _named_trainable(model: nn.Module) -> dict[str, nn.Parameter]:
+def spiking_groups(model: nn.Module, settings: LoopSettings) -> list[dict[str, Any]]:
+    """The default optimizer groups: spiking weights at ``lr``, thresholds and leaks at ``threshold_lr``."""
     weights, dynamics = spiking_parameter_groups(model)
-    wanted = {id(p) for p in weights + dynamics}
-    return {name: p for name, p in model.named_parameters() if id(p) in wanted}
+    groups = [{"params": weights, "lr": settings.lr, "weight_decay": settings.weight_decay}]
+    if dynamics:
+        groups.append({"params": dynamics, "lr": settings.threshold_lr, "weight_decay": 0.0})
+    return groups
+
+
+def _named_trainable(model: nn.Module, groups: list[dict[str, Any]]) -> dict[str, nn.Parameter]:
+    wanted = {id(p) for group in groups for p in group["params"]}
+    named = {name: p for name, p in model.named_parameters() if id(p) in wanted}
+    if len(named) != len(wanted):
+        raise ValueError(f"{len(wanted) - len(named)} of the {len(wanted)} parameters to train are not parameters "
+                         "of the model being trained")
+    return named
+
+
+def training_device() -> torch.device:
+    """The device the loop trains on: Accelerate's choice (a GPU when there is one, else the CPU)."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available()).device
+
+
+class DeviceMismatch(ValueError):
+    """Tensors or modules a training run combines sit on different devices."""
+
+
+def _devices_of(value) -> set[torch.device]:
+    if isinstance(value, torch.Tensor):
+        return {value.device}
+    if isinstance(value, nn.Module):
+        return {t.device for t in [*value.parameters(), *value.buffers()]}
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return set().union(*(_devices_of(item) for item in value)) if value else set()
+    return set()
+
+
+def _same_device(found: torch.device, wanted: torch.device) -> bool:
+    # 'cuda' and 'cuda:0' name the same device when the current one is 0
+    if found.type != wanted.type:
+        return False
+    if found.type == "cuda" and (found.index is None or wanted.index is None):
+        return (found.index or torch.cuda.current_device()) == (wanted.index or torch.cuda.current_device())
+    return found.index == wanted.index
+
+
+def check_devices(device: torch.device, **named) -> None:
+    """Raise ``DeviceMismatch`` naming every tensor or module in ``named`` that is not wholly on ``device``.
+
+    Values may be tensors, modules, or lists, tuples and dicts of them.
+    """
+    device = torch.device(device)
+    wrong = []
+    for name, value in named.items():
+        found = _devices_of(value)
+        stray = sorted(str(d) for d in found if not _same_device(d, device))
+        if stray:
+            wrong.append(f"{name} on {', '.join(stray)}")
+    if wrong:
+        raise DeviceMismatch(f"training runs on {device}, but {'; '.join(wrong)}: move them to {device} first")
 
 
 def _set_noise_step(model: nn.Module, step: int) -> None:
@@ -124,31 +179,35 @@ def train(
     log_metrics: Callable[[dict[str, float], int], None] | None = None,
     progress: Callable[[int, float], None] | None = None,
     initial_objective: float = math.inf,
+    param_groups: Iterable[dict[str, Any]] | None = None,
 ) -> LoopResult:
-    """Train the spiking parts of ``model`` in place; on return it holds the best validated state.
+    """Train ``model`` in place; on return it holds the best validated state.
 
-    ``loss_fn(model, batch, step)`` returns the loss and named parts to log;
-    ``validate`` returns metrics including ``objective`` (lower is better). With
-    ``initial_objective`` (the starting state's validation), the starting state
-    counts as step 0 and is kept if no step beats it.
+    ``param_groups`` (torch optimizer groups, each with its ``lr`` and
+    ``weight_decay``) names what trains; by default the spiking parts
+    (``spiking_groups``). ``loss_fn(model, batch, step)`` returns the loss and
+    named parts to log; ``validate`` returns metrics including ``objective``
+    (lower is better). With ``initial_objective`` (the starting state's
+    validation), the starting state counts as step 0 and is kept if no step beats it.
     """
     from accelerate import Accelerator
+    from transformers import get_cosine_schedule_with_warmup
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    named = _named_trainable(model)
+    groups = [dict(group) for group in param_groups] if param_groups is not None else spiking_groups(model, settings)
+    groups = [group for group in groups if group["params"]]
+    named = _named_trainable(model, groups)
     if not named:
-        raise ValueError("the model has no spiking parameters to train (was it converted?)")
+        raise ValueError("the model has no parameters to train (was it converted?)")
     for param in model.parameters():
         param.requires_grad_(False)
     for param in named.values():
         param.requires_grad_(True)
-    weights, dynamics = spiking_parameter_groups(model)
-    groups = [{"params": weights, "lr": settings.lr, "weight_decay": settings.weight_decay}]
-    if dynamics:
-        groups.append({"params": dynamics, "lr": settings.threshold_lr, "weight_decay": 0.0})
     optimizer = torch.optim.AdamW(groups)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(settings))
+    scheduler = get_cosine_schedule_with_warmup(optimizer, settings.warmup_steps, settings.steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    device = accelerator.device
+    check_devices(device, model=model)
 
     result = LoopResult(best_objective=initial_objective, best_step=0 if math.isfinite(initial_objective) else -1)
     best_state = {name: p.detach().clone() for name, p in named.items()}
@@ -171,7 +230,6 @@ def train(
         result.best_objective = progress_state["best_objective"]
         result.resumed_from = start
 
-    device = accelerator.device
     step = start
     while step < settings.steps:
         time_steps = curriculum_time_steps(step, settings)

@@ -1,0 +1,169 @@
+"""The hybrid's energy against the baselines a sceptic would pick, from one ``EnergyReport``.
+
+The hybrid is priced as it runs here: FP32 weights and membranes on the 45 nm
+FP32 table (``e_mac_pj``, ``e_ac_pj``). The baselines re-price the teacher's
+counts:
+
+- INT8: every MAC is an 8-bit multiply plus an 8-bit add (as the FP32 MAC of
+  4.6 pJ is a 3.7 pJ multiply plus a 0.9 pJ add), every add of a bias a 32-bit
+  integer add (INT8 inference keeps biases and accumulators in 32 bits).
+- Low-bit: the linear maps of the spiking FFNs read activations of b bits, as
+  many as the spike count of the site they replace can take (b = ceil(log2(2L + 1))
+  for an encoder of L levels per sign), with 8-bit weights. Assumed MAC energy:
+  the multiplier scales with the activation's bit width, ``e_mult_int8 * b / 8``,
+  plus the 8-bit add. Everything else is INT8.
+
+Parts the two models share (attention, norms, embeddings, LM head, FFNs left
+analog) are priced on the baseline's table in both numerator and denominator,
+so a whole-model ratio differs from 1 only through the spiking FFNs.
+
+Memory: weights are read at ``e_read_pj_per_byte`` per byte. The ANN reads each
+weight once per token. The hybrid reads its spiking linears' weights once per
+time step (event-driven hardware, no reuse across steps) or once per token
+(the count-based design this code runs: each spiking linear runs once on the
+spike counts); both are reported.
+
+Break-even spike rate: the rate (spikes per neuron per step) at which the
+hybrid's spiking FFNs cost as much as the baseline's dense ones. Overall, every
+site at the same rate; per site, the other sites of its block at their
+measured rates. 0 means no rate saves energy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from snn_research.evaluation.energy import SPIKING_COMPONENTS, BlockEnergy, EnergyReport
+
+
+@dataclass(frozen=True)
+class Prices:
+    """Per-operation energies in pJ (defaults: Horowitz, ISSCC 2014, 45 nm)."""
+
+    e_mac_pj: float = 4.6
+    e_ac_pj: float = 0.9
+    e_mult_int8_pj: float = 0.2
+    e_add_int8_pj: float = 0.03
+    e_add_int32_pj: float = 0.1
+    e_read_pj_per_byte: float = 1.25
+
+    @classmethod
+    def from_params(cls, energy) -> "Prices":
+        return cls(energy.e_mac_pj, energy.e_ac_pj, energy.e_mult_int8_pj, energy.e_add_int8_pj,
+                   energy.e_add_int32_pj, energy.e_read_pj_per_byte)
+
+    @property
+    def e_mac_int8_pj(self) -> float:
+        return self.e_mult_int8_pj + self.e_add_int8_pj
+
+    def e_mac_lowbit_pj(self, bits: int) -> float:
+        """b-bit activation x 8-bit weight: the multiplier scales with b, the add stays 8-bit."""
+        return self.e_mult_int8_pj * bits / 8 + self.e_add_int8_pj
+
+
+@dataclass(frozen=True)
+class _Table:
+    mac: float
+    ac: float
+    lowbit: bool = False
+
+
+def _tables(prices: Prices) -> dict[str, _Table]:
+    int8 = _Table(prices.e_mac_int8_pj, prices.e_add_int32_pj)
+    return {"fp32": _Table(prices.e_mac_pj, prices.e_ac_pj), "int8": int8,
+            "lowbit": _Table(int8.mac, int8.ac, lowbit=True)}
+
+
+def _shared_pj(report: EnergyReport, table: _Table, ffn_only: bool) -> float:
+    return sum(macs * table.mac + acs * table.ac for name, (macs, acs) in report.hybrid_ops.items()
+               if name not in SPIKING_COMPONENTS and (not ffn_only or name.startswith("ffn")))
+
+
+def teacher_block_pj(block: BlockEnergy, prices: Prices, table: _Table) -> float:
+    """The dense FFN that ``block`` replaced, on ``table``."""
+    costs = block.costs
+    linear = costs.teacher_linear_macs
+    if table.lowbit:
+        linear_pj = sum(costs.neurons[s] * f * prices.e_mac_lowbit_pj(costs.bits[s]) for s, f in costs.fan_outs.items())
+    else:
+        linear_pj = linear * table.mac
+    return linear_pj + (costs.teacher_macs - linear) * table.mac + costs.teacher_acs * table.ac
+
+
+def hybrid_block_pj(block: BlockEnergy, prices: Prices, spikes: dict[str, float] | None = None) -> float:
+    """The spiking FFN as it runs (FP32 table), at its measured or at the given spikes per token."""
+    spikes = block.spikes_per_token if spikes is None else spikes
+    synaptic = sum(spikes[s] * f for s, f in block.costs.fan_outs.items())
+    return block.costs.fixed_hybrid_pj(prices.e_mac_pj, prices.e_ac_pj) + synaptic * prices.e_ac_pj
+
+
+def _break_even(budget_pj: float, step_synapses: float, prices: Prices) -> float:
+    """Rate r with budget = r x step_synapses x E_AC; 0 when the budget is spent before any spike."""
+    if step_synapses <= 0:
+        return 0.0
+    return max(0.0, budget_pj / (step_synapses * prices.e_ac_pj))
+
+
+def site_break_even(block: BlockEnergy, site: str, prices: Prices, table: _Table) -> float:
+    """Rate at ``site`` at which its block costs as much as the dense FFN, other sites as measured."""
+    costs = block.costs
+    others = sum(block.spikes_per_token[s] * f for s, f in costs.fan_outs.items() if s != site)
+    budget = (teacher_block_pj(block, prices, table) - costs.fixed_hybrid_pj(prices.e_mac_pj, prices.e_ac_pj)
+              - others * prices.e_ac_pj)
+    return _break_even(budget, costs.time_steps * costs.neurons[site] * costs.fan_outs[site], prices)
+
+
+def compare(report: EnergyReport, prices: Prices) -> dict[str, float]:
+    """Ratios against every baseline, break-even rates and the weight bytes per token."""
+    tables = _tables(prices)
+    hybrid_blocks = sum(hybrid_block_pj(b, prices) for b in report.blocks)
+    out: dict[str, float] = {}
+    for name, table in tables.items():
+        teacher_blocks = sum(teacher_block_pj(b, prices, table) for b in report.blocks)
+        shared_ffn, shared = _shared_pj(report, table, True), _shared_pj(report, table, False)
+        suffix = "" if name == "fp32" else f"_{name}"
+        out[f"ffn_energy_ratio{suffix}"] = (hybrid_blocks + shared_ffn) / (teacher_blocks + shared_ffn)
+        out[f"model_energy_ratio{suffix}"] = (hybrid_blocks + shared) / (teacher_blocks + shared)
+        if name != "lowbit":
+            fixed = sum(b.costs.fixed_hybrid_pj(prices.e_mac_pj, prices.e_ac_pj) for b in report.blocks)
+            step_synapses = sum(b.costs.time_steps * b.costs.neurons[s] * f
+                                for b in report.blocks for s, f in b.costs.fan_outs.items())
+            out[f"break_even_spike_rate{suffix}"] = _break_even(teacher_blocks - fixed, step_synapses, prices)
+    out.update(_memory(report, prices, tables["fp32"]))
+    out["activation_bits"] = float(max((site.activation_bits for site in report.sites), default=0))
+    return out
+
+
+def _memory(report: EnergyReport, prices: Prices, fp32: _Table) -> dict[str, float]:
+    shared_bytes = sum(report.shared_weight_bytes.values())
+    shared_ffn_bytes = sum(v for k, v in report.shared_weight_bytes.items() if k.startswith("ffn"))
+    spiking_bytes = sum(b.weight_bytes for b in report.blocks)
+    spiking_step_bytes = sum(b.weight_bytes * b.costs.time_steps for b in report.blocks)
+    read = prices.e_read_pj_per_byte
+    hybrid_ffn, teacher_ffn = report.hybrid_ffn_energy_pj, report.teacher_ffn_energy_pj
+    hybrid, teacher = report.hybrid_energy_pj, report.teacher_energy_pj
+    teacher_ffn_mem = teacher_ffn + (spiking_bytes + shared_ffn_bytes) * read
+    teacher_mem = teacher + (spiking_bytes + shared_bytes) * read
+    out = {
+        "teacher_weight_bytes_per_token": spiking_bytes + shared_bytes,
+        "hybrid_weight_bytes_per_token_per_step": spiking_step_bytes + shared_bytes,
+        "hybrid_weight_bytes_per_token": spiking_bytes + shared_bytes,
+    }
+    for name, spiking_read in (("per_step", spiking_step_bytes), ("per_token", spiking_bytes)):
+        out[f"ffn_memory_ratio_{name}"] = (hybrid_ffn + (spiking_read + shared_ffn_bytes) * read) / teacher_ffn_mem
+        out[f"model_memory_ratio_{name}"] = (hybrid + (spiking_read + shared_bytes) * read) / teacher_mem
+    return out
+
+
+def site_rows(report: EnergyReport, prices: Prices) -> list[dict]:
+    """Per site: spike rate beside its break-even rates against the FP32 and INT8 FFN."""
+    tables = _tables(prices)
+    blocks = {b.path: b for b in report.blocks}
+    rows = []
+    for site in report.sites:
+        path, _, name = site.key.rpartition(":")
+        block = blocks[path]
+        rows.append({**site.__dict__,
+                     "break_even_spike_rate": site_break_even(block, name, prices, tables["fp32"]),
+                     "break_even_spike_rate_int8": site_break_even(block, name, prices, tables["int8"])})
+    return rows

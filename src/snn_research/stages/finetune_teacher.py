@@ -1,0 +1,86 @@
+"""finetune-teacher: fine-tune the teacher's FFNs with the finetune recipe, a fair reference for the hybrid.
+
+The hybrid's gain from ``finetune`` mixes two things: recovering what
+conversion lost, and fitting the corpus. Tuning the teacher with the very same
+recipe (the ``finetune`` params section: data, steps, batch size and order,
+learning rate, warm-up, weight decay, gradient clip, seed, the optional KL anchor
+to the frozen teacher, validation and early stopping) and the very same
+parameter set (every parameter of the FFN linears of the layers the hybrid
+converts, ``convert.layers``; null means all) separates them. The teacher has no
+thresholds and no energy budget.
+
+Writes ``paths.teacher_finetuned`` as a Hugging Face folder that
+``snn_research.teacher.load_teacher`` reads, with its manifest.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+
+import torch
+
+from snn_research.io import atomic_directory
+from snn_research.models.hybrid_transformer import find_mlps
+from snn_research.stages.common import StageContext, console, progress_bar
+from snn_research.stages.finetune import finetune_recipe
+from snn_research.stages.training_common import checkpoint_dir, fingerprint, loop_settings, place, write_curves
+from snn_research.teacher import load_teacher
+from snn_research.training.loop import check_devices, train, training_device
+
+STAGE = "finetune-teacher"
+
+
+def ffn_parameters(model: torch.nn.Module, layers: list[int] | None) -> list[torch.nn.Parameter]:
+    """Every parameter of the FFN linears of ``layers`` (None: all): what the hybrid's finetune trains there.
+
+    The hybrid trains the spike-consuming linears' weights and biases; in the teacher's MLP those are all of
+    its parameters (the activation has none).
+    """
+    return [param for location in find_mlps(model, layers) for param in location.module.parameters()]
+
+
+def run(context: StageContext) -> None:
+    params = context.params.finetune
+    seed = context.params.seed
+    layers = context.params.convert.layers
+    context.verify(context.paths.teacher, "download-teacher")
+    context.verify(context.paths.splits, "split")
+    model, tokenizer = load_teacher(context.paths.teacher)
+    reference = copy.deepcopy(model) if params.kl_weight > 0 else None  # the frozen original, for the KL anchor
+    device = training_device()
+    place(device, model, *([reference] if reference is not None else []))
+    check_devices(device, teacher=model)
+    trainable = ffn_parameters(model, layers)
+    recipe = finetune_recipe(context, params, device, reference)
+    fp = fingerprint(context, {"finetune": params.model_dump(), "convert.layers": layers})
+
+    start = recipe.validate(model)
+    context.tracker.log_metrics({f"val_{k}": v for k, v in start.items()}, step=0)
+    settings = loop_settings(params, seed, time_steps=None, patience=params.patience)
+    groups = [{"params": trainable, "lr": params.lr, "weight_decay": params.weight_decay}]
+    with progress_bar("teacher fine-tuning", params.steps) as advance:
+        result = train(model, recipe.train_blocks, recipe.loss_fn, recipe.validate, settings,
+                       checkpoint_dir(context, STAGE) / "loop", fp, log_metrics=context.tracker.log_metrics,
+                       progress=lambda step, loss: advance(info=f"loss {loss:.4f}"), initial_objective=start["objective"],
+                       param_groups=groups)
+    final = recipe.validate(model)
+    curves = write_curves(context, "finetune_teacher", result)
+    summary = {"start_val": start, "final_val": final, "best_step": result.best_step, "steps_done": result.steps_done,
+               "stopped_early": result.stopped_early, "resumed_from": result.resumed_from,
+               "layers": layers, "trained_parameters": int(sum(p.numel() for p in trainable))}
+    history = json.dumps({"history": result.history, "train_losses": result.train_losses})
+    with atomic_directory(context.paths.teacher_finetuned) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "history.json").write_text(history)
+        context.manifest(tmp, STAGE, {"finetune": params.model_dump(), "seed": seed, "convert": {"layers": layers}},
+                         summary)
+    shutil.rmtree(checkpoint_dir(context, STAGE), ignore_errors=True)  # the run is complete: nothing to resume
+    context.tracker.log_metrics({f"final_val_{k}": v for k, v in final.items()})
+    for path in curves.values():
+        context.tracker.log_artifact(path, "plots")
+    stop = " (stopped early)" if result.stopped_early else ""
+    console.print(f"{STAGE}: val ppl {start['ppl']:.2f} -> {final['ppl']:.2f} after {result.steps_done} steps{stop} "
+                  f"-> {context.paths.teacher_finetuned}")
