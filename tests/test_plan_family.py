@@ -57,3 +57,53 @@ def test_rate_encoders_draw_a_different_stream_per_site(input_ids):
     again = hybridize(tiny_model("llama", layers=2), plan)
     assert [e.seed for b in again for e in (b.input_encoder, b.product_encoder)] == [e.seed for e in encoders]
     torch.testing.assert_close(again[1].input_encoder(x), second(x), rtol=0, atol=0)
+
+
+def test_format_1_metadata_still_reads():
+    """Files written before null-by-default plan fields carried membrane_init and seed for every encoder."""
+    import json
+
+    from test_converter import converted
+
+    from snn_research.conversion.ann_to_snn_converter import ConversionMetadata
+
+    _, _, metadata, _ = converted("llama", HybridPlan(time_steps=4, encoder="rate", seed=2))
+    old = json.loads(metadata.model_dump_json())
+    old["format_version"] = 1
+    old["plan"]["membrane_init"] = "symmetric"
+    read = ConversionMetadata.model_validate(old)
+    assert read.plan.membrane_init is None and read.plan.seed == 2
+    old["plan"].update(encoder="if", seed=0)
+    read = ConversionMetadata.model_validate(old)
+    assert read.plan.seed is None and read.plan.membrane_init == "symmetric"
+    with pytest.raises(ValueError, match="membrane_init"):  # a format-2 file gets no such leniency
+        ConversionMetadata.model_validate({**old, "format_version": 2, "plan": {**old["plan"], "encoder": "rate"}})
+
+
+@pytest.mark.parametrize("values,field", [
+    ({"convert.seed": 3}, "convert.seed"),  # the weighted encoder draws no noise
+    ({"convert.clipping": "percentile", "convert.search_blocks": 4}, "convert.search_blocks"),
+    ({"distill.curriculum.start_time_steps": 32}, "distill.curriculum.start_time_steps"),  # weighted: T <= 16
+])
+def test_settings_the_chosen_encoder_or_clipping_ignores_are_refused(workdir, tiny, values, field):
+    assert tiny["convert"]["encoder"] == "weighted" and tiny["convert"]["clipping"] == "search"
+    write_params(set_dotted(tiny, values))
+    result = invoke("check")
+    assert_clean_failure(result, 2)
+    assert any(line.startswith(f"{field}:") for line in result.output.splitlines()), result.output
+
+
+def test_weighted_encoder_counts_in_float32_for_reduced_precision_inputs():
+    from snn_research.hybrid.adapter import weighted_levels
+
+    torch.manual_seed(4)
+    x = torch.randn(1000, 8)
+    threshold = torch.full((8,), 2.5)
+    exact = weighted_levels(x, threshold, 12)
+    for dtype in (torch.bfloat16, torch.float16):
+        low = weighted_levels(x.to(dtype), threshold.to(dtype), 12)
+        assert low.dtype == dtype
+        # the input was rounded to dtype, so compare with float32 counting of that same rounded input
+        torch.testing.assert_close(low.float(), weighted_levels(x.to(dtype).float(), threshold.to(dtype).float(), 12)
+                                   .to(dtype).float(), rtol=0, atol=0)
+    assert exact.abs().max() > 1000  # a grid finer than bf16's integers: counting in bf16 would collapse it

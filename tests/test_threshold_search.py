@@ -46,14 +46,18 @@ def test_search_never_returns_a_worse_output_error_than_the_percentile(family, e
     batches = calibration_batches(3, seed=5)
     teacher, hybrid = _converted(family, HybridPlan(time_steps=time_steps, encoder=encoder))
     before = _ffn_errors(teacher, hybrid, batches)
-    choices = search_clipping(hybrid, teacher, batches)
+    choices, blocks = search_clipping(hybrid, teacher, batches)
     after = _ffn_errors(teacher, hybrid, batches)
     sites = {c.key for c in choices}
     assert len(sites) == 2 * len(before)
     for choice in choices:
-        assert choice.error_chosen <= choice.error_percentile
+        assert choice.error_chosen <= choice.error_before
     for path, error in before.items():
         assert after[path] <= error * (1 + 1e-6), (path, error, after[path])
+    # the recorded block errors are the measured ones, before and after
+    for block in blocks:
+        assert block.error_percentile == pytest.approx(before[block.path], rel=1e-5)
+        assert block.error_chosen == pytest.approx(after[block.path], rel=1e-5)
     # on a coarse code the percentile is not the best clip for every site: the search moved some
     assert any(c.choice != "scale x1" for c in choices) and sum(after.values()) < sum(before.values())
 
@@ -64,14 +68,14 @@ def test_search_keeps_the_percentile_when_it_is_best(monkeypatch):
     teacher, hybrid = _converted("llama", HybridPlan(time_steps=4, encoder="weighted"))
     before = [p.detach().clone() for b in spiking_mlps(hybrid) for s in family_sites(b.family)
               for p in [getattr(b, f"{s.name}_encoder").log_threshold]]
-    choices = search_clipping(hybrid, teacher, batches, scales=(1.0,))
+    choices, _ = search_clipping(hybrid, teacher, batches, scales=(1.0,))
     after = [getattr(b, f"{s.name}_encoder").log_threshold.detach() for b in spiking_mlps(hybrid)
              for s in family_sites(b.family)]
     for choice, old, new in zip(choices, before, after):
         if choice.choice == "scale x1":
             assert torch.equal(old, new)
         else:
-            assert choice.choice == "channel max" and choice.error_chosen < choice.error_percentile
+            assert choice.choice == "channel max" and choice.error_chosen < choice.error_before
 
 
 def test_search_refuses_scales_without_the_calibrated_point():

@@ -169,7 +169,8 @@ class ConversionParams(HybridPlan):
         "percentile", description="percentile: thresholds = calibrate.percentile; search: per site, the scale of "
         "those (or the channel maxima) with the lowest FFN output error on calibration tokens"
     )
-    search_blocks: int = Field(8, ge=1, description="calib blocks the clipping search scores candidates on")
+    search_blocks: int | None = Field(None, ge=1, description="clipping 'search' only: calib blocks it scores "
+                                      "candidates on (null: 8)")
 
     @model_validator(mode="after")
     def _leak_needs_lif(self) -> "ConversionParams":  # replaces HybridPlan's check to name the field
@@ -183,7 +184,17 @@ class ConversionParams(HybridPlan):
         if self.encoder == "weighted" and self.time_steps > MAX_WEIGHTED_TIME_STEPS:
             raise FieldError("time_steps", self.time_steps,
                              f"the weighted encoder has 2^T - 1 levels per sign: T <= {MAX_WEIGHTED_TIME_STEPS}")
+        if self.seed is not None and self.encoder != "rate":
+            raise FieldError("seed", self.seed, f"seeds the 'rate' encoder's noise only (encoder is {self.encoder!r}); "
+                             "remove it")
+        if self.search_blocks is not None and self.clipping != "search":
+            raise FieldError("search_blocks", self.search_blocks,
+                             f"applies to clipping 'search' only (clipping is {self.clipping!r}); remove it")
         return self
+
+    @property
+    def search_block_count(self) -> int:
+        return 8 if self.search_blocks is None else self.search_blocks
 
     def plan(self) -> HybridPlan:
         return HybridPlan(**self.model_dump(exclude={"clipping", "search_blocks"}))
@@ -254,7 +265,8 @@ class EvaluateParams(Strict):
 
 
 class Params(Strict):
-    seed: int = Field(0, ge=0, description="seeds the split, sampling and stochastic encoders")
+    seed: int = Field(0, ge=0, description="seeds the document split, the training batch order and the sampled "
+                      "KL positions (the rate encoder's noise: convert.seed)")
     paths: PathsParams = Field(default_factory=PathsParams)
     energy: EnergyParams = Field(default_factory=EnergyParams)
     tracking: TrackingParams = Field(default_factory=TrackingParams)
@@ -269,6 +281,11 @@ class Params(Strict):
     @model_validator(mode="after")
     def _combinations(self) -> "Params":
         start = self.distill.curriculum.start_time_steps
+        if start is not None and self.convert.encoder == "weighted" and start > MAX_WEIGHTED_TIME_STEPS:
+            raise FieldError(
+                "distill.curriculum.start_time_steps", start,
+                f"the weighted encoder supports T <= {MAX_WEIGHTED_TIME_STEPS} (2^T - 1 levels per sign)",
+            )
         if start is not None and start < self.convert.time_steps:
             raise FieldError(
                 "distill.curriculum.start_time_steps", start,

@@ -27,7 +27,7 @@ from typing import Literal
 import safetensors
 import safetensors.torch
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import nn
 
 from snn_research.artifacts import package_versions
@@ -110,8 +110,16 @@ class ClippingChoice(BaseModel):
     model_config = ConfigDict(extra="forbid")
     key: str
     choice: str = Field(description="'scale x<f>' (f times the percentile thresholds) or 'channel max'")
-    error_percentile: float = Field(description="relative FFN output error at the percentile thresholds")
-    error_chosen: float = Field(description="relative FFN output error at the chosen thresholds")
+    error_before: float = Field(description="the block's relative FFN output error with this site at its percentile "
+                                "thresholds (earlier sites at their choices)")
+    error_chosen: float = Field(description="the same with this site at its chosen thresholds")
+
+
+class ClippingBlock(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    path: str
+    error_percentile: float = Field(description="relative FFN output error, every site at its percentile thresholds")
+    error_chosen: float = Field(description="relative FFN output error, every site at its chosen thresholds")
 
 
 class ClippingRecord(BaseModel):
@@ -121,17 +129,37 @@ class ClippingRecord(BaseModel):
     method: Literal["percentile", "search"]
     search_tokens: int = 0
     sites: list[ClippingChoice] = Field(default_factory=list)
+    blocks: list[ClippingBlock] = Field(default_factory=list)
 
 
 class ConversionMetadata(BaseModel):
+    """Format 2: plan fields that do nothing for the chosen encoder are null, rate noise is seeded per site.
+
+    A format-1 file (written before) still reads: its plan loses the fields format 2 refuses for its
+    encoder (``membrane_init`` unless 'if', ``seed`` unless 'rate'). A format-1 rate hybrid reloads with
+    format 2's per-site noise streams, so its stochastic spikes differ from the ones it was trained with.
+    """
+
     model_config = ConfigDict(extra="forbid")
-    format_version: Literal[1] = 1
+    format_version: Literal[1, 2] = 2
     teacher: TeacherIdentity
     calibration: CalibrationIdentity | None
     plan: HybridPlan
     sites: list[SiteMetadata]
     versions: dict[str, str]
     clipping: ClippingRecord | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _upgrade_format_1(cls, data):
+        if isinstance(data, dict) and data.get("format_version") == 1 and isinstance(data.get("plan"), dict):
+            plan = dict(data["plan"])
+            if plan.get("encoder", "if") != "if":
+                plan.pop("membrane_init", None)
+            if plan.get("encoder", "if") != "rate":
+                plan.pop("seed", None)
+            data = {**data, "plan": plan}
+        return data
 
     def write(self, path: Path, tensors: dict[str, torch.Tensor] | None = None) -> None:
         """Write the JSON (and its tensors file, if any) atomically."""
@@ -298,9 +326,10 @@ def _population_parameters(block: SpikingMLP, site: str, plan: HybridPlan) -> di
     parameters: dict[str, float | int | str | bool] = {
         "encoder": encoder.kind,
         "levels": encoder.levels,
-        "seed": encoder.seed,
         "learnable_threshold": plan.learnable_threshold,
     }
+    if encoder.kind == "rate":
+        parameters["seed"] = encoder.seed
     if encoder.kind == "if":
         parameters["membrane_init"] = encoder.membrane_init
     if encoder.kind == "lif":

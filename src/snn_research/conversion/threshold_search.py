@@ -34,8 +34,15 @@ DEFAULT_SCALES = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.15, 1.3, 1.5, 1.75, 2.0, 2.5, 
 class SiteChoice:
     key: str
     choice: str  # 'scale x<factor>' or 'channel max'
-    error_percentile: float  # relative FFN output error at the calibrated thresholds
-    error_chosen: float
+    error_before: float  # the block's relative output error with this site at its calibrated thresholds
+    error_chosen: float  # ... and at the chosen ones (the earlier sites at their choices in both)
+
+
+@dataclass(frozen=True)
+class BlockError:
+    path: str
+    error_percentile: float  # relative FFN output error, every site at its calibrated thresholds
+    error_chosen: float  # every site at its chosen thresholds
 
 
 def _population(block: SpikingMLP, site: str) -> nn.Module:
@@ -94,8 +101,11 @@ def search_clipping(
     teacher: nn.Module,
     batches: list[torch.Tensor],
     scales: tuple[float, ...] = DEFAULT_SCALES,
-) -> list[SiteChoice]:
-    """Set every spiking site's thresholds to the candidate with the lowest FFN output error."""
+) -> tuple[list[SiteChoice], list[BlockError]]:
+    """Set every spiking site's thresholds to the candidate with the lowest FFN output error.
+
+    Returns the choice per site and, per block, the error at the calibrated and at the chosen thresholds.
+    """
     if 1.0 not in scales:
         raise ValueError(f"scales must include 1.0, the calibrated thresholds (got {list(scales)})")
     if not batches:
@@ -105,11 +115,12 @@ def search_clipping(
         raise ValueError("the model has no spiking FFNs to search thresholds for")
     block_list(teacher)  # raises for an unsupported architecture
     io = _capture_ffn_io(teacher, [b.path for b in blocks], batches)
-    choices = []
+    choices, block_errors = [], []
     for block in blocks:
         was_training = block.training
         block.eval()
         x, target = io[block.path]
+        error_percentile = _relative_error(block, x, target)
         for spec in family_sites(block.family):
             parameter = _log_threshold(_population(block, spec.name))
             calibrated = parameter.detach().clone()
@@ -127,5 +138,6 @@ def search_clipping(
             best = min(errors, key=lambda name: (errors[name], name != "scale x1"))
             parameter.copy_(candidates[best])
             choices.append(SiteChoice(f"{block.path}:{spec.name}", best, errors["scale x1"], errors[best]))
+        block_errors.append(BlockError(block.path, error_percentile, _relative_error(block, x, target)))
         block.train(was_training)
-    return choices
+    return choices, block_errors

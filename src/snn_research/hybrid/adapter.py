@@ -2,10 +2,11 @@
 
 ``AnalogToSpikes`` turns a signed analog activation ``x`` (..., C) into a
 ternary spike train (T, ..., C) with values in {-1, 0, +1}; ``SpikesToAnalog``
-turns a train (or its per-neuron spike counts) back into an analog value:
-the time average, rescaled by the threshold.
+turns a train (or its per-neuron level) back into an analog value: the sum of
+the steps' spikes, each times its step weight (1 for every code but
+``weighted``), times threshold / L.
 
-Two encoders:
+Four encoders:
 
 - ``"if"``: deterministic signed integrate-and-fire with reset by subtraction.
   The analog value is injected as a constant current every step; a spike of
@@ -57,7 +58,8 @@ Gradient. The decoded value ``theta * n / L`` is a uniform quantiser of ``x``
 clipped at ``+-theta``, so the ``if``, ``rate`` and ``weighted`` encoders back-propagate the quantiser's
 straight-through gradient: slope 1 inside the clip range and 0 outside for
 ``x``, and for the threshold the step-size gradient of learned step-size
-quantisation (``n / T - x / theta`` inside the range, ``sign(x)`` outside).
+quantisation (``n / L - x / theta`` inside the range, ``sign(x)`` outside).
+The ``lif`` encoder's gradient is its population's surrogate instead.
 BPTT through T steps of a constant-input encoder with a surrogate would only
 approximate this same slope, at T times the cost.
 """
@@ -126,11 +128,17 @@ def if_spike_train(x: torch.Tensor, threshold: torch.Tensor, time_steps: int, me
     return spikes
 
 
+def _float32_charge(x: torch.Tensor, threshold: torch.Tensor, levels: float) -> torch.Tensor:
+    """|x| L / theta + 1/2 in float32 at least: bf16 / fp16 cannot hold 2^T levels (fp16 overflows past 2^15)."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    return x.to(dtype).abs().mul_(levels / threshold.to(dtype)).add_(0.5)
+
+
 def weighted_levels(x: torch.Tensor, threshold: torch.Tensor, time_steps: int) -> torch.Tensor:
-    """Closed-form signed level of the binary-weighted encoder, in [-(2^T - 1), 2^T - 1]."""
+    """Closed-form signed level of the binary-weighted encoder, in [-(2^T - 1), 2^T - 1] (in x's dtype)."""
     levels = float(encoder_levels("weighted", time_steps))
-    charge = x.abs().mul_(levels / threshold).add_(0.5)  # membrane start, in units of the smallest step
-    return charge.floor_().clamp_(max=levels).copysign_(x)
+    charge = _float32_charge(x, threshold, levels)  # membrane start, in units of the smallest step
+    return charge.floor_().clamp_(max=levels).copysign_(x.to(charge.dtype)).to(x.dtype)
 
 
 def weighted_spike_train(x: torch.Tensor, threshold: torch.Tensor, time_steps: int) -> torch.Tensor:
@@ -142,12 +150,12 @@ def weighted_spike_train(x: torch.Tensor, threshold: torch.Tensor, time_steps: i
     simulation is exact, not just close.
     """
     levels = float(encoder_levels("weighted", time_steps))
-    membrane = x.abs().mul_(levels / threshold).add_(0.5)
-    sign = torch.sign(x)
+    membrane = _float32_charge(x, threshold, levels)
+    sign = torch.sign(x).to(membrane.dtype)
     spikes = torch.empty((time_steps, *x.shape), dtype=x.dtype, device=x.device)
     for t in range(time_steps):
         weight = float(2 ** (time_steps - 1 - t))
-        fired = (membrane >= weight).to(x.dtype)
+        fired = (membrane >= weight).to(membrane.dtype)
         membrane = membrane - fired * weight
         spikes[t] = fired * sign
     return spikes

@@ -108,7 +108,8 @@ class HybridPlan(BaseModel):
     sharpness: float | None = Field(None, gt=0.0, description="surrogate steepness (null: 2.0)")
     learnable_threshold: bool = Field(True, description="train thresholds (straight-through or surrogate gradient)")
     learnable_leak: bool | None = Field(None, description="train the LIF leak (LIF populations only; null: false)")
-    seed: int = Field(0, ge=0, description="seed of the stochastic rate encoders (each site draws its own stream)")
+    seed: int | None = Field(None, ge=0, description="'rate' encoder only: seed of its noise (each site draws its "
+                             "own stream; null: 0)")
 
     @field_validator("layers")
     @classmethod
@@ -133,6 +134,8 @@ class HybridPlan(BaseModel):
             raise ValueError(f"membrane_init applies to the 'if' encoder only (got encoder {self.encoder!r})")
         if self.encoder == "weighted" and self.time_steps > MAX_WEIGHTED_TIME_STEPS:
             raise ValueError(f"the weighted encoder supports time_steps <= {MAX_WEIGHTED_TIME_STEPS} (got {self.time_steps})")
+        if self.seed is not None and self.encoder != "rate":
+            raise ValueError(f"seed applies to the 'rate' encoder only (got encoder {self.encoder!r})")
         return self
 
     def neuron_options(self) -> dict[str, object]:
@@ -297,8 +300,8 @@ class SpikingGatedMLP(SpikingMLP):
         super().__init__(path, plan)
         self.gate_proj, self.up_proj, self.down_proj, self.act_fn = mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn
         hidden, intermediate = self.gate_proj.in_features, self.gate_proj.out_features
-        self.input_encoder = _encoder(hidden, plan, thresholds.get("input"), site_seed(plan.seed, layer, 0))
-        self.product_encoder = _encoder(intermediate, plan, thresholds.get("product"), site_seed(plan.seed, layer, 1))
+        self.input_encoder = _encoder(hidden, plan, thresholds.get("input"), site_seed(plan.seed or 0, layer, 0))
+        self.product_encoder = _encoder(intermediate, plan, thresholds.get("product"), site_seed(plan.seed or 0, layer, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, L, C)
         if self.analog:
@@ -331,7 +334,7 @@ class SpikingGPT2MLP(SpikingMLP):
             raise ValueError(f"{path}: encoder {plan.encoder!r} is offered for gated FFNs only; GPT-2 takes 'if' or 'rate'")
         self.c_fc, self.c_proj, self.act, self.dropout = mlp.c_fc, mlp.c_proj, mlp.act, mlp.dropout
         hidden, intermediate = self.c_fc.weight.shape  # Conv1D stores (in, out)
-        self.input_encoder = _encoder(hidden, plan, thresholds.get("input"), site_seed(plan.seed, layer, 0))
+        self.input_encoder = _encoder(hidden, plan, thresholds.get("input"), site_seed(plan.seed or 0, layer, 0))
         threshold = thresholds.get("hidden")
         options = plan.neuron_options()
         self.hidden_neurons = MultiStepNeuron(

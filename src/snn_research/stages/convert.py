@@ -8,6 +8,7 @@ from snn_research.config import ParamsError
 from snn_research.conversion.ann_to_snn_converter import (
     METADATA_FILE,
     THRESHOLDS_FILE,
+    ClippingBlock,
     ClippingChoice,
     ClippingRecord,
     PlanConflict,
@@ -48,19 +49,19 @@ def run(context: StageContext) -> None:
     record = ClippingRecord(method="percentile")
     if params.convert.clipping == "search":
         context.verify(context.paths.splits, "split")
-        blocks = spread(load_blocks(context.paths.splits, "calib"), params.convert.search_blocks).input_ids
-        choices = search_clipping(hybrid, teacher, list(blocks.split(params.calibrate.batch_size)))
+        blocks = spread(load_blocks(context.paths.splits, "calib"), params.convert.search_block_count).input_ids
+        choices, block_errors = search_clipping(hybrid, teacher, list(blocks.split(params.calibrate.batch_size)))
         record = ClippingRecord(method="search", search_tokens=int(blocks.numel()),
-                                sites=[ClippingChoice(**choice.__dict__) for choice in choices])
+                                sites=[ClippingChoice(**choice.__dict__) for choice in choices],
+                                blocks=[ClippingBlock(**error.__dict__) for error in block_errors])
         metadata, _ = refresh_metadata(hybrid, metadata)
-        for choice in choices:
-            layer = int(choice.key.split(".mlp:")[0].rsplit(".", 1)[-1])
-            context.tracker.log_metrics({f"clip_error_percentile.{choice.key.rsplit(':', 1)[1]}": choice.error_percentile,
-                                         f"clip_error_chosen.{choice.key.rsplit(':', 1)[1]}": choice.error_chosen},
-                                        step=layer)
-        gain = sum(c.error_chosen for c in choices) / max(1e-30, sum(c.error_percentile for c in choices))
-        console.print(f"convert: clipping search over {len(choices)} sites, mean FFN output error x{gain:.3f} "
-                      f"of the percentile thresholds")
+        for error in block_errors:  # paths end in '.<layer>.mlp'
+            context.tracker.log_metrics({"clip_error_percentile": error.error_percentile,
+                                         "clip_error_chosen": error.error_chosen}, step=int(error.path.split(".")[-2]))
+        before = sum(e.error_percentile for e in block_errors) / len(block_errors)
+        after = sum(e.error_chosen for e in block_errors) / len(block_errors)
+        console.print(f"convert: clipping search over {len(choices)} sites: mean relative FFN output error "
+                      f"{before:.4f} at the percentile thresholds -> {after:.4f}")
     metadata = metadata.model_copy(update={"clipping": record})
     with atomic_directory(context.paths.converted) as tmp:
         written = write_hybrid_files(hybrid, tokenizer, metadata, tmp)
