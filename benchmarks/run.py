@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 
 from benchmarks.common import BENCH_DIR, Row, print_rows, write_csv
 
-BENCHMARKS = ("neuron", "throughput", "training", "calibration", "pipeline")
+BENCHMARKS = ("neuron", "kernel_binding", "throughput", "training", "calibration", "pipeline")
 
 
 def _run_one(name: str) -> list[Row]:
@@ -26,6 +26,10 @@ def _run_one(name: str) -> list[Row]:
         from benchmarks import neuron
 
         return neuron.run()
+    if name == "kernel_binding":
+        from benchmarks import kernel_binding
+
+        return kernel_binding.run()
     if name == "throughput":
         from benchmarks import throughput
 
