@@ -1,4 +1,8 @@
-"""finetune: surrogate-gradient fine-tuning of the distilled hybrid with next-token cross-entropy.
+"""finetune: fine-tuning of the distilled hybrid's spiking FFNs with next-token cross-entropy.
+
+The gradient through the spikes is the encoders' own: straight-through (learned step size) for the
+closed-form ``if``, ``weighted`` and ``rate`` encoders of gated FFNs, surrogate BPTT for the ``lif``
+encoder and for GPT-2's hidden neurons.
 
 With ``finetune.kl_weight`` > 0 the KL to the frozen teacher is added, so that the
 hybrid gains on the corpus without drifting from the teacher's predictions.
