@@ -2,22 +2,15 @@
 
 import pytest
 import torch
-from conftest import calibration_batches, tiny_model
+from conftest import calibration_batches
+from test_converter import converted
 
-from snn_research.conversion.ann_to_snn_converter import TeacherIdentity, convert
-from snn_research.conversion.calibrator import Calibrator
 from snn_research.conversion.threshold_search import search_clipping
 from snn_research.models.hybrid_transformer import HybridPlan, family_sites, spiking_mlps
 
 
 def _converted(family, plan):
-    teacher = tiny_model(family)
-    calibrator = Calibrator(teacher)
-    calibrator.run(calibration_batches())
-    calibrator.remove_hooks()
-    identity = TeacherIdentity(source=f"random:{family}", sha256="0" * 64, model_type=teacher.config.model_type,
-                               architectures=["X"], num_layers=2)
-    hybrid, _, _ = convert(teacher, calibrator.result(99.0), plan, identity, "f" * 64)
+    teacher, hybrid, _, _ = converted(family, plan)
     return teacher, hybrid
 
 
