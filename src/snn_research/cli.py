@@ -30,6 +30,7 @@ STAGES = {
     "finetune": ("finetune", ("finetune", "seed", "energy")),
     "finetune-teacher": ("finetune_teacher", ("finetune", "seed", "convert")),
     "evaluate": ("evaluate", ("evaluate", "seed", "energy")),
+    "report": ("report", ()),  # reads files and paths.* only; tracking.* shapes its run-id sidecar, not the page
 }
 
 ParamsOption = typer.Option(Path("params.yaml"), "--params", "-p", help="params file to validate and use")
@@ -51,25 +52,34 @@ def run_stage(stage: str, params_path: Path, overrides: list[str] | None = None)
     tracker = Tracker(params, params_path, stage, {name: dump[name] for name in sections})
     module = importlib.import_module(f"snn_research.stages.{module_name}")
     context = StageContext(params=params, params_path=params_path, tracker=tracker)
+    tracked_run(stage, tracker, params.tracking.strict, lambda: module.run(context),
+                lambda _: f"{stage}: done in {context.elapsed():.1f} s", (TrainingDiverged,))
+
+
+def tracked_run(name: str, tracker, strict: bool, work, done_message, failures: tuple = ()):
+    """Run ``work()`` under ``tracker``: ParamsError exits 2 (a check that needed the model, e.g. a field its
+    family ignores), a bad input or failed run (ValueError, OSError, ``failures``) exits 1, tracking that
+    failed under ``strict`` exits 3; the message names the command. Returns what ``work`` returned."""
     try:
-        module.run(context)
-    except ParamsError as error:  # a params check that needed the model (e.g. a field its family ignores)
+        result = work()
+    except ParamsError as error:
         tracker.finish("FAILED")
-        console.print(f"[red]error in {stage}:[/] {escape(str(error))}", markup=True)
+        console.print(f"[red]error in {name}:[/] {escape(str(error))}", markup=True)
         raise typer.Exit(2) from None
-    except (ValueError, OSError, TrainingDiverged, FloatingPointError) as error:
+    except (ValueError, OSError, FloatingPointError, *failures) as error:
         tracker.finish("FAILED")
-        console.print(f"[red]error in {stage}:[/] {escape(str(error))}", markup=True)
+        console.print(f"[red]error in {name}:[/] {escape(str(error))}", markup=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         tracker.finish("KILLED")
         raise
     tracker.finish()
-    console.print(f"{stage}: done in {context.elapsed():.1f} s")
-    if tracker.failed and params.tracking.strict:
+    console.print(done_message(result))
+    if tracker.failed and strict:
         console.print(f"[red]error:[/] tracking failed and tracking.strict is set ({escape(tracker.failed)})",
                       markup=True)
         raise typer.Exit(3)
+    return result
 
 
 def _register(stage: str) -> None:
@@ -146,9 +156,85 @@ def generate_command(
         generation.print_runs(Console(markup=False, highlight=False), runs)
 
 
+@app.command(name="adapt")
+def adapt_command(
+    params: Path = ParamsOption,
+    setting: str = typer.Option(None, "--setting", help="a name under `settings:` whose fields override `adapt`"),
+    overrides: list[str] = SetOption,
+    timings: Path = typer.Option(None, "--timings", help="JSON of seconds per chunk (kept out of DVC outputs)"),
+) -> None:
+    """Adapt the spiking parts online on a new-domain stream (replay, meta-plasticity); continues a saved state."""
+    from snn_research.continual.adapt import adapt
+    from snn_research.continual.params import load_adapt_params
+    from snn_research.tracking import Tracker
+
+    try:
+        shared, loaded = load_adapt_params(params, setting, overrides)
+    except ParamsError as error:
+        console.print(f"[red]error:[/] {escape(str(error))}", markup=True)
+        raise typer.Exit(2) from None
+    name = f"adapt {setting}" if setting else "adapt"
+    tracker = Tracker(shared, params, name, {"adapt": loaded.model_dump(mode="json"), "seed": shared.seed})
+    tracked_run(name, tracker, shared.tracking.strict,
+                lambda: adapt(loaded, shared, log_metrics=tracker.log_metrics, echo=console.print, timings=timings),
+                lambda result: f"{name}: {result.chunks_done} chunk(s) adapted; wrote {result.output}")
+
+
+@app.command(name="continual-report")
+def continual_report_command(
+    curves: list[Path] = typer.Argument(..., help="per-setting curves CSVs written by adapt (name = file stem)"),
+    csv_path: Path = typer.Option(Path("reports/continual.csv"), "--csv", help="all settings' curves, one CSV"),
+    plot_path: Path = typer.Option(Path("reports/continual.png"), "--plot", help="PNG of every setting's curves"),
+    table_path: Path = typer.Option(Path("reports/continual.md"), "--table", help="markdown table of the last chunk"),
+    timings: Path = typer.Option(None, "--timings", help="folder of per-setting timings JSON (optional)"),
+) -> None:
+    """Combine the continual settings' curves into one CSV, one plot and a table."""
+    from snn_research.continual.report import write_report
+
+    try:
+        table = write_report(curves, csv_path, plot_path, table_path, timings)
+    except (ValueError, OSError) as error:
+        console.print(f"[red]error in continual-report:[/] {escape(str(error))}", markup=True)
+        raise typer.Exit(1) from None
+    typer.echo(table)
+
+
+@app.command(name="register")
+def register_command(
+    model_dir: Path = typer.Argument(Path("models/finetuned"), help="hybrid (or teacher) folder to log"),
+    metrics: Path = typer.Option(Path("reports/metrics.json"), "--metrics", help="evaluate's metrics.json"),
+    name: str = typer.Option(..., "--name", help="registered model name"),
+    entry: str = typer.Option("finetuned", "--entry", help="the metrics.json entry of this model"),
+    metric: str = typer.Option("ppl", "--metric", help="champion metric: ppl | bpb | kl_full_to_teacher | agreement_top1"),
+    uri: str = typer.Option(None, "--uri", help="tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)"),
+    experiment: str = typer.Option("snn-research", "--experiment", help="MLflow experiment of the registering run"),
+) -> None:
+    """Log a model folder as an MLflow pyfunc model, register it, and move alias `champion` when it wins."""
+    import os
+
+    from snn_research.registry import register
+
+    try:
+        done = register(model_dir, metrics, name, entry, metric,
+                        uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db", experiment)
+    except (ValueError, OSError) as error:
+        console.print(f"[red]error in register:[/] {escape(str(error))}", markup=True)
+        raise typer.Exit(1) from None
+    state = "is now champion" if done.champion else "is not champion"
+    typer.echo(f"{done.name} version {done.version} (run {done.run_id}) {state}: {done.reason}")
+    typer.echo(f'load it: mlflow.pyfunc.load_model("models:/{done.name}@champion")')
+
+
 @app.command()
-def schema() -> None:
-    """Print the JSON schema of params.yaml."""
+def schema(
+    adapt: bool = typer.Option(False, "--adapt", help="the schema of a continual params file's adapt section"),
+) -> None:
+    """Print the JSON schema of params.yaml (or, with --adapt, of the adapt section)."""
+    if adapt:
+        from snn_research.continual.params import AdaptParams
+
+        typer.echo(json.dumps(AdaptParams.model_json_schema(), indent=2))
+        return
     typer.echo(json.dumps(Params.model_json_schema(), indent=2))
 
 

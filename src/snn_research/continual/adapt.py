@@ -1,0 +1,517 @@
+"""``snn-research adapt``: online learning of the spiking parts on a new-domain stream, one pass, chunk by chunk.
+
+What trains: for a hybrid, exactly what fine-tuning trains (``spiking_parameter_groups``): the weights of
+the spike-consuming linears and the learnable log-thresholds; for a teacher (the ANN reference), the
+weights of its FFN linears. Everything else (attention, norms, embeddings, the LM head) is frozen and
+bit-equal before and after.
+
+An update: ``batch_blocks`` consecutive new-domain blocks of the current chunk, plus
+``round(replay.ratio x batch_blocks)`` old-domain blocks drawn from the reservoir buffer; the loss is the
+next-token cross-entropy over all of them; AdamW at a constant learning rate (an online stream has no end
+to schedule toward), gradient-norm clipping, then the meta-plasticity rule (``continual/plasticity.py``)
+rescales the step when ``meta.strength`` > 0.
+
+State: the adapted folder carries ``adapt_state/`` (stream position and chunk hashes, replay buffer,
+consolidated weights and importances, optimizer moments, per-chunk history). A later run whose
+``model`` is that folder continues the stream where it stopped; it refuses a different rule or a stream
+whose first chunks differ. Within a run a checkpoint is written after every chunk, so a killed run
+loses at most the chunk in flight, and rerunning it resumes from the checkpoint with the same result as
+an uninterrupted run: every draw is seeded by its position, never by a global generator.
+
+After every chunk (and once before the first) the run scores: new-domain ppl on held-out documents,
+old-domain ppl on the old test split, forgetting (old ppl / start - 1), backward transfer (GEM's BWT on
+next-token loss: old domain and each earlier chunk's first ``probe_blocks`` blocks, loss right after it
+was learned minus loss now, averaged; negative is forgetting), spike rate and the estimated FFN energy
+ratio. Seconds per chunk go to MLflow and the timings file only: DVC outputs hold no timings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import safetensors.torch
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from snn_research.artifacts import folder_files, package_versions
+from snn_research.config import ParamsError
+from snn_research.continual.params import AdaptParams, ContinualFile
+from snn_research.continual.plasticity import apply_meta, fisher_importance
+from snn_research.continual.replay import ReservoirBuffer
+from snn_research.continual.stream import Stream, build_stream
+from snn_research.data import load_blocks, spread
+from snn_research.io import atomic_directory, atomic_write_text, sha256_file
+from snn_research.models.hybrid_transformer import (
+    SpikeRecorder,
+    find_mlps,
+    spiking_mlps,
+    spiking_parameter_groups,
+)
+from snn_research.training.losses import next_token_nll
+
+STATE_DIR = "adapt_state"
+MANIFEST = "adapt_manifest.json"
+STATE_FORMAT = 1
+
+
+class AdaptManifest(BaseModel):
+    """What an adapt run wrote: every file's sha256, its inputs, params and versions (no time, no host)."""
+
+    model_config = ConfigDict(extra="forbid")
+    format_version: int = STATE_FORMAT
+    stage: str = "adapt"
+    files: dict[str, str]
+    inputs: dict[str, str] = Field(default_factory=dict)
+    params: dict[str, Any] = Field(default_factory=dict)
+    versions: dict[str, str] = Field(default_factory=dict)
+    summary: dict[str, Any] = Field(default_factory=dict)
+
+
+@dataclass
+class Trainable:
+    weights: dict[str, torch.nn.Parameter]
+    dynamics: dict[str, torch.nn.Parameter]
+
+    @property
+    def all(self) -> dict[str, torch.nn.Parameter]:
+        return {**self.weights, **self.dynamics}
+
+    @property
+    def count(self) -> int:
+        return sum(p.numel() for p in self.all.values())
+
+
+def trainable_parameters(model: torch.nn.Module, kind: str) -> Trainable:
+    """Name -> parameter of what adapt trains (sorted by name): the spiking parts, or the ANN's FFN linears."""
+    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    if kind == "hybrid":
+        weights, dynamics = spiking_parameter_groups(model)
+    else:
+        weights, dynamics = [p for loc in find_mlps(model) for p in loc.module.parameters()], []
+    trainable = Trainable({names[id(p)]: p for p in weights}, {names[id(p)]: p for p in dynamics})
+    if not trainable.all:
+        raise ValueError("the model has no spiking parts to adapt (was it converted?)")
+    trainable.weights = dict(sorted(trainable.weights.items()))
+    trainable.dynamics = dict(sorted(trainable.dynamics.items()))
+    return trainable
+
+
+@dataclass
+class AdaptState:
+    """Everything a continuation needs beside the model's weights."""
+
+    settings: dict[str, Any]
+    seed: int
+    kind: str
+    origin: str  # sha256 of the first input folder's manifest
+    position: int = 0  # chunks adapted on so far, over all runs
+    updates: int = 0
+    chunk_sha256: list[str] = field(default_factory=list)
+    history: list[dict[str, float]] = field(default_factory=list)
+    learned_nll: dict[str, float] = field(default_factory=dict)  # task -> its loss right after it was learned
+    buffer: ReservoirBuffer | None = None
+    consolidated: dict[str, torch.Tensor] = field(default_factory=dict)
+    importance: dict[str, torch.Tensor] = field(default_factory=dict)
+    optimizer: dict[str, Any] | None = None
+
+    def scalars(self) -> dict[str, Any]:
+        return {"format_version": STATE_FORMAT, "settings": self.settings, "seed": self.seed, "kind": self.kind,
+                "origin": self.origin, "position": self.position, "updates": self.updates,
+                "chunk_sha256": self.chunk_sha256, "history": self.history, "learned_nll": self.learned_nll}
+
+
+def _optimizer_tensors(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A torch optimizer state dict as (tensors, JSON) with no pickle."""
+    tensors, scalars = {}, {"param_groups": state["param_groups"], "state": {}}
+    for index, entry in state["state"].items():
+        keys = {}
+        for key, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{key}"] = value.contiguous()
+                keys[key] = "tensor"
+            else:
+                keys[key] = value
+        scalars["state"][str(index)] = keys
+    return tensors, scalars
+
+
+def _optimizer_state(tensors: dict[str, torch.Tensor], scalars: dict[str, Any]) -> dict[str, Any]:
+    state = {}
+    for index, keys in scalars["state"].items():
+        state[int(index)] = {key: tensors[f"{index}.{key}"] if value == "tensor" else value
+                             for key, value in keys.items()}
+    return {"state": state, "param_groups": scalars["param_groups"]}
+
+
+def write_state(state: AdaptState, folder: Path, trainable: Trainable | None = None) -> None:
+    """``folder`` gets state.json and its tensors; with ``trainable``, their values too (a checkpoint)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    scalars = state.scalars()
+    buffer_tensors, buffer_scalars = state.buffer.state()
+    scalars["buffer"] = buffer_scalars
+    safetensors.torch.save_file(buffer_tensors, str(folder / "buffer.safetensors"))
+    if state.consolidated:
+        safetensors.torch.save_file({**{f"consolidated.{k}": v.contiguous() for k, v in state.consolidated.items()},
+                                     **{f"importance.{k}": v.contiguous() for k, v in state.importance.items()}},
+                                    str(folder / "consolidation.safetensors"))
+    if state.optimizer is not None:
+        tensors, optimizer_scalars = _optimizer_tensors(state.optimizer)
+        safetensors.torch.save_file(tensors, str(folder / "optimizer.safetensors"))
+        scalars["optimizer"] = optimizer_scalars
+    if trainable is not None:
+        safetensors.torch.save_file({k: v.detach().contiguous() for k, v in trainable.all.items()},
+                                    str(folder / "trainable.safetensors"))
+    atomic_write_text(folder / "state.json", json.dumps(scalars, indent=1, sort_keys=True))
+
+
+def read_state(folder: Path) -> tuple[AdaptState, dict[str, torch.Tensor] | None]:
+    """(state, trainable values or None); ValueError names the file that is missing or unreadable."""
+    path = folder / "state.json"
+    try:
+        scalars = json.loads(path.read_text())
+        if scalars.get("format_version") != STATE_FORMAT:
+            raise ValueError(f"format_version {scalars.get('format_version')!r}, expected {STATE_FORMAT}")
+        buffer = ReservoirBuffer.load(safetensors.torch.load_file(str(folder / "buffer.safetensors")),
+                                      scalars["buffer"])
+        consolidated, importance = {}, {}
+        if (folder / "consolidation.safetensors").is_file():
+            for key, value in safetensors.torch.load_file(str(folder / "consolidation.safetensors")).items():
+                kind, _, name = key.partition(".")
+                (consolidated if kind == "consolidated" else importance)[name] = value
+        optimizer = None
+        if "optimizer" in scalars:
+            optimizer = _optimizer_state(safetensors.torch.load_file(str(folder / "optimizer.safetensors")),
+                                         scalars["optimizer"])
+        trainable_path = folder / "trainable.safetensors"
+        trainable = safetensors.torch.load_file(str(trainable_path)) if trainable_path.is_file() else None
+    except (OSError, ValueError, KeyError, json.JSONDecodeError, safetensors.SafetensorError) as error:
+        raise ValueError(f"{folder}: unreadable adapt state ({type(error).__name__}: {error})") from None
+    state = AdaptState(settings=scalars["settings"], seed=scalars["seed"], kind=scalars["kind"],
+                       origin=scalars["origin"], position=scalars["position"], updates=scalars["updates"],
+                       chunk_sha256=scalars["chunk_sha256"], history=scalars["history"],
+                       learned_nll=scalars["learned_nll"], buffer=buffer, consolidated=consolidated,
+                       importance=importance, optimizer=optimizer)
+    return state, trainable
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for key in sorted(set(old) | set(new))
+                for d in _differences(old.get(key), new.get(key), f"{prefix}{key}.")]
+    return [] if old == new else [f"adapt.{prefix.rstrip('.')}: {old!r} -> {new!r}"]
+
+
+@dataclass
+class Probe:
+    """What one evaluation scores: held-out new blocks, old test blocks, and each learned chunk's probes."""
+
+    new: torch.Tensor
+    old: torch.Tensor
+    chunk_probes: list[torch.Tensor]
+
+
+def _nll(model: torch.nn.Module, blocks: torch.Tensor, recorder: SpikeRecorder | None = None,
+         energy: list | None = None, budget=None) -> float:
+    total = 0.0
+    with torch.no_grad():
+        for block in blocks.split(1):
+            if budget is not None:
+                with budget:
+                    logits = model(input_ids=block, use_cache=False).logits
+                    budget.penalty(block.numel())
+                    energy.append(budget.last_ratio)
+            else:
+                logits = model(input_ids=block, use_cache=False).logits
+            total += float(next_token_nll(logits, block))
+    return total / max(blocks.shape[0], 1)
+
+
+def evaluate_point(model: torch.nn.Module, probe: Probe, chunk: int, state: AdaptState, kind: str,
+                   energy_constants: tuple[float, float], trainable_count: int, tokens_seen: int) -> dict[str, float]:
+    """One row of the history: the scores after ``chunk`` chunks (0: before the first)."""
+    from snn_research.training.energy_budget import EnergyBudget
+
+    model.eval()
+    budget = EnergyBudget(model, 1.0, 1.0, *energy_constants) if kind == "hybrid" else None
+    ratios: list[float] = []
+    with SpikeRecorder(model) as recorder:
+        new_nll = _nll(model, probe.new, energy=ratios, budget=budget)
+        old_nll = _nll(model, probe.old, energy=ratios, budget=budget)
+    spikes, neuron_steps = sum(recorder.spikes.values()), sum(recorder.neuron_steps.values())
+    tasks = {"old": old_nll}
+    for index, blocks in enumerate(probe.chunk_probes[:chunk], start=1):
+        tasks[f"chunk{index}"] = _nll(model, blocks)
+    if chunk == 0:
+        state.learned_nll["old"] = old_nll
+    elif probe.chunk_probes and probe.chunk_probes[chunk - 1].numel():
+        state.learned_nll[f"chunk{chunk}"] = tasks[f"chunk{chunk}"]
+    past = [name for name in tasks if name in state.learned_nll and name != f"chunk{chunk}"
+            and (chunk > 0 or name != "old")]
+    bwt = sum(state.learned_nll[name] - tasks[name] for name in past) / len(past) if past else 0.0
+    start = state.history[0] if state.history else None
+    new_ppl, old_ppl = math.exp(new_nll), math.exp(old_nll)
+    return {
+        "chunk": float(chunk),
+        "tokens_seen": float(tokens_seen),
+        "new_ppl": new_ppl,
+        "old_ppl": old_ppl,
+        "new_gain": 0.0 if start is None else 1.0 - new_ppl / start["new_ppl"],
+        "forgetting": 0.0 if start is None else old_ppl / start["old_ppl"] - 1.0,
+        "bwt": bwt,
+        "spike_rate": spikes / neuron_steps if neuron_steps else float("nan"),
+        "ffn_energy_ratio": sum(ratios) / len(ratios) if ratios else 1.0,
+        "trainable_parameters": float(trainable_count),
+    }
+
+
+@dataclass
+class AdaptResult:
+    output: Path
+    history: list[dict[str, float]]
+    chunks_done: int  # in this run
+    seconds_per_chunk: list[float]
+    resumed_from: int | None  # chunk of the checkpoint this run resumed from
+
+
+def _fingerprint(params: AdaptParams, seed: int, input_digest: str) -> str:
+    from snn_research.stages.training_common import code_version
+
+    payload = json.dumps({"params": params.model_dump(mode="json"), "seed": seed, "input": input_digest,
+                          "code": code_version()}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def input_digest(folder: Path) -> str:
+    """sha256 of the input folder's manifest (a stage's or adapt's), after checking the files it lists."""
+    from snn_research.artifacts import verify_folder
+
+    if (folder / MANIFEST).is_file():
+        manifest = AdaptManifest.model_validate_json((folder / MANIFEST).read_text())
+        for name, expected in manifest.files.items():
+            path = folder / name
+            if not path.is_file() or sha256_file(path) != expected:
+                raise ValueError(f"{path}: missing or changed since adapt wrote it (its sha256 is in "
+                                 f"{folder / MANIFEST})")
+        return sha256_file(folder / MANIFEST)
+    return verify_folder(folder)[1]
+
+
+def _check_vocab(blocks: torch.Tensor, vocab: int, where: str) -> None:
+    if blocks.numel() and int(blocks.max()) >= vocab:
+        raise ValueError(f"{where}: token id {int(blocks.max())} is outside the model's vocabulary ({vocab}); "
+                         "the split was made with another tokenizer")
+
+
+def adapt(params: AdaptParams, shared: ContinualFile, log_metrics: Callable[[dict, int], None] | None = None,
+          on_update: Callable[[int, int], None] | None = None, echo: Callable[[str], None] = print,
+          timings: Path | None = None) -> AdaptResult:
+    """Run one adaptation as ``params`` says; returns what it did. ``on_update(chunk, update)`` runs after every
+    update (tests use it to kill a run mid-chunk)."""
+    from snn_research.generate import load_model_folder
+
+    source, output = Path(params.model), Path(params.output)
+    if output.resolve() == source.resolve():
+        raise ParamsError(f"adapt.output: {output} is adapt.model; the input is never modified, write elsewhere")
+    if not source.is_dir():
+        raise ValueError(f"{source}: model folder not found")
+    digest = input_digest(source)
+    model, tokenizer, kind = load_model_folder(source)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    trainable = trainable_parameters(model, kind)
+    vocab = int(model.get_input_embeddings().weight.shape[0])
+
+    old_train = load_blocks(Path(params.old_splits), "train").input_ids
+    old_test = spread(load_blocks(Path(params.old_splits), "test"), params.evaluate.old_blocks).input_ids
+    _check_vocab(old_train, vocab, f"{params.old_splits}/train.safetensors")
+    _check_vocab(old_test, vocab, f"{params.old_splits}/test.safetensors")
+    if old_train.shape[0] == 0:
+        raise ValueError(f"{params.old_splits}/train.safetensors: no old-domain blocks to replay")
+    stream = build_stream(params.stream, tokenizer, params.evaluate.new_blocks)
+    settings = params.state_settings()
+
+    continued = (source / STATE_DIR / "state.json").is_file()
+    if continued:
+        state, _ = read_state(source / STATE_DIR)
+        changed = _differences(state.settings, json.loads(json.dumps(settings)))
+        if state.seed != shared.seed:
+            changed.append(f"seed: {state.seed} -> {shared.seed}")
+        if changed:
+            raise ParamsError(f"{source}: its adapt state was made with other settings, and a continuation must "
+                              f"keep them: {'; '.join(changed)}")
+        if state.kind != kind:
+            raise ValueError(f"{source}: adapt state says a {state.kind}, the folder holds a {kind}")
+    else:
+        state = AdaptState(settings=json.loads(json.dumps(settings)), seed=shared.seed, kind=kind, origin=digest)
+    _check_stream_prefix(state, stream, source)
+
+    checkpoint = Path(params.checkpoints) / f"adapt-{hashlib.sha256(str(output.resolve()).encode()).hexdigest()[:16]}"
+    fingerprint = _fingerprint(params, shared.seed, digest)
+    resumed_from = None
+    if (checkpoint / "fingerprint").is_file() and (checkpoint / "fingerprint").read_text() == fingerprint:
+        state, values = read_state(checkpoint / STATE_DIR)
+        with torch.no_grad():
+            for name, p in trainable.all.items():
+                p.copy_(values[name])
+        resumed_from = state.position
+        echo(f"adapt: resuming from the checkpoint after chunk {state.position}")
+    elif checkpoint.exists():
+        shutil.rmtree(checkpoint)  # another run's: it must not be resumed
+
+    if state.buffer is None:
+        state.buffer = ReservoirBuffer(params.replay.size, old_train.shape[1], shared.seed)
+        state.buffer.offer_all(old_train)
+    for name, p in trainable.all.items():
+        p.requires_grad_(True)
+    meta_on = params.meta.strength > 0
+    if meta_on and not state.consolidated:
+        state.consolidated = {name: p.detach().clone() for name, p in trainable.all.items()}
+        blocks = state.buffer.items[: min(params.meta.importance_blocks, state.buffer.filled)]
+        state.importance = fisher_importance(model, trainable.all, blocks,
+                                             lambda m, b: next_token_nll(m(input_ids=b, use_cache=False).logits, b))
+
+    groups = [{"params": list(trainable.weights.values()), "lr": params.lr, "weight_decay": params.weight_decay}]
+    if trainable.dynamics:
+        groups.append({"params": list(trainable.dynamics.values()), "lr": params.threshold_lr, "weight_decay": 0.0})
+    optimizer = torch.optim.AdamW(groups)
+    if state.optimizer is not None:
+        optimizer.load_state_dict(state.optimizer)
+
+    probe = Probe(stream.heldout, old_test,
+                  [chunk[: params.evaluate.probe_blocks] for chunk in stream.chunks])
+    constants = (shared.energy.e_mac_pj, shared.energy.e_ac_pj)
+    block_tokens = params.stream.block_length
+
+    if not state.history:
+        row = evaluate_point(model, probe, 0, state, kind, constants, trainable.count, 0)
+        state.history.append(row)
+        if log_metrics:
+            log_metrics(row, 0)
+        echo(f"adapt: start  new ppl {row['new_ppl']:.2f}  old ppl {row['old_ppl']:.2f}")
+    end = len(stream.chunks) if params.stream.max_chunks is None else \
+        min(len(stream.chunks), state.position + params.stream.max_chunks)
+    if resumed_from is None and state.position >= len(stream.chunks):
+        raise ValueError(f"{source}: already adapted on all {len(stream.chunks)} chunks of {params.stream.source!r}; "
+                         "nothing left to learn (give a longer stream)")
+    replay_count = round(params.replay.ratio * params.batch_blocks)
+    seconds: list[float] = []
+    first = state.position
+    for chunk_index in range(state.position, end):
+        started = time.perf_counter()
+        chunk = stream.chunks[chunk_index]
+        for offset in range(0, chunk.shape[0], params.batch_blocks):
+            new = chunk[offset: offset + params.batch_blocks]
+            replay = state.buffer.draw(min(replay_count, state.buffer.filled), shared.seed, state.updates)
+            _update(model, optimizer, trainable, new, replay, params, state, meta_on)
+            state.updates += 1
+            if on_update is not None:
+                on_update(chunk_index, state.updates)
+        state.position = chunk_index + 1
+        state.chunk_sha256.append(stream.chunk_sha256[chunk_index])
+        state.optimizer = optimizer.state_dict()
+        for p in trainable.all.values():
+            p.requires_grad_(False)
+        row = evaluate_point(model, probe, state.position, state, kind, constants, trainable.count,
+                             state.position * params.stream.chunk_blocks * (block_tokens - 1))
+        for p in trainable.all.values():
+            p.requires_grad_(True)
+        state.history.append(row)
+        seconds.append(time.perf_counter() - started)
+        if log_metrics:
+            log_metrics({**row, "seconds_per_chunk": seconds[-1]}, state.position)
+        echo(f"adapt: chunk {state.position}/{end}  new ppl {row['new_ppl']:.2f}  old ppl {row['old_ppl']:.2f}  "
+             f"forgetting {row['forgetting']:+.3f}  bwt {row['bwt']:+.4f}  ({seconds[-1]:.0f} s)")
+        _write_checkpoint(checkpoint, fingerprint, state, trainable)
+
+    for p in trainable.all.values():
+        p.requires_grad_(False)
+    state.optimizer = optimizer.state_dict()
+    _write_output(output, model, tokenizer, kind, state, params, shared, digest, stream)
+    if params.curves:
+        write_curves(Path(params.curves), state.history)
+    if timings is not None:
+        timings.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(timings, json.dumps({"seconds_per_chunk": seconds, "chunks": list(range(first + 1, end + 1)),
+                                               "trainable_parameters": trainable.count}, indent=1))
+    shutil.rmtree(checkpoint, ignore_errors=True)
+    return AdaptResult(output, state.history, end - first, seconds, resumed_from)
+
+
+def _check_stream_prefix(state: AdaptState, stream: Stream, source: Path) -> None:
+    done = state.chunk_sha256
+    if len(done) > len(stream.chunks):
+        raise ValueError(f"{source}: adapted on {len(done)} chunks, but the stream has only {len(stream.chunks)}")
+    for index, (old, new) in enumerate(zip(done, stream.chunk_sha256), start=1):
+        if old != new:
+            raise ValueError(f"{source}: chunk {index} of the stream differs from the one this model adapted on; "
+                             "a continuation must read the same stream (more documents may only be appended)")
+
+
+def _update(model, optimizer, trainable: Trainable, new: torch.Tensor, replay: torch.Tensor, params: AdaptParams,
+            state: AdaptState, meta_on: bool) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    total = new.shape[0] + replay.shape[0]
+    loss = next_token_nll(model(input_ids=new, use_cache=False).logits, new) * (new.shape[0] / total)
+    if replay.shape[0]:
+        loss = loss + next_token_nll(model(input_ids=replay, use_cache=False).logits, replay) * (replay.shape[0] / total)
+    if not torch.isfinite(loss):
+        raise ValueError(f"update {state.updates}: the loss is {loss.item()}; stopped (the last checkpoint is kept)")
+    loss.backward()
+    if params.grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(list(trainable.all.values()), params.grad_clip)
+    before = {name: p.detach().clone() for name, p in trainable.all.items()} if meta_on else {}
+    optimizer.step()
+    if meta_on:
+        with torch.no_grad():
+            for name, p in trainable.all.items():
+                apply_meta(p, before[name], state.consolidated[name], state.importance[name], params.meta.strength)
+
+
+def _write_checkpoint(folder: Path, fingerprint: str, state: AdaptState, trainable: Trainable) -> None:
+    """Replace the checkpoint in one rename: a kill leaves the previous one whole."""
+    with atomic_directory(folder) as tmp:
+        write_state(state, tmp / STATE_DIR, trainable)
+        (tmp / "fingerprint").write_text(fingerprint)
+
+
+def _write_output(output: Path, model, tokenizer, kind: str, state: AdaptState, params: AdaptParams,
+                  shared: ContinualFile, digest: str, stream: Stream) -> None:
+    from snn_research.conversion.ann_to_snn_converter import write_hybrid_files
+
+    with atomic_directory(output) as tmp:
+        if kind == "hybrid":
+            write_hybrid_files(model, tokenizer, model.hybrid_metadata, tmp)
+        else:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+        write_state(state, tmp / STATE_DIR)
+        last = state.history[-1]
+        manifest = AdaptManifest(
+            files=folder_files(tmp), inputs={str(params.model): digest},
+            params={"adapt": params.model_dump(mode="json"), "seed": shared.seed},
+            versions=package_versions(),
+            summary={"position": state.position, "chunks_in_stream": len(stream.chunks),
+                     "stream_documents": stream.documents, "heldout_documents": stream.heldout_documents,
+                     "unused_blocks": stream.unused_blocks, "new_ppl": last["new_ppl"], "old_ppl": last["old_ppl"]},
+        )
+        atomic_write_text(tmp / MANIFEST, manifest.model_dump_json(indent=2))
+
+
+CURVE_COLUMNS = ["chunk", "tokens_seen", "new_ppl", "old_ppl", "new_gain", "forgetting", "bwt", "spike_rate",
+                 "ffn_energy_ratio", "trainable_parameters"]
+
+
+def write_curves(path: Path, history: list[dict[str, float]]) -> None:
+    import pandas as pd
+
+    from snn_research.stages.training_common import write_table
+
+    write_table(path, pd.DataFrame(history, columns=CURVE_COLUMNS))

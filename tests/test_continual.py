@@ -1,0 +1,268 @@
+"""Continual learning of the spiking parts: reservoir, meta-plasticity, adapt runs, continuation, kill-resume."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+import yaml
+
+from pipeline_support import assert_clean_failure, inside, invoke, prepare, tiny_params
+from snn_research.continual.adapt import STATE_DIR, adapt, read_state
+from snn_research.continual.params import load_adapt_params
+from snn_research.continual.plasticity import apply_meta, meta_factor
+from snn_research.continual.replay import ReservoirBuffer
+from snn_research.io import sha256_file
+
+# chi-square critical value for 49 degrees of freedom at p = 0.001 (scipy.stats.chi2.ppf(0.999, 49))
+CHI2_49_P001 = 85.351
+
+
+def test_reservoir_is_a_uniform_sample():
+    items, size, trials = 50, 10, 2000
+    counts = torch.zeros(items)
+    for seed in range(trials):
+        buffer = ReservoirBuffer(size, 1, seed)
+        buffer.offer_all(torch.arange(items).view(-1, 1))
+        assert buffer.filled == size and buffer.seen == items
+        kept = buffer.items[:, 0]
+        assert kept.unique().numel() == size  # no block twice
+        counts[kept] += 1
+    expected = trials * size / items
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < CHI2_49_P001, f"inclusion counts are not uniform (chi2 {chi2:.1f}): {counts.tolist()}"
+
+
+def test_reservoir_memory_is_fixed_and_its_state_continues():
+    whole = ReservoirBuffer(8, 3, seed=5)
+    whole.offer_all(torch.arange(300).view(-1, 3))
+    assert whole.items.shape == (8, 3)  # however many it saw
+    half = ReservoirBuffer(8, 3, seed=5)
+    half.offer_all(torch.arange(150).view(-1, 3))
+    resumed = ReservoirBuffer.load(*half.state())
+    resumed.offer_all(torch.arange(150, 300).view(-1, 3))
+    assert torch.equal(resumed.items, whole.items) and resumed.seen == whole.seen
+    assert torch.equal(resumed.draw(4, 0, 7), whole.draw(4, 0, 7))
+
+
+def test_meta_rule_shrinks_updates_away_from_a_consolidated_weight_and_leaves_a_free_one():
+    consolidated = torch.tensor([1.0, 1.0, 1.0, 1.0])
+    before = torch.tensor([1.0, 1.0, 1.2, 1.2])
+    importance = torch.tensor([3.0, 0.0, 3.0, 3.0])
+    proposed = torch.tensor([1.5, 1.5, 1.4, 1.1])  # away, away (free), further away, back toward W*
+    weight = proposed.clone()
+    apply_meta(weight, before, consolidated, importance, strength=1.0)
+    f = float(meta_factor(torch.tensor(3.0), 1.0))
+    assert 0 < f < 0.01
+    expected = torch.tensor([1.0 + 0.5 * f, 1.5, 1.2 + 0.2 * f, 1.1])
+    assert torch.allclose(weight, expected)
+    assert float(meta_factor(torch.tensor(0.0), 5.0)) == 1.0
+
+
+# --------------------------------------------------------------------------- adapt on a tiny pipeline
+
+STREAM_TEXT = [
+    "The assert statement is a convenient way to insert debugging assertions into a program. ",
+    "Assignment statements are used to bind or rebind names to values and to modify attributes. ",
+    "An identifier occurring as an atom is a name; evaluation of the atom yields the bound object. ",
+    "Python supports string and bytes literals and various numeric literals in its grammar. ",
+    "Attribute references are primaries followed by a period and a name, evaluated in turn. ",
+    "Binary arithmetic operations have the conventional priority levels, below unary operations. ",
+]
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory) -> Path:
+    """A tiny converted hybrid (random Gemma 3, byte tokenizer) with its splits, and a text stream."""
+    folder = prepare(tmp_path_factory.mktemp("continual"), tiny_params(), ("download-teacher", "split", "calibrate",
+                                                                           "convert"))
+    stream = folder / "stream"
+    stream.mkdir()
+    for index, text in enumerate(STREAM_TEXT):
+        (stream / f"doc{index}.txt").write_text(text * 2)
+    return folder
+
+
+def continual_params(**adapt_changes) -> dict:
+    base = {
+        "model": "models/converted", "output": "models/adapted", "old_splits": "data/splits",
+        "checkpoints": "models/.checkpoints", "curves": "reports/adapted.csv",
+        "stream": {"source": "path:stream/*.txt", "block_length": 32, "chunk_blocks": 4, "heldout_every": 3,
+                   "max_chunks": None},
+        "lr": 1.0e-3, "batch_blocks": 2,
+        "replay": {"size": 6, "ratio": 0.5},
+        "meta": {"strength": 1.0, "importance_blocks": 2},
+        "evaluate": {"new_blocks": 2, "old_blocks": 2, "probe_blocks": 1},
+    }
+    for key, value in adapt_changes.items():
+        node = base
+        *sections, last = key.split("__")
+        for section in sections:
+            node = node[section]
+        node[last] = value
+    return {"seed": 0, "tracking": {"enabled": False}, "adapt": base,
+            "settings": {"none": {"replay.ratio": 0.0, "meta.strength": 0.0}}}
+
+
+def run_adapt(raw: dict, setting: str | None = None, **kwargs):
+    Path("continual.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    shared, params = load_adapt_params("continual.yaml", setting)
+    return adapt(params, shared, echo=lambda *_: None, **kwargs)
+
+
+def state_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    return safetensors.torch.load_file(str(folder / "model.safetensors"))
+
+
+@pytest.fixture
+def work(pipeline, tmp_path):
+    """A copy of the tiny pipeline to run adapt in (each test writes its own outputs)."""
+    target = tmp_path / "work"
+    shutil.copytree(pipeline, target)
+    with inside(target):
+        yield target
+
+
+def test_adapt_changes_only_the_spiking_parts_and_never_its_input(work):
+    before = state_tensors(work / "models/converted")
+    input_hashes = {p.name: sha256_file(p) for p in (work / "models/converted").iterdir() if p.is_file()}
+    result = run_adapt(continual_params())
+    after = state_tensors(work / "models/adapted")
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed, "adapt changed nothing"
+    spiking = {name for name in before if ".mlp." in name and (name.endswith("proj.weight") or "threshold" in name)}
+    assert changed <= spiking, f"analog tensors changed: {sorted(changed - spiking)}"
+    assert {p.name: sha256_file(p) for p in (work / "models/converted").iterdir() if p.is_file()} == input_hashes
+    from snn_research.conversion.ann_to_snn_converter import load_hybrid
+
+    load_hybrid(work / "models/adapted")  # what adapt writes, load_hybrid reads
+    chunks = result.chunks_done
+    assert chunks >= 2 and len(result.history) == chunks + 1
+    curves = (work / "reports/adapted.csv").read_text().splitlines()
+    assert len(curves) == chunks + 2 and curves[0].startswith("chunk,tokens_seen,new_ppl,old_ppl")
+
+
+def test_two_runs_over_half_the_stream_equal_one_run_over_all(work):
+    whole = run_adapt(continual_params(output="models/whole"))
+    assert whole.chunks_done >= 4
+    half = whole.chunks_done // 2
+    run_adapt(continual_params(output="models/half", stream__max_chunks=half))
+    second = run_adapt(continual_params(model="models/half", output="models/both_halves"))
+    assert second.chunks_done == whole.chunks_done - half
+    one, two = state_tensors(work / "models/whole"), state_tensors(work / "models/both_halves")
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+    state_one, _ = read_state(work / "models/whole" / STATE_DIR)
+    state_two, _ = read_state(work / "models/both_halves" / STATE_DIR)
+    assert state_one.history == state_two.history and state_one.updates == state_two.updates
+    assert torch.equal(state_one.buffer.items, state_two.buffer.items)
+    assert all(torch.equal(state_one.importance[k], state_two.importance[k]) for k in state_one.importance)
+
+
+def test_a_killed_run_resumes_to_the_same_weights(work):
+    reference = run_adapt(continual_params(output="models/reference"))
+
+    def kill(chunk, update):
+        if chunk == 2 and update % 2 == 1:  # mid-chunk: the first update of the third chunk is done
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_adapt(continual_params(output="models/killed"), on_update=kill)
+    assert not (work / "models/killed").exists()  # nothing half-written
+    resumed = run_adapt(continual_params(output="models/killed"))
+    assert resumed.resumed_from == 2  # it lost only the chunk in flight
+    one, two = state_tensors(work / "models/reference"), state_tensors(work / "models/killed")
+    assert all(torch.equal(one[k], two[k]) for k in one)
+    assert reference.history == resumed.history
+
+
+def test_teacher_reference_adapts_its_ffn_linears_only(work):
+    result = run_adapt(continual_params(model="models/teacher", output="models/ann"))
+    before, after = state_tensors(work / "models/teacher"), state_tensors(work / "models/ann")
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed and all(".mlp." in name for name in changed)
+    assert result.history[-1]["ffn_energy_ratio"] == 1.0
+
+
+def test_settings_override_the_base_and_a_continuation_keeps_them(work):
+    raw = continual_params(output="models/none", stream__max_chunks=1)
+    run_adapt(raw, setting="none")
+    state, _ = read_state(work / "models/none" / STATE_DIR)
+    assert state.settings["replay"]["ratio"] == 0.0 and state.settings["meta"]["strength"] == 0.0
+    assert not (work / "models/none" / STATE_DIR / "consolidation.safetensors").exists()
+    Path("continual.yaml").write_text(yaml.safe_dump(continual_params(model="models/none", output="models/more"),
+                                                     sort_keys=False))
+    result = invoke("adapt", "-p", "continual.yaml")  # the base rule (replay on) against a state made without it
+    assert_clean_failure(result, 2)
+    assert "adapt.replay.ratio: 0.0 -> 0.5" in result.output
+    assert not (work / "models/more").exists()
+
+
+@pytest.mark.parametrize("change, code, message", [
+    ({"adapt": {"replay": {"ratio": 1.5}}}, 2, "adapt.replay.ratio"),
+    ({"adapt": {"batch_blocks": 9}}, 2, "adapt.batch_blocks"),
+    ({"adapt": {"output": "models/converted"}}, 2, "the input is never modified"),
+    ({"adapt": {"stream": {"source": "zip:foo"}}}, 2, "adapt.stream"),
+    ({"adapt": {"stream": {"source": "path:nothing/*.txt"}}}, 1, "matches no files"),
+    ({"adapt": {"stream": {"chunk_blocks": 500, "max_chunks": 1}, "batch_blocks": 2}}, 1, "shorter than one chunk"),
+])
+def test_bad_params_and_streams_fail_cleanly(work, change, code, message):
+    raw = continual_params()
+    for key, value in change["adapt"].items():
+        if isinstance(value, dict):
+            raw["adapt"][key].update(value)
+        else:
+            raw["adapt"][key] = value
+    Path("continual.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    result = invoke("adapt", "-p", "continual.yaml")
+    assert_clean_failure(result, code)
+    assert message in result.output
+    assert not (work / "models/adapted").exists()
+
+
+def test_empty_and_non_utf8_stream_documents_are_named(work):
+    (work / "stream" / "zz_empty.txt").write_text("  \n")
+    Path("continual.yaml").write_text(yaml.safe_dump(continual_params(), sort_keys=False))
+    result = invoke("adapt", "-p", "continual.yaml")
+    assert_clean_failure(result, 1)
+    assert "zz_empty.txt" in result.output and "empty" in result.output
+    (work / "stream" / "zz_empty.txt").write_bytes(b"caf\xe9 au lait\n")
+    result = invoke("adapt", "-p", "continual.yaml")
+    assert_clean_failure(result, 1)
+    assert "zz_empty.txt" in result.output and "UTF-8" in result.output
+
+
+def test_a_hybrid_whose_files_do_not_match_its_manifest_is_refused(work):
+    metadata = work / "models/converted/hybrid.json"
+    data = json.loads(metadata.read_text())
+    data["plan"]["time_steps"] = data["plan"]["time_steps"] + 1
+    metadata.write_text(json.dumps(data))
+    Path("continual.yaml").write_text(yaml.safe_dump(continual_params(), sort_keys=False))
+    result = invoke("adapt", "-p", "continual.yaml")
+    assert_clean_failure(result, 1)
+    assert "hybrid.json" in result.output and "manifest" in result.output
+    assert not (work / "models/adapted").exists()
+
+
+def test_continual_report_combines_the_settings(work):
+    run_adapt(continual_params(output="models/a", curves="reports/both.csv", stream__max_chunks=1))
+    run_adapt(continual_params(output="models/b", curves="reports/none.csv", stream__max_chunks=1), setting="none")
+    result = invoke("continual-report", "reports/both.csv", "reports/none.csv", "--csv", "reports/all.csv",
+                    "--plot", "reports/all.png", "--table", "reports/all.md")
+    assert result.exit_code == 0, result.output
+    table = (work / "reports/all.md").read_text()
+    assert table.count("\n") == 4 and "| both | 1 |" in table and "| none | 1 |" in table
+    rows = (work / "reports/all.csv").read_text().splitlines()
+    assert rows[0].startswith("setting,chunk") and len(rows) == 5
+    assert (work / "reports/all.png").stat().st_size > 1000
+
+
+def test_the_adapt_schema_documents_every_field():
+    result = invoke("schema", "--adapt")
+    assert result.exit_code == 0, result.output
+    schema = json.loads(result.stdout)
+    assert {"model", "output", "old_splits", "stream", "replay", "meta", "evaluate"} <= set(schema["properties"])
+    assert schema["$defs"]["ReplayParams"]["properties"]["ratio"]["maximum"] == 1.0
