@@ -22,7 +22,8 @@ def hybrid_folder(tmp_path_factory):
 
 
 def write_metrics(path, ppl: float, energy: float):
-    path.write_text(json.dumps({"teacher": {"ppl": 10.0}, "finetuned": {"ppl": ppl, "ffn_energy_ratio": energy}}))
+    path.write_text(json.dumps({"teacher": {"ppl": 10.0},
+                                "finetuned": {"ppl": ppl, "bpb": 2.0, "ffn_energy_ratio": energy}}))
     return path
 
 
@@ -43,15 +44,19 @@ def test_register_moves_the_champion_only_on_a_win_and_the_champion_generates(hy
     assert first.exit_code == 0, first.output
     assert "version 1" in first.output and "is now champion" in first.output
     worse = invoke("register", *args, str(write_metrics(tmp_path / "m2.json", 25.0, 0.25)))
-    assert "version 2" in worse.output and "is not champion" in worse.output
+    assert worse.exit_code == 0 and "version 2" in worse.output and "is not champion" in worse.output
     costlier = invoke("register", *args, str(write_metrics(tmp_path / "m3.json", 15.0, 0.40)))
-    assert "version 3" in costlier.output and "is not champion" in costlier.output
+    assert costlier.exit_code == 0 and "version 3" in costlier.output and "is not champion" in costlier.output
     better = invoke("register", *args, str(write_metrics(tmp_path / "m4.json", 15.0, 0.30)))
-    assert "version 4" in better.output and "is now champion" in better.output
+    assert better.exit_code == 0 and "version 4" in better.output and "is now champion" in better.output
+    other_metric = invoke("register", *args, str(tmp_path / "m4.json"), "--metric", "bpb")
+    assert_clean_failure(other_metric, 1)
+    assert "was chosen on 'ppl', not 'bpb'" in other_metric.output
 
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient()
     assert int(client.get_model_version_by_alias(NAME, "champion").version) == 4
+    assert len(client.search_model_versions(f"name = '{NAME}'")) == 4  # the refused one registered nothing
     run = client.get_run(client.get_model_version(NAME, "4").run_id)
     assert run.data.metrics["ppl"] == 15.0
     artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "conversion")]

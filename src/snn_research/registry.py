@@ -96,7 +96,6 @@ def register(model_dir: Path, metrics_path: Path, name: str, entry: str = "finet
              tracking_uri: str = "sqlite:///mlflow.db", experiment: str = "snn-research") -> Registration:
     """Log ``model_dir`` as a pyfunc model in a new run, register it as ``name``, move ``champion`` if it wins."""
     import mlflow
-    from mlflow import MlflowClient
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
@@ -109,9 +108,41 @@ def register(model_dir: Path, metrics_path: Path, name: str, entry: str = "finet
     if not (math.isfinite(value) and math.isfinite(energy)):
         raise ValueError(f"{metrics_path}: {entry}.{metric} or {entry}.{ENERGY} is not finite")
 
+    try:
+        return _register(model_dir, name, entry, metric, value, energy, tracking_uri, experiment)
+    except mlflow.exceptions.MlflowException as error:
+        raise ValueError(f"MLflow at {tracking_uri}: {error}") from None
+
+
+def _champion(client, name: str):
+    """The version holding the alias, or None (a registry without the model or the alias has none)."""
+    import mlflow
+
+    try:
+        return client.get_model_version_by_alias(name, ALIAS)
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+def _register(model_dir: Path, name: str, entry: str, metric: str, value: float, energy: float, tracking_uri: str,
+              experiment: str) -> Registration:
+    import mlflow
+    from mlflow import MlflowClient
+
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_experiment(experiment)
     client = MlflowClient()
+    current = _champion(client, name)
+    held = None
+    if current is not None:
+        if current.tags.get("metric") != metric:
+            raise ValueError(f"the champion of {name!r} (version {current.version}) was chosen on "
+                             f"{current.tags.get('metric')!r}, not {metric!r}: compare on the same metric")
+        try:
+            held = (float(current.tags["metric_value"]), float(current.tags[ENERGY]))
+        except (KeyError, ValueError):
+            raise ValueError(f"the champion of {name!r} (version {current.version}) lacks the tags metric_value and "
+                             f"{ENERGY} that `snn-research register` sets; move the alias by hand") from None
     tags = {"metric": metric, "metric_value": repr(value), ENERGY: repr(energy), "entry": entry,
             "model_dir": str(model_dir.resolve())}
     with mlflow.start_run(run_name=f"register {name}", tags={"role": "register"}) as run:
@@ -125,17 +156,9 @@ def register(model_dir: Path, metrics_path: Path, name: str, entry: str = "finet
     for key, text in tags.items():
         client.set_model_version_tag(name, str(version), key, text)
 
-    try:
-        current = client.get_model_version_by_alias(name, ALIAS)
-    except mlflow.exceptions.MlflowException:
-        current = None
     if current is None:
         client.set_registered_model_alias(name, ALIAS, str(version))
         return Registration(name, version, run.info.run_id, True, None, "no champion yet")
-    if current.tags.get("metric") != metric:
-        raise ValueError(f"the champion of {name!r} (version {current.version}) was chosen on "
-                         f"{current.tags.get('metric')!r}, not {metric!r}: compare on the same metric")
-    held = (float(current.tags["metric_value"]), float(current.tags[ENERGY]))
     if beats((value, energy), held, metric):
         client.set_registered_model_alias(name, ALIAS, str(version))
         return Registration(name, version, run.info.run_id, True, int(current.version),

@@ -1,13 +1,14 @@
 """``snn-research adapt``: online learning of the spiking parts on a new-domain stream, one pass, chunk by chunk.
 
 What trains: for a hybrid, exactly what fine-tuning trains (``spiking_parameter_groups``): the weights of
-the spike-consuming linears and the learnable log-thresholds; for a teacher (the ANN reference), the
+the spike-consuming linears (at ``lr``) and the learnable log-thresholds and leaks (at ``threshold_lr``); for a teacher (the ANN reference), the
 weights of its FFN linears. Everything else (attention, norms, embeddings, the LM head) is frozen and
 bit-equal before and after.
 
-An update: ``batch_blocks`` consecutive new-domain blocks of the current chunk, plus
-``round(replay.ratio x batch_blocks)`` old-domain blocks drawn from the reservoir buffer; the loss is the
-next-token cross-entropy over all of them; AdamW at a constant learning rate (an online stream has no end
+An update: ``batch_blocks`` consecutive new-domain blocks of the current chunk, plus old-domain blocks
+drawn from the reservoir buffer, ``replay.ratio`` per new block (after n new blocks in all,
+floor(n x ratio) replayed: a fractional ratio is spread over the updates exactly); the loss is the mean of
+the blocks' next-token cross-entropies (each block weighs the same); AdamW at a constant learning rate (an online stream has no end
 to schedule toward), gradient-norm clipping, then the meta-plasticity rule (``continual/plasticity.py``)
 rescales the step when ``meta.strength`` > 0.
 
@@ -45,7 +46,7 @@ from snn_research.config import ParamsError
 from snn_research.continual.params import AdaptParams, ContinualFile
 from snn_research.continual.plasticity import apply_meta, fisher_importance
 from snn_research.continual.replay import ReservoirBuffer
-from snn_research.continual.stream import Stream, build_stream
+from snn_research.continual.stream import Stream, build_stream, chunk_sha256
 from snn_research.data import load_blocks, spread
 from snn_research.io import atomic_directory, atomic_write_text, sha256_file
 from snn_research.models.hybrid_transformer import (
@@ -54,6 +55,7 @@ from snn_research.models.hybrid_transformer import (
     spiking_mlps,
     spiking_parameter_groups,
 )
+from snn_research.training.loop import _set_noise_step
 from snn_research.training.losses import next_token_nll
 
 STATE_DIR = "adapt_state"
@@ -111,7 +113,10 @@ class AdaptState:
     seed: int
     kind: str
     origin: str  # sha256 of the first input folder's manifest
+    data: dict[str, str] = field(default_factory=dict)  # old splits' manifest, held-out blocks: sha256
     position: int = 0  # chunks adapted on so far, over all runs
+    run_start: int = 0  # chunk position where the current run began (a checkpoint resumes with it)
+    run_end: int = 0  # chunk position where the current run stops
     updates: int = 0
     chunk_sha256: list[str] = field(default_factory=list)
     history: list[dict[str, float]] = field(default_factory=list)
@@ -123,7 +128,8 @@ class AdaptState:
 
     def scalars(self) -> dict[str, Any]:
         return {"format_version": STATE_FORMAT, "settings": self.settings, "seed": self.seed, "kind": self.kind,
-                "origin": self.origin, "position": self.position, "updates": self.updates,
+                "origin": self.origin, "data": self.data, "position": self.position, "run_start": self.run_start,
+                "run_end": self.run_end, "updates": self.updates,
                 "chunk_sha256": self.chunk_sha256, "history": self.history, "learned_nll": self.learned_nll}
 
 
@@ -191,13 +197,14 @@ def read_state(folder: Path) -> tuple[AdaptState, dict[str, torch.Tensor] | None
                                          scalars["optimizer"])
         trainable_path = folder / "trainable.safetensors"
         trainable = safetensors.torch.load_file(str(trainable_path)) if trainable_path.is_file() else None
-    except (OSError, ValueError, KeyError, json.JSONDecodeError, safetensors.SafetensorError) as error:
+        state = AdaptState(settings=scalars["settings"], seed=scalars["seed"], kind=scalars["kind"],
+                           origin=scalars["origin"], data=scalars["data"], position=scalars["position"],
+                           run_start=scalars["run_start"], run_end=scalars["run_end"], updates=scalars["updates"],
+                           chunk_sha256=scalars["chunk_sha256"], history=scalars["history"],
+                           learned_nll=scalars["learned_nll"], buffer=buffer, consolidated=consolidated,
+                           importance=importance, optimizer=optimizer)
+    except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError, safetensors.SafetensorError) as error:
         raise ValueError(f"{folder}: unreadable adapt state ({type(error).__name__}: {error})") from None
-    state = AdaptState(settings=scalars["settings"], seed=scalars["seed"], kind=scalars["kind"],
-                       origin=scalars["origin"], position=scalars["position"], updates=scalars["updates"],
-                       chunk_sha256=scalars["chunk_sha256"], history=scalars["history"],
-                       learned_nll=scalars["learned_nll"], buffer=buffer, consolidated=consolidated,
-                       importance=importance, optimizer=optimizer)
     return state, trainable
 
 
@@ -280,11 +287,13 @@ class AdaptResult:
     resumed_from: int | None  # chunk of the checkpoint this run resumed from
 
 
-def _fingerprint(params: AdaptParams, seed: int, input_digest: str) -> str:
+def _fingerprint(params: AdaptParams, seed: int, input_digest: str, data: dict[str, str],
+                 chunks: list[str]) -> str:
+    """Identifies a run: a checkpoint resumes only with the same params, input, data, stream and code."""
     from snn_research.stages.training_common import code_version
 
     payload = json.dumps({"params": params.model_dump(mode="json"), "seed": seed, "input": input_digest,
-                          "code": code_version()}, sort_keys=True)
+                          "data": data, "chunks": chunks, "code": code_version()}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -329,6 +338,9 @@ def adapt(params: AdaptParams, shared: ContinualFile, log_metrics: Callable[[dic
     trainable = trainable_parameters(model, kind)
     vocab = int(model.get_input_embeddings().weight.shape[0])
 
+    from snn_research.artifacts import verify_folder
+
+    data = {"old_splits": verify_folder(Path(params.old_splits))[1]}
     old_train = load_blocks(Path(params.old_splits), "train").input_ids
     old_test = spread(load_blocks(Path(params.old_splits), "test"), params.evaluate.old_blocks).input_ids
     _check_vocab(old_train, vocab, f"{params.old_splits}/train.safetensors")
@@ -336,6 +348,7 @@ def adapt(params: AdaptParams, shared: ContinualFile, log_metrics: Callable[[dic
     if old_train.shape[0] == 0:
         raise ValueError(f"{params.old_splits}/train.safetensors: no old-domain blocks to replay")
     stream = build_stream(params.stream, tokenizer, params.evaluate.new_blocks)
+    data["heldout"] = chunk_sha256(stream.heldout)
     settings = params.state_settings()
 
     continued = (source / STATE_DIR / "state.json").is_file()
@@ -349,32 +362,53 @@ def adapt(params: AdaptParams, shared: ContinualFile, log_metrics: Callable[[dic
                               f"keep them: {'; '.join(changed)}")
         if state.kind != kind:
             raise ValueError(f"{source}: adapt state says a {state.kind}, the folder holds a {kind}")
+        for key, value in data.items():
+            if state.data.get(key) != value:
+                what = {"old_splits": f"the old-domain splits ({params.old_splits})",
+                        "heldout": "the held-out new-domain blocks"}[key]
+                raise ValueError(f"{source}: {what} differ from those its adapt state was scored on; a "
+                                 "continuation must keep them, or forgetting and gains would compare different data")
     else:
-        state = AdaptState(settings=json.loads(json.dumps(settings)), seed=shared.seed, kind=kind, origin=digest)
+        state = AdaptState(settings=json.loads(json.dumps(settings)), seed=shared.seed, kind=kind, origin=digest,
+                           data=dict(data))
     _check_stream_prefix(state, stream, source)
+    state.run_start = state.position
+    state.run_end = len(stream.chunks) if params.stream.max_chunks is None else \
+        min(len(stream.chunks), state.position + params.stream.max_chunks)
 
     checkpoint = Path(params.checkpoints) / f"adapt-{hashlib.sha256(str(output.resolve()).encode()).hexdigest()[:16]}"
-    fingerprint = _fingerprint(params, shared.seed, digest)
+    fingerprint = _fingerprint(params, shared.seed, digest, data, stream.chunk_sha256)
     resumed_from = None
-    if (checkpoint / "fingerprint").is_file() and (checkpoint / "fingerprint").read_text() == fingerprint:
-        state, values = read_state(checkpoint / STATE_DIR)
+    found = _readable_checkpoint(checkpoint)
+    if found is not None and (found / "fingerprint").read_text() == fingerprint:
+        state, values = read_state(found / STATE_DIR)
+        if values is None or set(values) != set(trainable.all):
+            raise ValueError(f"{found}: the checkpoint's trainable tensors do not match the model's; delete it")
+        _check_stream_prefix(state, stream, found)
         with torch.no_grad():
             for name, p in trainable.all.items():
                 p.copy_(values[name])
         resumed_from = state.position
         echo(f"adapt: resuming from the checkpoint after chunk {state.position}")
-    elif checkpoint.exists():
-        shutil.rmtree(checkpoint)  # another run's: it must not be resumed
+    else:
+        for stale in (checkpoint, checkpoint.with_name(f".{checkpoint.name}.old")):
+            shutil.rmtree(stale, ignore_errors=True)  # another run's: it must not be resumed
 
     if state.buffer is None:
         state.buffer = ReservoirBuffer(params.replay.size, old_train.shape[1], shared.seed)
         state.buffer.offer_all(old_train)
+    for field_name, needed in (("replay.size", math.ceil(params.replay.ratio * params.batch_blocks)),
+                               ("meta.importance_blocks", params.meta.importance_blocks if params.meta.strength else 0)):
+        if needed > state.buffer.filled:
+            raise ParamsError(f"adapt.{field_name}: needs {needed} old-domain blocks, but the buffer holds "
+                              f"{state.buffer.filled} (replay.size {params.replay.size}, "
+                              f"{old_train.shape[0]} train blocks)")
     for name, p in trainable.all.items():
         p.requires_grad_(True)
     meta_on = params.meta.strength > 0
     if meta_on and not state.consolidated:
         state.consolidated = {name: p.detach().clone() for name, p in trainable.all.items()}
-        blocks = state.buffer.items[: min(params.meta.importance_blocks, state.buffer.filled)]
+        blocks = state.buffer.items[: params.meta.importance_blocks]
         state.importance = fisher_importance(model, trainable.all, blocks,
                                              lambda m, b: next_token_nll(m(input_ids=b, use_cache=False).logits, b))
 
@@ -396,21 +430,24 @@ def adapt(params: AdaptParams, shared: ContinualFile, log_metrics: Callable[[dic
         if log_metrics:
             log_metrics(row, 0)
         echo(f"adapt: start  new ppl {row['new_ppl']:.2f}  old ppl {row['old_ppl']:.2f}")
-    end = len(stream.chunks) if params.stream.max_chunks is None else \
-        min(len(stream.chunks), state.position + params.stream.max_chunks)
+    end, first = state.run_end, state.run_start
     if resumed_from is None and state.position >= len(stream.chunks):
         raise ValueError(f"{source}: already adapted on all {len(stream.chunks)} chunks of {params.stream.source!r}; "
                          "nothing left to learn (give a longer stream)")
-    replay_count = round(params.replay.ratio * params.batch_blocks)
     seconds: list[float] = []
-    first = state.position
+    ran: list[int] = []  # chunks this process adapted on (a resumed run starts at its checkpoint)
+    chunk_blocks = params.stream.chunk_blocks
     for chunk_index in range(state.position, end):
         started = time.perf_counter()
         chunk = stream.chunks[chunk_index]
         for offset in range(0, chunk.shape[0], params.batch_blocks):
             new = chunk[offset: offset + params.batch_blocks]
-            replay = state.buffer.draw(min(replay_count, state.buffer.filled), shared.seed, state.updates)
+            seen = chunk_index * chunk_blocks + offset  # new blocks before this update, over all runs
+            count = math.floor((seen + new.shape[0]) * params.replay.ratio) - math.floor(seen * params.replay.ratio)
+            replay = state.buffer.draw(count, shared.seed, state.updates)
+            _set_noise_step(model, state.updates + 1)  # a rate encoder's draws differ per update (0: evaluation)
             _update(model, optimizer, trainable, new, replay, params, state, meta_on)
+            _set_noise_step(model, 0)
             state.updates += 1
             if on_update is not None:
                 on_update(chunk_index, state.updates)
@@ -420,16 +457,17 @@ def adapt(params: AdaptParams, shared: ContinualFile, log_metrics: Callable[[dic
         for p in trainable.all.values():
             p.requires_grad_(False)
         row = evaluate_point(model, probe, state.position, state, kind, constants, trainable.count,
-                             state.position * params.stream.chunk_blocks * (block_tokens - 1))
+                             state.position * chunk_blocks * (block_tokens - 1))
         for p in trainable.all.values():
             p.requires_grad_(True)
         state.history.append(row)
+        _write_checkpoint(checkpoint, fingerprint, state, trainable)
         seconds.append(time.perf_counter() - started)
+        ran.append(state.position)
         if log_metrics:
             log_metrics({**row, "seconds_per_chunk": seconds[-1]}, state.position)
         echo(f"adapt: chunk {state.position}/{end}  new ppl {row['new_ppl']:.2f}  old ppl {row['old_ppl']:.2f}  "
              f"forgetting {row['forgetting']:+.3f}  bwt {row['bwt']:+.4f}  ({seconds[-1]:.0f} s)")
-        _write_checkpoint(checkpoint, fingerprint, state, trainable)
 
     for p in trainable.all.values():
         p.requires_grad_(False)
@@ -439,10 +477,18 @@ def adapt(params: AdaptParams, shared: ContinualFile, log_metrics: Callable[[dic
         write_curves(Path(params.curves), state.history)
     if timings is not None:
         timings.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(timings, json.dumps({"seconds_per_chunk": seconds, "chunks": list(range(first + 1, end + 1)),
+        atomic_write_text(timings, json.dumps({"seconds_per_chunk": seconds, "chunks": ran,
                                                "trainable_parameters": trainable.count}, indent=1))
     shutil.rmtree(checkpoint, ignore_errors=True)
     return AdaptResult(output, state.history, end - first, seconds, resumed_from)
+
+
+def _readable_checkpoint(folder: Path) -> Path | None:
+    """The checkpoint folder, or the previous one that a kill between ``atomic_directory``'s two renames left."""
+    for candidate in (folder, folder.with_name(f".{folder.name}.old")):
+        if (candidate / "fingerprint").is_file() and (candidate / STATE_DIR / "state.json").is_file():
+            return candidate
+    return None
 
 
 def _check_stream_prefix(state: AdaptState, stream: Stream, source: Path) -> None:

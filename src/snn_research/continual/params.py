@@ -57,7 +57,8 @@ class ReplayParams(Strict):
     """A fixed-size reservoir of old-domain training blocks, mixed into every update."""
 
     size: int = Field(64, ge=1, description="blocks the buffer holds: its memory is fixed by this, not by the stream")
-    ratio: float = Field(0.5, ge=0.0, le=1.0, description="replayed blocks per new block in an update (0: no replay)")
+    ratio: float = Field(0.5, ge=0.0, le=1.0, description="replayed blocks per new block (0: no replay); after n "
+                         "new blocks in all, floor(n x ratio) have been replayed, so a fraction spreads over updates")
 
 
 class MetaParams(Strict):
@@ -88,7 +89,8 @@ class AdaptParams(Strict):
                             "test: old-domain score), tokenized by the same tokenizer")
     stream: StreamParams = StreamParams()
     lr: float = Field(1.0e-4, gt=0.0, description="AdamW learning rate of the spiking (or FFN) weights")
-    threshold_lr: float = Field(1.0e-3, ge=0.0, description="learning rate of the learnable log-thresholds")
+    threshold_lr: float = Field(1.0e-3, ge=0.0, description="learning rate of the learnable log-thresholds "
+                                "(and leaks, for a LIF encoder)")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay")
     grad_clip: float | None = Field(1.0, gt=0.0, description="global gradient-norm clip (null: none)")
     batch_blocks: int = Field(2, ge=1, description="new-domain blocks per update")
@@ -125,6 +127,17 @@ class ContinualFile(Strict):
                                                 "fields it changes, as dotted keys")
 
 
+def _dotted(changes: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"meta": {"strength": 3}}`` -> ``{"meta.strength": 3}``: a setting changes fields, never whole sections."""
+    flat: dict[str, Any] = {}
+    for key, value in changes.items():
+        if isinstance(value, dict) and value:
+            flat.update(_dotted(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def load_adapt_params(path: str | Path, setting: str | None = None,
                       overrides: list[str] | None = None) -> tuple[ContinualFile, AdaptParams]:
     """Read ``path``, merge ``settings[setting]`` over ``adapt`` and the ``--set`` overrides; ParamsError names
@@ -149,7 +162,7 @@ def load_adapt_params(path: str | Path, setting: str | None = None,
             known = ", ".join(sorted(shared.settings)) or "none"
             raise ParamsError(f"{path}: settings: no setting named {setting!r} (known: {known})")
         changes = [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
-                   for key, value in shared.settings[setting].items()]
+                   for key, value in _dotted(shared.settings[setting]).items()]
         try:
             merged = apply_overrides(merged, changes)
         except ParamsError as error:

@@ -15,7 +15,8 @@ weight away from its consolidated value W*, the value it had when adaptation beg
 per weight i, for the update Delta_i the optimizer proposes:
 
     Delta_i <- f_i * Delta_i   if Delta_i moves w_i away from W*_i (sign(Delta_i) = sign(w_i - W*_i), or w_i = W*_i)
-    Delta_i <- Delta_i         if it moves w_i back toward W*_i
+    Delta_i <- Delta_i         if it moves w_i back toward W*_i without passing it
+    w_i     <- W*_i + f_i * (w_i + Delta_i - W*_i)   if it passes W*_i: the part beyond W*_i moves away
     f_i = 1 - tanh^2(m * I_i)
 
 with I_i the weight's importance to the old domain in place of |W_h|: the diagonal Fisher information,
@@ -42,9 +43,12 @@ def apply_meta(weight: torch.Tensor, before: torch.Tensor, consolidated: torch.T
     """Rescale in place the update ``weight - before`` just made: updates away from ``consolidated`` by f_meta."""
     delta = weight - before
     offset = before - consolidated
+    factor = meta_factor(importance, strength)
     away = (delta * offset > 0) | (offset == 0)
-    scale = torch.where(away, meta_factor(importance, strength), torch.ones_like(importance))
-    weight.copy_(before + delta * scale)
+    passes = (delta * offset < 0) & ((offset + delta) * offset < 0)
+    result = torch.where(away, before + factor * delta, weight)
+    result = torch.where(passes, consolidated + factor * (offset + delta), result)
+    weight.copy_(result)
 
 
 def fisher_importance(model: nn.Module, parameters: dict[str, nn.Parameter], blocks: torch.Tensor,

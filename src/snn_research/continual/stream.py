@@ -1,12 +1,15 @@
 """The new-domain stream: documents in a fixed order, tokenized into blocks, cut into chunks.
 
-``package:pydoc-topics`` is the Python language reference's topic texts that ship with CPython
-(``pydoc_data.topics``: 79 documents, about 465 k characters of technical English), so the default stream
-needs no download and is not Shakespeare. ``path:<glob>`` reads any UTF-8 text files, in sorted path order.
+``package:pydoc-topics`` is the Python language reference's topic texts that ship with the CPython
+interpreter (``pydoc_data.topics``; CPython 3.11.7 has 79 documents, about 465 k characters of technical
+English), so the default stream needs no download and is not Shakespeare. Another Python version may ship
+other texts: the stream then has other chunk hashes, and a continuation refuses it. ``path:<glob>`` reads
+any UTF-8 text files, in sorted path order.
 
 Every ``heldout_every``-th document is held out as the new-domain test set; the others, in order, are the
-stream. The stream's blocks are cut into chunks of ``chunk_blocks``; a tail shorter than a chunk is not
-used (its size is reported). Each chunk has a sha256 over its token ids, so a continuation can check
+stream. Each document is cut into blocks as the splits are (its last partial block is dropped); the
+stream's blocks are cut into chunks of ``chunk_blocks``, and a tail shorter than a chunk is not used (its
+size is reported). Each chunk has a sha256 over its token ids, so a continuation can check
 that it reads the same stream as the run it continues.
 """
 
