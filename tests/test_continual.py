@@ -335,10 +335,16 @@ def test_a_hybrid_whose_files_do_not_match_its_manifest_is_refused(work):
 def test_continual_report_combines_the_settings(work):
     run_adapt(continual_params(output="models/a", curves="reports/both.csv", stream__max_chunks=1))
     run_adapt(continual_params(output="models/b", curves="reports/none.csv", stream__max_chunks=1), setting="none")
+    (work / "timings").mkdir()
+    (work / "timings" / "both.json").write_text(json.dumps({"seconds_per_chunk": [50.0, 300.0, 40.0]}))
     result = invoke("continual-report", "reports/both.csv", "reports/none.csv", "--csv", "reports/all.csv",
-                    "--plot", "reports/all.png", "--table", "reports/all.md")
+                    "--plot", "reports/all.png", "--table", "reports/all.md", "--timings", "timings")
     assert result.exit_code == 0, result.output
+    printed = [line for line in result.output.splitlines() if line.startswith("| both")]
+    assert printed and printed[0].endswith("| 50 |")  # the median: one slow chunk does not set it
+    assert [line for line in result.output.splitlines() if line.startswith("| none")][0].endswith("| - |")
     table = (work / "reports/all.md").read_text()
+    assert "s / chunk" not in table  # the DVC output holds no timings
     assert table.count("\n") == 4 and "| both | 1 |" in table and "| none | 1 |" in table
     rows = (work / "reports/all.csv").read_text().splitlines()
     assert rows[0].startswith("setting,chunk") and len(rows) == 5

@@ -50,7 +50,7 @@ def markdown_table(summary: pd.DataFrame, seconds: dict[str, float] | None = Non
     header = ["setting", "chunks", "new ppl (start -> end)", "new gain", "old ppl (start -> end)", "forgetting",
               "BWT (nats)", "spike rate", "FFN energy", "trainable"]
     if seconds:
-        header.append("s / chunk")
+        header.append("s / chunk (median)")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in summary.itertuples(index=False):
         spike = "-" if pd.isna(row.spike_rate) else f"{row.spike_rate:.3f}"
@@ -66,14 +66,17 @@ def markdown_table(summary: pd.DataFrame, seconds: dict[str, float] | None = Non
 
 
 def read_seconds(folder: Path | None, settings: list[str]) -> dict[str, float]:
-    """Mean seconds per chunk per setting from ``<folder>/<setting>.json`` (absent files are skipped)."""
+    """Median seconds per chunk per setting from ``<folder>/<setting>.json`` (absent files are skipped): the
+    median, so that a chunk slowed by other work on a shared machine does not set the figure."""
+    import statistics
+
     seconds = {}
     for setting in settings if folder is not None else []:
         path = Path(folder) / f"{setting}.json"
         if path.is_file():
             values = json.loads(path.read_text()).get("seconds_per_chunk") or []
             if values:
-                seconds[setting] = sum(values) / len(values)
+                seconds[setting] = statistics.median(values)
     return seconds
 
 
