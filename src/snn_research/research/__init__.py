@@ -1,0 +1,1 @@
+"""Research track toward a fully spiking transformer: operators measured outside the pipeline."""
