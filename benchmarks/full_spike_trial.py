@@ -7,10 +7,16 @@ cost a model in quality before any recovery.
 
 MODEL is a hybrid (or teacher) folder. Each variant is applied to a fresh copy of it and scored on 8
 test blocks against the teacher: perplexity ratio, top-1 agreement, full KL (the coding trial's scoring).
-Variants: ``softmax`` (power-of-two softmax in every attention), ``shift_norm`` (every RMSNorm/LayerNorm's
-divisor rounded to a power of two), ``fixed_norm`` (every norm's divisor a constant calibrated on 8 calib
-blocks), and ``softmax+shift_norm``. One JSON line per variant. Energy is not counted here: the operators
-replace an exp unit, a square root and divisions by shifts, which the energy model does not price yet.
+A variant joins parts with "+", applied in this order:
+- ``attention``: q, k, v and o projections read spikes (the weighted code at the hybrid's T, per-channel
+  99.9th-percentile thresholds from 8 calib blocks; ``research/spiking_projections.py``);
+- ``lm_head``: the LM head reads spikes, calibrated the same way;
+- ``softmax``: power-of-two softmax in every attention;
+- ``shift_norm``: every RMSNorm/LayerNorm's divisor rounded to a power of two;
+- ``fixed_norm``: every norm's divisor a constant calibrated on the 8 calib blocks.
+The default list is the research track's steps 0-4 (FFN only; + attention projections; + LM head;
++ power-of-two softmax; + shift norm) and the three operators alone. One JSON line per variant, with the
+spike rate of the spiking projections. Energy is not counted here: the energy model prices the FFN sites only.
 """
 
 from __future__ import annotations
@@ -24,19 +30,39 @@ from benchmarks.coding_trial import _score
 from snn_research.data import load_blocks, spread
 from snn_research.generate import load_model_folder
 from snn_research.research.operators import calibrate_norm_scales, replace_norms, use_attention
+from snn_research.research.spiking_projections import (
+    percentile_thresholds,
+    projection_paths,
+    spike_projections,
+    spike_rate,
+)
 from snn_research.teacher import load_teacher
 
-VARIANTS = ("none", "softmax", "shift_norm", "fixed_norm", "softmax+shift_norm")
+PARTS = ("attention", "lm_head", "softmax", "shift_norm", "fixed_norm")
+VARIANTS = ("none", "attention", "attention+lm_head", "attention+lm_head+softmax",
+            "attention+lm_head+softmax+shift_norm", "softmax", "shift_norm", "fixed_norm")
 
 
-def apply(model, variant: str, calib) -> None:
+def apply(model, variant: str, calib) -> list:
+    """Apply ``variant``'s parts to ``model`` in place; returns the spiking projections made."""
     parts = [] if variant == "none" else variant.split("+")
+    unknown = [part for part in parts if part not in PARTS]
+    if unknown:
+        raise ValueError(f"unknown parts {unknown}; choose from {list(PARTS)}")
+    wrapped = []
+    sites = [part for part in ("attention", "lm_head") if part in parts]
+    if sites:
+        plan = getattr(getattr(model, "hybrid_metadata", None), "plan", None)
+        time_steps = plan.time_steps if plan is not None else 5
+        thresholds = percentile_thresholds(model, projection_paths(model, sites), calib.split(4))
+        wrapped = spike_projections(model, thresholds, time_steps)
     if "softmax" in parts:
         use_attention(model, "power_of_two")
     if "shift_norm" in parts:
         replace_norms(model, "shift")
     if "fixed_norm" in parts:
         replace_norms(model, "fixed", calibrate_norm_scales(model, calib.split(4)))
+    return wrapped
 
 
 def main() -> None:
@@ -48,9 +74,9 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     args = parser.parse_args()
     variants = args.variants.split(",")
-    unknown = [v for v in variants if v not in VARIANTS]
+    unknown = [p for v in variants if v != "none" for p in v.split("+") if p not in PARTS]
     if unknown:
-        parser.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+        parser.error(f"unknown parts {unknown}; choose from {list(PARTS)} joined by '+', or 'none'")
     teacher, _ = load_teacher(args.teacher)
     test = spread(load_blocks(args.splits, "test"), args.blocks).input_ids
     calib = spread(load_blocks(args.splits, "calib"), 8).input_ids
@@ -59,11 +85,15 @@ def main() -> None:
     for variant in variants:
         started = time.perf_counter()
         model, _, kind = load_model_folder(args.model)
-        apply(model, variant, calib)
+        wrapped = apply(model, variant, calib)
+        for projection in wrapped:  # count the test blocks' spikes only
+            projection.spikes = projection.neuron_steps = 0.0
         nll, agreement, kl = _score(model, teacher, test)
         print(json.dumps({"model": args.model, "kind": kind, "variant": variant,
                           "ppl_ratio": round(math.exp(nll - teacher_nll), 4), "agreement_top1": round(agreement, 4),
-                          "kl_full_to_teacher": round(kl, 4), "seconds": round(time.perf_counter() - started, 1)}),
+                          "kl_full_to_teacher": round(kl, 4),
+                          "projection_spike_rate": round(spike_rate(wrapped), 4) if wrapped else None,
+                          "seconds": round(time.perf_counter() - started, 1)}),
               flush=True)
 
 

@@ -34,6 +34,15 @@ def stage_module(stage: str) -> str:
     return f"{PACKAGE}.stages.{stage.replace('-', '_')}"
 
 
+# commands that are not pipeline stages, and the module whose import closure is the code they run
+COMMAND_MODULES = {"adapt": f"{PACKAGE}.continual.adapt", "continual-report": f"{PACKAGE}.continual.report"}
+
+
+def command_module(command: str) -> str:
+    """The module a ``snn-research <command>`` runs: a stage's own, or a listed command's."""
+    return COMMAND_MODULES.get(command, stage_module(command))
+
+
 def module_file(module: str) -> Path | None:
     """The source file of a ``snn_research`` module, or None when there is no such module."""
     base = SRC.joinpath(*module.split("."))
@@ -581,8 +590,8 @@ def module_deps(module: str, src: str, indent: str) -> str:
 
 def continual_stages(src: str) -> str:
     """pipelines/continual: one adapt per setting (its model input differs for the ANN), then the summary."""
-    adapt_code = module_deps(f"{PACKAGE}.continual.adapt", src, " " * 8)
-    report_code = module_deps(f"{PACKAGE}.continual.report", src, " " * 6)
+    adapt_code = module_deps(command_module("adapt"), src, " " * 8)
+    report_code = module_deps(command_module("continual-report"), src, " " * 6)
     curves = " ".join(f"reports/curves/{s}.csv" for s in CONTINUAL_SETTINGS)
     curve_deps = "\n".join(f"      - reports/curves/{s}.csv" for s in CONTINUAL_SETTINGS)
     return f"""stages:

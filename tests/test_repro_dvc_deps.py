@@ -45,7 +45,7 @@ def test_every_stage_lists_its_whole_import_closure(dvc_file):
     for name, stage in stage_definitions(dvc_file).items():
         command = stage["cmd"].split()
         assert command[0] == "snn-research", f"{dvc_file}: stage {name} runs {command[0]!r}"
-        module = render_dvc.stage_module(command[1])
+        module = render_dvc.command_module(command[1])
         assert render_dvc.module_file(module) is not None, f"{dvc_file}: stage {name}: module {module} does not exist"
         gaps = uncovered(render_dvc.import_closure(module), listed_code(dvc_file, stage["deps"]))
         if gaps:
@@ -96,7 +96,7 @@ def test_missing_module_is_named():
         render_dvc.import_closure("snn_research.stages.nowhere")
 
 
-@pytest.mark.parametrize("dvc_file", [p for p in PIPELINES if p.parent.name != "sweep-t"],
+@pytest.mark.parametrize("dvc_file", [p for p in PIPELINES if p.parent.name not in ("sweep-t", "continual")],
                          ids=lambda p: p.parent.name if p.parent != ROOT else "root")
 def test_stages_list_the_params_and_data_they_read(dvc_file):
     stages = stage_definitions(dvc_file)
@@ -113,3 +113,13 @@ def test_stages_list_the_params_and_data_they_read(dvc_file):
     plots = {next(iter(entry)): entry[next(iter(entry))] for entry in yaml.safe_load(dvc_file.read_text())["plots"]
              if isinstance(entry, dict)}
     assert "kl_top256_to_teacher" in plots["${paths.plots}/distill_val.csv"]["y"]
+
+
+def test_continual_adapt_lists_the_params_and_the_model_each_setting_reads():
+    stages = yaml.safe_load((ROOT / "pipelines" / "continual" / "dvc.yaml").read_text())["stages"]
+    adapt = stages["adapt"]
+    assert adapt["do"]["params"] == ["seed", "energy", "adapt", "settings.${key}"]
+    assert {"${item}", "../../data/splits"} <= set(adapt["do"]["deps"])  # the setting's model and the old domain
+    assert adapt["foreach"]["ann"] == "../../models/teacher_finetuned"
+    curves = {f"reports/curves/{name}.csv" for name in adapt["foreach"]}
+    assert curves <= set(stages["report"]["deps"])

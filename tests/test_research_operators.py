@@ -80,3 +80,44 @@ def test_fixed_scale_norm_equals_the_analog_norm_at_the_calibrated_scale_and_is_
     assert all(isinstance(model.get_submodule(p), FixedScaleNorm) for p in scales)
     with pytest.raises(ValueError, match="needs calibrated scales"):
         replace_norms(tiny_model("llama"), "fixed")
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_spiking_projections_quantise_their_inputs_within_one_level(family):
+    from snn_research.research.spiking_projections import (
+        SpikingInput,
+        percentile_thresholds,
+        projection_paths,
+        spike_projections,
+        spike_rate,
+    )
+
+    model = tiny_model(family)
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(4))
+    paths = projection_paths(model, ["attention", "lm_head"])
+    assert len(paths) == 4 * model.config.num_hidden_layers + 1
+    thresholds = percentile_thresholds(model, paths, [ids])
+    with torch.no_grad():
+        reference = model(input_ids=ids, use_cache=False).logits
+        wrapped = spike_projections(model, thresholds, time_steps=5)
+        spiking = model(input_ids=ids, use_cache=False).logits
+    assert all(isinstance(model.get_submodule(p), SpikingInput) for p in paths)
+    assert model.lm_head.linear.weight is model.get_input_embeddings().weight or not model.config.tie_word_embeddings
+    assert 0 < spike_rate(wrapped) < 1
+    assert not torch.allclose(spiking, reference, atol=1e-4)
+    # each wrapped map sees its input clipped to the threshold and rounded to one of 2^T - 1 levels per sign
+    x = torch.randn(3, wrapped[0].linear.in_features) * 2
+    theta = wrapped[0].encoder.threshold
+    decoded = wrapped[0].decoder(wrapped[0].encoder(x), theta, wrapped[0].encoder.levels)
+    error = (decoded - x.clamp(-theta, theta)).abs()
+    assert float((error / theta).max()) <= 1 / (2 ** 5 - 1) + 1e-6
+    assert float(error.max()) > 0
+
+
+def test_projection_sites_refuse_what_they_cannot_spike():
+    from snn_research.research.spiking_projections import projection_paths
+
+    with pytest.raises(ValueError, match="unknown sites"):
+        projection_paths(tiny_model("llama"), ["softmax"])
+    with pytest.raises(ValueError, match="c_attn"):
+        projection_paths(tiny_model("gpt2"), ["attention"])
