@@ -170,6 +170,31 @@ def test_two_runs_over_half_the_stream_equal_one_run_over_all(work):
     assert all(torch.equal(state_one.importance[k], state_two.importance[k]) for k in state_one.importance)
 
 
+def test_a_later_run_continues_on_documents_appended_to_the_stream(work):
+    appended = [work / "stream" / name for name in ("doc4.txt", "doc5.txt", "doc6.txt")]
+    texts = [path.read_text() for path in appended[:2]] + [STREAM_TEXT[0][::-1] * 2]
+    for path in appended[:2]:
+        path.unlink()
+    first = run_adapt(continual_params(output="models/first"))
+    for path, text in zip(appended, texts):  # more documents arrive; doc6 (index 6) falls in the held-out share
+        path.write_text(text)
+    more = run_adapt(continual_params(model="models/first", output="models/more"))
+    assert more.chunks_done > 0
+    assert more.history[: len(first.history)] == first.history  # it went on, not from scratch
+    state, _ = read_state(work / "models/more" / STATE_DIR)
+    first_state, _ = read_state(work / "models/first" / STATE_DIR)
+    assert torch.equal(state.heldout, first_state.heldout)  # scored on the first run's held-out blocks
+    assert state.position == first_state.position + more.chunks_done
+    from snn_research.generate import load_model_folder
+    from snn_research.training.losses import next_token_nll
+
+    model, _, _ = load_model_folder(work / "models/more")
+    with torch.no_grad():
+        nll = sum(float(next_token_nll(model(input_ids=b[None], use_cache=False).logits, b[None]))
+                  for b in first_state.heldout) / len(first_state.heldout)
+    assert more.history[-1]["new_ppl"] == pytest.approx(math.exp(nll), rel=1e-5)
+
+
 @pytest.mark.parametrize("max_chunks", [None, 3])
 def test_a_killed_run_resumes_to_the_same_weights(work, max_chunks):
     reference = run_adapt(continual_params(output="models/reference", stream__max_chunks=max_chunks))

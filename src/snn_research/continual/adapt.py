@@ -12,10 +12,11 @@ the blocks' next-token cross-entropies (each block weighs the same); AdamW at a 
 to schedule toward), gradient-norm clipping, then the meta-plasticity rule (``continual/plasticity.py``)
 rescales the step when ``meta.strength`` > 0.
 
-State: the adapted folder carries ``adapt_state/`` (stream position and chunk hashes, replay buffer,
-consolidated weights and importances, optimizer moments, per-chunk history). A later run whose
-``model`` is that folder continues the stream where it stopped; it refuses a different rule or a stream
-whose first chunks differ. Within a run a checkpoint is written after every chunk, so a killed run
+State: the adapted folder carries ``adapt_state/`` (stream position and chunk hashes, the held-out test
+blocks, replay buffer, consolidated weights and importances, optimizer moments, per-chunk history). A later
+run whose ``model`` is that folder continues the stream where it stopped, documents appended to the stream
+since (sorting after the others) included; it scores on the first run's held-out blocks, and refuses a
+different rule, other old-domain splits or a stream whose first chunks differ. Within a run a checkpoint is written after every chunk, so a killed run
 loses at most the chunk in flight, and rerunning it resumes from the checkpoint with the same result as
 an uninterrupted run: every draw is seeded by its position, never by a global generator.
 
@@ -120,6 +121,7 @@ class AdaptState:
     updates: int = 0
     chunk_sha256: list[str] = field(default_factory=list)
     history: list[dict[str, float]] = field(default_factory=list)
+    heldout: torch.Tensor | None = None  # the new-domain test blocks, fixed by the first run
     learned_nll: dict[str, float] = field(default_factory=dict)  # task -> its loss right after it was learned
     buffer: ReservoirBuffer | None = None
     consolidated: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -163,6 +165,7 @@ def write_state(state: AdaptState, folder: Path, trainable: Trainable | None = N
     buffer_tensors, buffer_scalars = state.buffer.state()
     scalars["buffer"] = buffer_scalars
     safetensors.torch.save_file(buffer_tensors, str(folder / "buffer.safetensors"))
+    safetensors.torch.save_file({"input_ids": state.heldout.contiguous()}, str(folder / "heldout.safetensors"))
     if state.consolidated:
         safetensors.torch.save_file({**{f"consolidated.{k}": v.contiguous() for k, v in state.consolidated.items()},
                                      **{f"importance.{k}": v.contiguous() for k, v in state.importance.items()}},
@@ -195,6 +198,9 @@ def read_state(folder: Path) -> tuple[AdaptState, dict[str, torch.Tensor] | None
         if "optimizer" in scalars:
             optimizer = _optimizer_state(safetensors.torch.load_file(str(folder / "optimizer.safetensors")),
                                          scalars["optimizer"])
+        heldout = safetensors.torch.load_file(str(folder / "heldout.safetensors"))["input_ids"]
+        if chunk_sha256(heldout) != scalars["data"]["heldout"]:
+            raise ValueError("heldout.safetensors does not match the hash in state.json")
         trainable_path = folder / "trainable.safetensors"
         trainable = safetensors.torch.load_file(str(trainable_path)) if trainable_path.is_file() else None
         state = AdaptState(settings=scalars["settings"], seed=scalars["seed"], kind=scalars["kind"],
@@ -202,7 +208,7 @@ def read_state(folder: Path) -> tuple[AdaptState, dict[str, torch.Tensor] | None
                            run_start=scalars["run_start"], run_end=scalars["run_end"], updates=scalars["updates"],
                            chunk_sha256=scalars["chunk_sha256"], history=scalars["history"],
                            learned_nll=scalars["learned_nll"], buffer=buffer, consolidated=consolidated,
-                           importance=importance, optimizer=optimizer)
+                           importance=importance, optimizer=optimizer, heldout=heldout)
     except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError, safetensors.SafetensorError) as error:
         raise ValueError(f"{folder}: unreadable adapt state ({type(error).__name__}: {error})") from None
     return state, trainable
@@ -348,7 +354,6 @@ def adapt(params: AdaptParams, shared: ContinualFile, log_metrics: Callable[[dic
     if old_train.shape[0] == 0:
         raise ValueError(f"{params.old_splits}/train.safetensors: no old-domain blocks to replay")
     stream = build_stream(params.stream, tokenizer, params.evaluate.new_blocks)
-    data["heldout"] = chunk_sha256(stream.heldout)
     settings = params.state_settings()
 
     continued = (source / STATE_DIR / "state.json").is_file()
@@ -362,15 +367,16 @@ def adapt(params: AdaptParams, shared: ContinualFile, log_metrics: Callable[[dic
                               f"keep them: {'; '.join(changed)}")
         if state.kind != kind:
             raise ValueError(f"{source}: adapt state says a {state.kind}, the folder holds a {kind}")
-        for key, value in data.items():
-            if state.data.get(key) != value:
-                what = {"old_splits": f"the old-domain splits ({params.old_splits})",
-                        "heldout": "the held-out new-domain blocks"}[key]
-                raise ValueError(f"{source}: {what} differ from those its adapt state was scored on; a "
-                                 "continuation must keep them, or forgetting and gains would compare different data")
+        if state.data.get("old_splits") != data["old_splits"]:
+            raise ValueError(f"{source}: the old-domain splits ({params.old_splits}) differ from those its adapt "
+                             "state was scored on; a continuation must keep them, or forgetting would compare "
+                             "different data")
     else:
+        # the new-domain test blocks are fixed by the first run: documents appended to the stream later
+        # (some of which fall in the held-out share) never move the yardstick of a continuation
         state = AdaptState(settings=json.loads(json.dumps(settings)), seed=shared.seed, kind=kind, origin=digest,
-                           data=dict(data))
+                           data={**data, "heldout": chunk_sha256(stream.heldout)}, heldout=stream.heldout.clone())
+    data["heldout"] = state.data["heldout"]
     _check_stream_prefix(state, stream, source)
     state.run_start = state.position
     state.run_end = len(stream.chunks) if params.stream.max_chunks is None else \
@@ -419,7 +425,7 @@ def adapt(params: AdaptParams, shared: ContinualFile, log_metrics: Callable[[dic
     if state.optimizer is not None:
         optimizer.load_state_dict(state.optimizer)
 
-    probe = Probe(stream.heldout, old_test,
+    probe = Probe(state.heldout, old_test,
                   [chunk[: params.evaluate.probe_blocks] for chunk in stream.chunks])
     constants = (shared.energy.e_mac_pj, shared.energy.e_ac_pj)
     block_tokens = params.stream.block_length
