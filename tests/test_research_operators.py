@@ -121,3 +121,22 @@ def test_projection_sites_refuse_what_they_cannot_spike():
         projection_paths(tiny_model("llama"), ["softmax"])
     with pytest.raises(ValueError, match="c_attn"):
         projection_paths(tiny_model("gpt2"), ["attention"])
+
+
+def test_the_trial_applies_every_step_in_order_and_refuses_unknown_parts():
+    from benchmarks.full_spike_trial import apply
+
+    from snn_research.research.operators import ShiftNorm
+    from snn_research.research.spiking_projections import SpikingInput
+
+    model = tiny_model("llama")
+    calib = torch.randint(0, model.config.vocab_size, (4, 12), generator=torch.Generator().manual_seed(5))
+    wrapped = apply(model, "attention+lm_head+softmax+shift_norm", calib)
+    assert len(wrapped) == 4 * model.config.num_hidden_layers + 1
+    assert all(isinstance(w, SpikingInput) for w in wrapped)
+    assert model.config._attn_implementation == "research_power_of_two"
+    assert all(isinstance(model.get_submodule(p), ShiftNorm) for p in ("model.norm", "model.layers.0.input_layernorm"))
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=calib, use_cache=False).logits).all()
+    with pytest.raises(ValueError, match="unknown parts"):
+        apply(tiny_model("llama"), "attention+rotation", calib)

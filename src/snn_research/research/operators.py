@@ -144,27 +144,30 @@ def _set(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-def calibrate_norm_scales(model: nn.Module, batches: Iterable[torch.Tensor]) -> dict[str, float]:
-    """Mean per-token divisor of every norm over the calibration ``batches`` (token ids)."""
-    sums: dict[str, float] = {}
-    counts: dict[str, int] = {}
-    hooks = []
-    for path in norm_paths(model):
-        module = model.get_submodule(path)
-
-        def hook(mod, inputs, output, path=path):
-            spread = _spread(mod, inputs[0])
-            sums[path] = sums.get(path, 0.0) + float(spread.sum())
-            counts[path] = counts.get(path, 0) + spread.numel()
-
-        hooks.append(module.register_forward_hook(hook))
+def observe_inputs(model: nn.Module, paths: list[str], batches: Iterable[torch.Tensor], observe) -> None:
+    """Run ``model`` on ``batches`` (token ids), calling ``observe(path, module, input)`` at each module's input."""
+    handles = [model.get_submodule(path).register_forward_hook(
+        lambda module, args, output, path=path: observe(path, module, args[0].detach())) for path in paths]
     try:
         with torch.no_grad():
             for batch in batches:
                 model(input_ids=batch, use_cache=False)
     finally:
-        for handle in hooks:
+        for handle in handles:
             handle.remove()
+
+
+def calibrate_norm_scales(model: nn.Module, batches: Iterable[torch.Tensor]) -> dict[str, float]:
+    """Mean per-token divisor of every norm over the calibration ``batches`` (token ids)."""
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+
+    def observe(path, module, x):
+        spread = _spread(module, x)
+        sums[path] = sums.get(path, 0.0) + float(spread.sum())
+        counts[path] = counts.get(path, 0) + spread.numel()
+
+    observe_inputs(model, norm_paths(model), batches, observe)
     return {path: sums[path] / counts[path] for path in sums}
 
 

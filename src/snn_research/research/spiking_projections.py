@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from snn_research.hybrid.adapter import AnalogToSpikes, SpikesToAnalog
+from snn_research.research.operators import observe_inputs
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -70,16 +71,7 @@ def percentile_thresholds(model: nn.Module, paths: list[str], batches: Iterable[
                           percentile: float = 99.9) -> dict[str, torch.Tensor]:
     """Per path, the ``percentile`` of |input| per input channel over the ``batches`` (token ids)."""
     seen: dict[str, list[torch.Tensor]] = {path: [] for path in paths}
-    handles = [model.get_submodule(path).register_forward_hook(
-        lambda module, args, output, path=path: seen[path].append(args[0].detach().abs().flatten(0, -2).float()))
-        for path in paths]
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                model(input_ids=batch, use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
+    observe_inputs(model, paths, batches, lambda path, module, x: seen[path].append(x.abs().flatten(0, -2).float()))
     thresholds = {}
     for path, chunks in seen.items():
         values = torch.cat(chunks)
