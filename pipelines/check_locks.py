@@ -23,6 +23,16 @@ ROOT = Path(__file__).resolve().parents[1]
 IGNORED = {"always changed"}
 
 
+def unlocked_pipelines() -> list[Path]:
+    """The folders with a dvc.yaml tracked by git but no tracked dvc.lock: DVC collects every dvc.yaml, so
+    such a pipeline shows as changed in every folder's `dvc status` (a never-run pipeline is committed as
+    dvc.template.yaml instead; see pipelines/render_dvc.py)."""
+    listed = subprocess.run(["git", "ls-files", "--", "dvc.yaml", "pipelines/*/dvc.yaml"], cwd=ROOT,
+                            capture_output=True, text=True, check=True).stdout.split()
+    locked = set(committed_locks())
+    return [(ROOT / path).parent for path in listed if (ROOT / path).parent not in locked]
+
+
 def committed_locks() -> list[Path]:
     """The folders whose dvc.lock is tracked by git."""
     listed = subprocess.run(["git", "ls-files", "--", "dvc.lock", "pipelines/*/dvc.lock"], cwd=ROOT,
@@ -72,6 +82,10 @@ def check(folder: Path) -> list[str]:
 
 def main() -> int:
     failed = False
+    for folder in unlocked_pipelines():
+        failed = True
+        print(f"{folder.relative_to(ROOT).as_posix() or '.'}: dvc.yaml is committed without a dvc.lock; run it and "
+              "commit the lock, or commit it as dvc.template.yaml (pipelines/render_dvc.py UNRUN)")
     for folder in committed_locks():
         name = folder.relative_to(ROOT).as_posix() if folder != ROOT else "root pipeline"
         found = check(folder)

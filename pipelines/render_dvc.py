@@ -10,6 +10,11 @@ at the top or inside a function, transitively, with the packages' non-empty
 __init__.py and the non-Python files a module names (hybrid/neuron_kernel.cpp). Computed,
 not written by hand, so a new import can never leave a stage stale.
 Run `python pipelines/render_dvc.py` from the repository root after changing a stage or an import.
+
+A pipeline that has never been run (``UNRUN``: gemma3-long, sweep-t) is rendered as ``dvc.template.yaml``,
+not ``dvc.yaml``: DVC collects every dvc.yaml in the repository, so a live pipeline without a lock would
+show as changed in every folder's `dvc status`. `python pipelines/render_dvc.py --enable NAME` writes its
+dvc.yaml; once it has run and its dvc.lock is committed, move NAME out of ``UNRUN``.
 """
 from __future__ import annotations
 
@@ -25,8 +30,11 @@ MIRRORS = {
     "smoke": "The smoke pipeline: the same commands on a tiny random teacher and a slice of the corpus.\n"
              "# Run from this folder: `dvc repro` (CI runs it through `make test`).",
     "smollm2": "SmolLM2-135M-Instruct (Llama family) through the same stages: `dvc repro` in this folder.",
-    "gemma3-long": "Gemma 3 270M with the longer recovery schedule (GPU-sized; hours on a CPU): `dvc repro` here.",
+    "gemma3-long": "Gemma 3 270M with the longer recovery schedule (GPU-sized; hours on a CPU). Never run yet: enable it\n"
+                   "# with `python pipelines/render_dvc.py --enable gemma3-long`, then `dvc repro` in this folder.",
 }
+UNRUN = ("gemma3-long", "sweep-t")  # rendered as dvc.template.yaml until they have been run and locked
+TEMPLATE = "dvc.template.yaml"
 
 
 def stage_module(stage: str) -> str:
@@ -573,7 +581,8 @@ plots:
 
 
 SWEEP_HEADER = """# Quality/energy frontier: the same teacher converted and recovered at T in {2, 4, 8, 16, 32}.
-# Run from this folder: `dvc repro`; the plot is reports/frontier.png, its points reports/frontier.csv.
+# Not run with the current code: enable it with `python pipelines/render_dvc.py --enable sweep-t`, then
+# `dvc repro` in this folder; the plot is reports/frontier.png, its points reports/frontier.csv.
 # Shared stages run once; convert -> distill -> finetune -> evaluate -> report run once per T, with their
 # outputs under models/t<T>/ and reports/t<T>/ (set through --set on the same commands).
 # Rendered by pipelines/render_dvc.py: edit that, not this file.
@@ -660,14 +669,28 @@ def rendered() -> dict[Path, str]:
             + stages("../../src/snn_research"))
     files[ROOT / "pipelines" / "sweep-t" / "dvc.yaml"] = SWEEP_HEADER + sweep_stages("../../src/snn_research")
     files[ROOT / "pipelines" / "continual" / "dvc.yaml"] = CONTINUAL_HEADER + continual_stages("../../src/snn_research")
-    return files
+    return {(path.with_name(TEMPLATE) if path.parent.name in UNRUN and path.parent.parent == ROOT / "pipelines"
+             else path): text for path, text in files.items()}
 
 
-def main() -> None:
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["--enable"] and len(argv) == 2:
+        if argv[1] not in UNRUN:
+            print(f"render_dvc: {argv[1]!r} is not a template pipeline (templates: {', '.join(UNRUN)})", file=sys.stderr)
+            return 2
+        folder = ROOT / "pipelines" / argv[1]
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "dvc.yaml").write_text(rendered()[folder / TEMPLATE])
+        print(f"wrote {(folder / 'dvc.yaml').relative_to(ROOT)}: run `dvc repro` in {folder.relative_to(ROOT)}")
+        return 0
+    if argv:
+        print("usage: python pipelines/render_dvc.py [--enable NAME]", file=sys.stderr)
+        return 2
     for path, text in rendered().items():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main(sys.argv[1:]))

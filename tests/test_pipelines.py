@@ -11,7 +11,8 @@ from snn_research.config import load_params
 ROOT = Path(__file__).resolve().parents[1]
 CONTINUAL = ROOT / "pipelines" / "continual"
 # sweep-t runs the stages once per T and continual runs adapt, not the stages: neither mirrors the root
-MIRRORS = sorted(p.parent for p in (ROOT / "pipelines").glob("*/dvc.yaml") if p.parent.name not in ("sweep-t", "continual"))
+MIRRORS = sorted(p for pattern in ("*/dvc.yaml", "*/dvc.template.yaml") for p in (ROOT / "pipelines").glob(pattern)
+                 if p.parent.name not in ("sweep-t", "continual"))
 
 
 def _stages(path: Path, prefix: str) -> dict:
@@ -28,9 +29,9 @@ def test_root_pipeline_has_the_seven_stages_in_order():
         assert f"src/snn_research/stages/{own_code}.py" in stage["deps"], name
 
 
-@pytest.mark.parametrize("folder", MIRRORS, ids=lambda p: p.name)
-def test_pipeline_mirrors_the_root_stages(folder):
-    assert _stages(folder / "dvc.yaml", "../../src/") == _stages(ROOT / "dvc.yaml", "src/")
+@pytest.mark.parametrize("dvc_file", MIRRORS, ids=lambda p: p.parent.name)
+def test_pipeline_mirrors_the_root_stages(dvc_file):
+    assert _stages(dvc_file, "../../src/") == _stages(ROOT / "dvc.yaml", "src/")
 
 
 @pytest.mark.parametrize("params", [ROOT / "params.yaml", *sorted(p for p in (ROOT / "pipelines").glob("*/params.yaml")

@@ -35,3 +35,20 @@ def test_another_pipelines_output_read_as_a_dependency_is_not_stale_when_missing
                                                         "../../models/teacher": "deleted"}}]}
     assert problems(status, {str(ROOT / "models" / "finetuned")}, continual) == [
         "stage 'adapt@none': dependency ../../models/teacher deleted"]
+
+
+def test_every_committed_dvc_yaml_has_a_committed_lock():
+    from pipelines.check_locks import unlocked_pipelines
+
+    # a lockless dvc.yaml shows as changed in every folder's `dvc status`: never-run pipelines are templates
+    assert unlocked_pipelines() == []
+
+
+def test_a_template_pipeline_is_enabled_by_writing_its_dvc_yaml(tmp_path, monkeypatch):
+    from pipelines import render_dvc
+
+    monkeypatch.setattr(render_dvc, "ROOT", tmp_path)
+    assert render_dvc.main(["--enable", "sweep-t"]) == 0
+    written = (tmp_path / "pipelines" / "sweep-t" / "dvc.yaml").read_text()
+    assert written == render_dvc.rendered()[tmp_path / "pipelines" / "sweep-t" / render_dvc.TEMPLATE]
+    assert render_dvc.main(["--enable", "smoke"]) == 2  # not a template: it is live already

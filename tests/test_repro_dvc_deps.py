@@ -10,7 +10,8 @@ import yaml
 from pipelines import render_dvc
 
 ROOT = Path(__file__).resolve().parents[1]
-PIPELINES = [ROOT / "dvc.yaml", *sorted((ROOT / "pipelines").glob("*/dvc.yaml"))]
+PIPELINES = [ROOT / "dvc.yaml", *sorted(p for pattern in ("*/dvc.yaml", "*/dvc.template.yaml")
+                                       for p in (ROOT / "pipelines").glob(pattern))]
 
 
 def stage_definitions(dvc_file: Path) -> dict[str, dict]:
