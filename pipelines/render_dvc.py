@@ -168,6 +168,7 @@ def stages(src: str) -> str:
       - ${{paths.splits}}
     params:
       - calibrate
+      - device
       - paths.teacher
       - paths.splits
       - paths.calibration
@@ -182,6 +183,7 @@ def stages(src: str) -> str:
       - ${{paths.calibration}}
     params:
       - convert
+      - device
       - calibrate
       - seed
       - paths.teacher
@@ -202,6 +204,7 @@ def stages(src: str) -> str:
       - ${{paths.converted}}
     params:
       - distill
+      - device
       - seed
       - energy
       - paths.teacher
@@ -227,6 +230,7 @@ def stages(src: str) -> str:
       - ${{paths.distilled}}
     params:
       - finetune
+      - device
       - seed
       - energy
       - paths.teacher
@@ -249,6 +253,7 @@ def stages(src: str) -> str:
       - ${{paths.splits}}
     params:
       - finetune
+      - device
       - seed
       - convert.layers
       - paths.teacher
@@ -275,6 +280,7 @@ def stages(src: str) -> str:
       - ${{paths.finetuned}}
     params:
       - evaluate
+      - device
       - seed
       - energy
       - paths.teacher
@@ -395,6 +401,7 @@ stages:
       - ${{paths.splits}}
     params:
       - calibrate
+      - device
       - paths.teacher
       - paths.splits
       - paths.calibration
@@ -408,6 +415,7 @@ stages:
       - ${{paths.splits}}
     params:
       - finetune
+      - device
       - seed
       - convert.layers
       - paths.teacher
@@ -434,6 +442,7 @@ stages:
         - ${{paths.calibration}}
       params:
         - convert
+        - device
         - calibrate
         - seed
         - paths.teacher
@@ -457,6 +466,7 @@ stages:
         - models/t${{item}}/converted
       params:
         - distill
+        - device
         - seed
         - energy
         - paths.teacher
@@ -483,6 +493,7 @@ stages:
         - models/t${{item}}/distilled
       params:
         - finetune
+        - device
         - seed
         - energy
         - paths.teacher
@@ -512,6 +523,7 @@ stages:
         - models/t${{item}}/finetuned
       params:
         - evaluate
+        - device
         - seed
         - energy
         - paths.teacher

@@ -127,3 +127,52 @@ def test_timing_goes_to_mlflow_only(evaluated, monkeypatch):
     assert (evaluated / "reports" / "metrics.json").read_bytes() == before
     assert logged["finetuned.tokens_per_s"] > 0 and logged["teacher_finetuned.tokens_per_s"] > 0
     assert logged["finetuned.kl_full_to_teacher"] == json.loads(before)["finetuned"]["kl_full_to_teacher"]
+
+
+def test_evaluate_registers_the_finetuned_hybrid_and_moves_the_champion_only_on_a_win(evaluated, tmp_path):
+    import mlflow
+
+    from snn_research.generate import GenerationOptions, generate, load_model_folder
+
+    work = tmp_path / "work"
+    shutil.copytree(evaluated, work)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    params = tiny_params(tracking__enabled=True, tracking__uri=uri, tracking__strict=True,
+                         evaluate__registry__name="tiny-evaluated")
+    with inside(work):
+        write_params(params)
+        first = run_stages("evaluate")["evaluate"]
+        again = run_stages("evaluate")["evaluate"]
+    assert "registered tiny-evaluated version 1, which is now champion: no champion yet" in first.output
+    # the same hybrid again: equal ppl does not beat the champion
+    assert "registered tiny-evaluated version 2, which is not champion" in again.output
+
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient()
+    champion = client.get_model_version_by_alias("tiny-evaluated", "champion")
+    assert int(champion.version) == 1
+    run = client.get_run(champion.run_id)
+    assert run.data.tags["stage"] == "evaluate", "logged into the evaluate stage's own run"
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "conversion")] == ["conversion/hybrid.json"]
+    metrics = json.loads((work / "reports" / "metrics.json").read_text())
+    assert float(champion.tags["metric_value"]) == metrics["finetuned"]["ppl"]
+
+    loaded = mlflow.pyfunc.load_model("models:/tiny-evaluated@champion")
+    text = loaded.predict(["To be, or"], params={"max_new_tokens": 3})
+    model, tokenizer, kind = load_model_folder(work / "models" / "finetuned")
+    assert kind == "hybrid"
+    assert text == [generate(model, tokenizer, "To be, or", GenerationOptions(max_new_tokens=3)).text]
+
+
+def test_evaluate_without_a_registry_name_registers_nothing(evaluated, tmp_path):
+    import mlflow
+
+    work = tmp_path / "work"
+    shutil.copytree(evaluated, work)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with inside(work):
+        write_params(tiny_params(tracking__enabled=True, tracking__uri=uri, evaluate__registry__name=None))
+        result = run_stages("evaluate")["evaluate"]
+    assert "registered" not in result.output
+    mlflow.set_tracking_uri(uri)
+    assert mlflow.MlflowClient().search_registered_models() == []

@@ -108,7 +108,7 @@ def test_stages_list_the_params_and_data_they_read(dvc_file):
     assert "paths" not in stages["evaluate"]["params"], "evaluate lists the paths it reads, not the whole section"
     teacher = stages["finetune-teacher"]
     assert teacher["cmd"] == "snn-research finetune-teacher"
-    assert teacher["params"] == ["finetune", "seed", "convert.layers", "paths.teacher", "paths.splits",
+    assert teacher["params"] == ["finetune", "device", "seed", "convert.layers", "paths.teacher", "paths.splits",
                                  "paths.teacher_finetuned", "paths.checkpoints", "paths.plots"]
     assert teacher["outs"][0] == "${paths.teacher_finetuned}"
     plots = {next(iter(entry)): entry[next(iter(entry))] for entry in yaml.safe_load(dvc_file.read_text())["plots"]
@@ -124,3 +124,12 @@ def test_continual_adapt_lists_the_params_and_the_model_each_setting_reads():
     assert adapt["foreach"]["ann"] == "../../models/teacher_finetuned"
     curves = {f"reports/curves/{name}.csv" for name in adapt["foreach"]}
     assert curves <= set(stages["report"]["deps"])
+
+
+@pytest.mark.parametrize("dvc_file", [p for p in PIPELINES if p.parent.name not in ("sweep-t", "continual")],
+                         ids=lambda p: p.parent.name if p.parent != ROOT else "root")
+def test_every_stage_that_computes_on_a_device_lists_it(dvc_file):
+    stages = stage_definitions(dvc_file)
+    for name in ("calibrate", "convert", "distill", "finetune", "finetune-teacher", "evaluate"):
+        assert "device" in stages[name]["params"], name
+    assert "device" not in stages["split"]["params"]

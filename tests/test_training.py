@@ -14,7 +14,8 @@ from snn_research.models.hybrid_transformer import HybridPlan, set_time_steps, s
 from snn_research.training.energy_budget import EnergyBudget
 from snn_research.training.layerwise import layerwise_distill
 from snn_research.training.losses import distillation_kl, teacher_top_k, top_k_kl
-from snn_research.training.loop import DeviceMismatch, LoopSettings, check_devices, curriculum_time_steps, train
+from snn_research.devices import DeviceMismatch, check_devices
+from snn_research.training.loop import LoopSettings, curriculum_time_steps, train
 
 
 def settings(**overrides) -> LoopSettings:
@@ -119,7 +120,7 @@ def test_check_devices_names_every_misplaced_tensor_and_module():
                       hybrid=copy.deepcopy(teacher).to("meta"))
     message = str(caught.value)
     assert "val_targets on meta" in message and "hybrid on meta" in message and "teacher" not in message
-    assert "training runs on cpu" in message
+    assert "the stage runs on cpu" in message
     assert isinstance(caught.value, ValueError)  # the CLI turns it into exit code 1 with the message
 
 

@@ -102,7 +102,7 @@ def test_distill_refuses_validation_targets_on_another_device(converted, tmp_pat
     monkeypatch.setattr(distill_stage, "teacher_val_targets", on_meta)
     result = invoke("distill", "-p", "params.yaml")
     assert result.exit_code == 1, result.output
-    assert "val_targets on meta" in result.output and "training runs on cpu" in result.output
+    assert "val_targets on meta" in result.output and "the stage runs on cpu" in result.output
     assert not (work / "models" / "distilled").exists()
 
 

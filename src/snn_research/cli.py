@@ -24,14 +24,17 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 STAGES = {
     "download-teacher": ("download_teacher", ("teacher", "seed")),
     "split": ("split", ("data", "seed")),
-    "calibrate": ("calibrate", ("calibrate",)),
-    "convert": ("convert", ("convert", "seed")),
-    "distill": ("distill", ("distill", "seed", "energy")),
-    "finetune": ("finetune", ("finetune", "seed", "energy")),
-    "finetune-teacher": ("finetune_teacher", ("finetune", "seed", "convert")),
-    "evaluate": ("evaluate", ("evaluate", "seed", "energy")),
+    "calibrate": ("calibrate", ("calibrate", "device")),
+    "convert": ("convert", ("convert", "seed", "device")),
+    "distill": ("distill", ("distill", "seed", "energy", "device")),
+    "finetune": ("finetune", ("finetune", "seed", "energy", "device")),
+    "finetune-teacher": ("finetune_teacher", ("finetune", "seed", "convert", "device")),
+    "evaluate": ("evaluate", ("evaluate", "seed", "energy", "device")),
     "report": ("report", ()),  # reads files and paths.* only; tracking.* shapes its run-id sidecar, not the page
 }
+
+# stages that may run under `accelerate launch --num_processes N` (N > 1): the training stages
+MULTI_PROCESS_STAGES = ("distill", "finetune", "finetune-teacher")
 
 ParamsOption = typer.Option(Path("params.yaml"), "--params", "-p", help="params file to validate and use")
 SetOption = typer.Option(None, "--set", "-S", help="override a param: <dotted.key>=<value> (repeatable)")
@@ -48,12 +51,38 @@ def run_stage(stage: str, params_path: Path, overrides: list[str] | None = None)
         console.print(f"[red]error:[/] {escape(str(error))}", markup=True)
         raise typer.Exit(2) from None
     module_name, sections = STAGES[stage]
+    params = _for_this_process(stage, params)
     dump = params.model_dump(mode="json")
     tracker = Tracker(params, params_path, stage, {name: dump[name] for name in sections})
     module = importlib.import_module(f"snn_research.stages.{module_name}")
     context = StageContext(params=params, params_path=params_path, tracker=tracker)
-    tracked_run(stage, tracker, params.tracking.strict, lambda: module.run(context),
+
+    def work():
+        if "device" in sections:
+            _ = context.device  # an unavailable device is refused before any input is read
+        return module.run(context)
+
+    tracked_run(stage, tracker, params.tracking.strict, work,
                 lambda _: f"{stage}: done in {context.elapsed():.1f} s", (TrainingDiverged,))
+
+
+def _for_this_process(stage: str, params: Params) -> Params:
+    """In a multi-process launch, refuse a stage that runs in one process, and leave MLflow to rank 0."""
+    import os
+
+    from snn_research.devices import world_size
+
+    processes = world_size()
+    if processes == 1:
+        return params
+    if stage not in MULTI_PROCESS_STAGES:
+        console.print(f"[red]error:[/] {stage} runs in one process, but this launch has {processes} "
+                      f"(WORLD_SIZE); only {', '.join(MULTI_PROCESS_STAGES)} split over processes", markup=True)
+        raise typer.Exit(2)
+    if os.environ.get("RANK", "0") != "0":
+        console.quiet = True  # rank 0 reports; another rank speaks only to say why it failed (tracked_run)
+        return params.model_copy(update={"tracking": params.tracking.model_copy(update={"enabled": False})})
+    return params
 
 
 def tracked_run(name: str, tracker, strict: bool, work, done_message, failures: tuple = ()):
@@ -64,10 +93,12 @@ def tracked_run(name: str, tracker, strict: bool, work, done_message, failures: 
         result = work()
     except ParamsError as error:
         tracker.finish("FAILED")
+        console.quiet = False
         console.print(f"[red]error in {name}:[/] {escape(str(error))}", markup=True)
         raise typer.Exit(2) from None
     except (ValueError, OSError, FloatingPointError, *failures) as error:
         tracker.finish("FAILED")
+        console.quiet = False
         console.print(f"[red]error in {name}:[/] {escape(str(error))}", markup=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:

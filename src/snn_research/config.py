@@ -14,6 +14,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from snn_research.devices import DEVICE_PATTERN
 from snn_research.errors import FieldError, format_validation_error
 from snn_research.hybrid.adapter import MAX_WEIGHTED_TIME_STEPS
 from snn_research.models.hybrid_transformer import HybridPlan
@@ -256,17 +257,29 @@ class FinetuneParams(OptimParams):
     kl_positions: int = Field(64, ge=1, description="random positions per block the KL is scored on")
 
 
+class RegistryParams(Strict):
+    name: str | None = Field(None, min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+                             description="register the finetuned hybrid in MLflow's model registry under this name "
+                             "(null: do not register); needs tracking.enabled")
+    metric: Literal["ppl", "bpb", "kl_full_to_teacher", "agreement_top1"] = Field(
+        "ppl", description="alias 'champion' moves to a new version that beats the current champion on this "
+        "metric at an equal or lower FFN energy ratio")
+
+
 class EvaluateParams(Strict):
     max_blocks: int | None = Field(None, ge=1, description="test blocks to evaluate (null: all)")
     batch_size: int = Field(4, ge=1, le=1024)
     energy_blocks: int = Field(4, ge=1, description="blocks in the energy-accounting pass")
     timing: bool = Field(True, description="measure tokens/s and log it to MLflow only (never to metrics.json: "
                          "timings depend on the host)")
+    registry: RegistryParams = Field(default_factory=RegistryParams)
 
 
 class Params(Strict):
     seed: int = Field(0, ge=0, description="seeds the document split, the training batch order and the sampled "
                       "KL positions (the rate encoder's noise: convert.seed)")
+    device: str = Field("auto", pattern=DEVICE_PATTERN, description="where every model stage computes: auto (a "
+                        "CUDA GPU when PyTorch sees one, else the CPU) | cpu | cuda | cuda:N | mps")
     paths: PathsParams = Field(default_factory=PathsParams)
     energy: EnergyParams = Field(default_factory=EnergyParams)
     tracking: TrackingParams = Field(default_factory=TrackingParams)

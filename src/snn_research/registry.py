@@ -15,6 +15,7 @@ metrics as tags, so the rule needs nothing but the registry.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from dataclasses import dataclass
@@ -94,7 +95,11 @@ def beats(candidate: tuple[float, float], champion: tuple[float, float], metric:
 
 def register(model_dir: Path, metrics_path: Path, name: str, entry: str = "finetuned", metric: str = "ppl",
              tracking_uri: str = "sqlite:///mlflow.db", experiment: str = "snn-research") -> Registration:
-    """Log ``model_dir`` as a pyfunc model in a new run, register it as ``name``, move ``champion`` if it wins."""
+    """Log ``model_dir`` as a pyfunc model, register it as ``name``, move ``champion`` if it wins.
+
+    The model is logged into the active MLflow run when there is one (``evaluate`` registers from inside its
+    own stage run), else into a new run of ``experiment`` at ``tracking_uri``.
+    """
     import mlflow
 
     model_dir = Path(model_dir)
@@ -129,8 +134,10 @@ def _register(model_dir: Path, name: str, entry: str, metric: str, value: float,
     import mlflow
     from mlflow import MlflowClient
 
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_experiment(experiment)
+    active = mlflow.active_run()
+    if active is None:
+        mlflow.set_tracking_uri(tracking_uri)
+        mlflow.set_experiment(experiment)
     client = MlflowClient()
     current = _champion(client, name)
     held = None
@@ -145,7 +152,9 @@ def _register(model_dir: Path, name: str, entry: str, metric: str, value: float,
                              f"{ENERGY} that `snn-research register` sets; move the alias by hand") from None
     tags = {"metric": metric, "metric_value": repr(value), ENERGY: repr(energy), "entry": entry,
             "model_dir": str(model_dir.resolve())}
-    with mlflow.start_run(run_name=f"register {name}", tags={"role": "register"}) as run:
+    runs = (contextlib.nullcontext(active) if active is not None
+            else mlflow.start_run(run_name=f"register {name}", tags={"role": "register"}))
+    with runs as run:
         mlflow.log_metrics({metric: value, ENERGY: energy})
         if (model_dir / "hybrid.json").is_file():
             mlflow.log_artifact(str(model_dir / "hybrid.json"), artifact_path="conversion")

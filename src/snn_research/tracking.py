@@ -19,7 +19,7 @@ import hashlib
 import os
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from rich.console import Console
 from rich.markup import escape
@@ -164,6 +164,15 @@ class Tracker:
             self._guard(lambda: self._mlflow.log_artifacts(str(path), artifact_path=folder))
         else:
             self._guard(lambda: self._mlflow.log_artifact(str(path), artifact_path=folder))
+
+    def within_run(self, work: Callable[[str, str], Any]) -> Any:
+        """``work(tracking_uri, experiment)`` inside this stage's run, guarded like every other record (a
+        failure is reported and counted, never raised); None when tracking is off or has failed."""
+        if self._nested is None:
+            return None
+        done = []
+        self._guard(lambda: done.append(work(self._mlflow.get_tracking_uri(), self.params.tracking.experiment)))
+        return done[0] if done else None
 
     def finish(self, status: str = "FINISHED") -> None:
         if self._nested is None:

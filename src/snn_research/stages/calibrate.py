@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from snn_research.conversion.calibrator import Calibrator, save_calibration
 from snn_research.data import load_blocks, spread
+from snn_research.devices import place
 from snn_research.io import atomic_directory, sha256_file
 from snn_research.stages.common import StageContext, console, progress_bar
 from snn_research.teacher import load_teacher
@@ -15,6 +16,7 @@ def run(context: StageContext) -> None:
     context.verify(context.paths.splits, "split")
     model, _ = load_teacher(context.paths.teacher)
     blocks = spread(load_blocks(context.paths.splits, "calib"), params.max_blocks).input_ids
+    model, blocks = place(context.device, teacher=model, blocks=blocks)
     calibrator = Calibrator(model, bins_per_octave=params.bins_per_octave)
     batches = list(blocks.split(params.batch_size))
     with progress_bar("calibrating", len(batches)) as advance:

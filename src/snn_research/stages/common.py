@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -11,7 +12,7 @@ from typing import Any, Iterator
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from snn_research.config import Params
+from snn_research.config import Params, ParamsError
 from snn_research.tracking import Tracker
 
 # stage messages quote user paths and values, which may hold [brackets]: no markup unless asked for
@@ -29,6 +30,23 @@ class StageContext:
     @property
     def paths(self):
         return self.params.paths
+
+    @functools.cached_property
+    def device(self):
+        """``params.device`` resolved on this machine (this rank's device in a multi-process launch)."""
+        from snn_research.devices import DeviceUnavailable, resolve_device
+
+        try:
+            return resolve_device(self.params.device)
+        except DeviceUnavailable as error:
+            raise ParamsError(f"{self.params_path}: {error}") from None
+
+    @functools.cached_property
+    def shard(self):
+        """This process's share of training (rank 0 of 1 unless launched with several processes)."""
+        from snn_research.devices import current_shard
+
+        return current_shard(self.device)
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started

@@ -20,6 +20,7 @@ from snn_research.conversion.ann_to_snn_converter import (
 from snn_research.conversion.calibrator import load_calibration
 from snn_research.conversion.threshold_search import search_clipping
 from snn_research.data import load_blocks, spread
+from snn_research.devices import place
 from snn_research.io import atomic_directory, atomic_write_text
 from snn_research.stages.common import StageContext, console
 from snn_research.teacher import load_teacher
@@ -50,6 +51,7 @@ def run(context: StageContext) -> None:
     if params.convert.clipping == "search":
         context.verify(context.paths.splits, "split")
         blocks = spread(load_blocks(context.paths.splits, "calib"), params.convert.search_block_count).input_ids
+        teacher, hybrid, blocks = place(context.device, teacher=teacher, hybrid=hybrid, blocks=blocks)
         choices, block_errors = search_clipping(hybrid, teacher, list(blocks.split(params.calibrate.batch_size)))
         record = ClippingRecord(method="search", search_tokens=int(blocks.numel()),
                                 sites=[ClippingChoice(**choice.__dict__) for choice in choices],
@@ -63,6 +65,7 @@ def run(context: StageContext) -> None:
         console.print(f"convert: clipping search over {len(choices)} sites: mean relative FFN output error "
                       f"{before:.4f} at the percentile thresholds -> {after:.4f}")
     metadata = metadata.model_copy(update={"clipping": record})
+    hybrid.to("cpu")  # the files are written from CPU tensors on any device
     with atomic_directory(context.paths.converted) as tmp:
         written = write_hybrid_files(hybrid, tokenizer, metadata, tmp)
         context.manifest(tmp, "convert", {"convert": params.convert.model_dump(), "seed": params.seed,

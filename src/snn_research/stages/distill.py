@@ -18,6 +18,7 @@ import torch
 
 from snn_research.conversion.ann_to_snn_converter import load_hybrid
 from snn_research.data import load_blocks, spread
+from snn_research.devices import check_devices, place
 from snn_research.models.hybrid_transformer import SpikingMLP, find_mlps
 from snn_research.stages.common import StageContext, console, progress_bar
 from snn_research.stages.training_common import (
@@ -26,7 +27,6 @@ from snn_research.stages.training_common import (
     energy_budget,
     fingerprint,
     loop_settings,
-    place,
     sampled_positions,
     save_trained,
     teacher_val_targets,
@@ -36,7 +36,7 @@ from snn_research.stages.training_common import (
 from snn_research.teacher import load_teacher
 from snn_research.training.layerwise import LayerCheckpoint, layerwise_distill
 from snn_research.training.losses import distillation_kl, next_token_nll, relative_mse, top_k_kl
-from snn_research.training.loop import check_devices, train, training_device
+from snn_research.training.loop import train
 
 LAYERWISE_COLUMNS = ["layer", "loss_before", "loss_after", "stream_error"]
 
@@ -60,7 +60,7 @@ class _FFNOutputs:
 def _layerwise(context, teacher, hybrid, blocks, ckpt, fp):
     params = context.params.distill
     layer_params = params.layerwise
-    checkpoint = LayerCheckpoint(ckpt, fp)
+    checkpoint = LayerCheckpoint(ckpt, fp, write=context.shard.main)
     resumed = checkpoint.read()
     if resumed is not None:
         console.print(f"distill: layer-wise stage resumes after block {resumed[0] - 1} from its checkpoint")
@@ -71,7 +71,7 @@ def _layerwise(context, teacher, hybrid, blocks, ckpt, fp):
             layer_params.threshold_lr, seed=context.params.seed,
             progress=lambda layer, step, loss: advance(info=f"layer {layer} loss {loss:.4f}"),
             budget_for=lambda mlp: energy_budget(context, mlp, layer_params.energy_weight),
-            checkpoint=checkpoint,
+            checkpoint=checkpoint, shard=context.shard,
         )
     rows = [r.__dict__ for r in reports]
     for row in rows:
@@ -88,13 +88,14 @@ def run(context: StageContext) -> None:
     context.verify(context.paths.converted, "convert")
     teacher, tokenizer = load_teacher(context.paths.teacher)
     hybrid = load_hybrid(context.paths.converted)
-    device = training_device()
-    place(device, teacher, hybrid)
+    device, shard = context.device, context.shard
+    shard.check_batch(params.batch_size, "distill.batch_size")
     time_steps = hybrid.hybrid_metadata.plan.time_steps
     train_split = load_blocks(context.paths.splits, "train")
     train_blocks = train_split.input_ids
-    val_batches = list(spread(load_blocks(context.paths.splits, "val"), params.val_blocks).input_ids.to(device)
+    val_batches = list(spread(load_blocks(context.paths.splits, "val"), params.val_blocks).input_ids
                        .split(params.batch_size))
+    teacher, hybrid, val_batches = place(device, teacher=teacher, hybrid=hybrid, val_batches=val_batches)
     fp = fingerprint(context, {"distill": params.model_dump(), "energy": context.params.energy.model_dump()})
     ckpt = checkpoint_dir(context, "distill")
 
@@ -172,7 +173,7 @@ def run(context: StageContext) -> None:
     console.print(f"distill: after layer-wise stage: val {VAL_KL} {start_metrics[VAL_KL]:.4f}, "
                   f"val ppl {start_metrics['ppl']:.2f}")
     settings = loop_settings(params, seed, time_steps, curriculum_start=params.curriculum.start_time_steps,
-                             curriculum_fraction=params.curriculum.anneal_fraction)
+                             curriculum_fraction=params.curriculum.anneal_fraction, device=str(device), shard=shard)
     with progress_bar("distillation", params.steps) as advance:
         result = train(hybrid, train_blocks, loss_fn, validate, settings, ckpt / "loop", fp,
                        log_metrics=context.tracker.log_metrics,
@@ -181,6 +182,8 @@ def run(context: StageContext) -> None:
     if result.best_step == 0:
         console.print(f"distill: no end-to-end step improved the validation {VAL_KL}; keeping the state it started from")
     final = validate(hybrid)
+    if not shard.main:  # rank 0 writes the outputs; the others hold the same state
+        return
     curves = write_curves(context, "distill", result)
     write_table(curves["val"].parent / "distill_layerwise.csv", pd.DataFrame(layer_rows, columns=LAYERWISE_COLUMNS))
     summary = {"final_val": final, "start_val": start_metrics, "best_step": result.best_step,

@@ -14,6 +14,7 @@ import pandas as pd
 
 from snn_research.conversion.ann_to_snn_converter import load_hybrid
 from snn_research.data import load_blocks, spread
+from snn_research.devices import place
 from snn_research.evaluation.baselines import Prices, compare, site_rows
 from snn_research.evaluation.energy import measure_energy
 from snn_research.evaluation.layers import ffn_output_errors
@@ -46,11 +47,13 @@ def run(context: StageContext) -> None:
     time_steps = hybrids["finetuned"].hybrid_metadata.plan.time_steps
     test = spread(load_blocks(context.paths.splits, "test"), params.max_blocks)
     ids, target_bytes = test.input_ids, test.target_bytes
+    energy_ids = spread(test, params.energy_blocks).input_ids
+    teacher, reference, hybrids, ids, energy_ids = place(context.device, teacher=teacher, reference=reference,
+                                                         hybrids=hybrids, ids=ids, energy_ids=energy_ids)
     batches = -(-ids.shape[0] // params.batch_size)
     with progress_bar("evaluating", batches) as advance:
         totals = evaluate_quality(teacher, {"teacher_finetuned": reference, **hybrids}, ids, target_bytes,
                                   params.batch_size, progress=advance)
-    energy_ids = spread(test, params.energy_blocks).input_ids
     prices = Prices.from_params(context.params.energy)
     reports = {name: measure_energy(model, energy_ids, prices.e_mac_pj, prices.e_ac_pj) for name, model in hybrids.items()}
     figures = {name: {**compare(report, prices), "spike_rate": report.mean_spike_rate} for name, report in reports.items()}
@@ -82,6 +85,18 @@ def run(context: StageContext) -> None:
     for path in (context.paths.metrics, context.paths.evaluation / "summary.md", context.paths.plots / "layers.png"):
         context.tracker.log_artifact(path)
     console.print(summary)
+    registry = params.registry
+    if registry.name is not None:
+        from snn_research.registry import register
+
+        done = context.tracker.within_run(lambda uri, experiment: register(
+            context.paths.finetuned, context.paths.metrics, registry.name, "finetuned", registry.metric, uri, experiment))
+        if done is None:
+            console.print(f"evaluate: the finetuned hybrid was not registered as {registry.name!r} "
+                          "(tracking is off or failed)")
+        else:
+            state = "is now champion" if done.champion else "is not champion"
+            console.print(f"evaluate: registered {done.name} version {done.version}, which {state}: {done.reason}")
 
 
 def _layer(key: str) -> int:

@@ -26,6 +26,7 @@ import torch
 from snn_research.config import FinetuneParams
 from snn_research.conversion.ann_to_snn_converter import load_hybrid
 from snn_research.data import load_blocks, spread
+from snn_research.devices import place
 from snn_research.stages.common import StageContext, console, progress_bar
 from snn_research.stages.training_common import (
     VAL_KL,
@@ -33,7 +34,6 @@ from snn_research.stages.training_common import (
     energy_budget,
     fingerprint,
     loop_settings,
-    place,
     sampled_positions,
     save_trained,
     teacher_val_targets,
@@ -42,7 +42,7 @@ from snn_research.stages.training_common import (
 from snn_research.teacher import load_teacher
 from snn_research.training.energy_budget import EnergyBudget
 from snn_research.training.losses import distillation_kl, next_token_nll, top_k_kl
-from snn_research.training.loop import check_devices, train, training_device
+from snn_research.training.loop import train
 
 
 @dataclass
@@ -65,8 +65,8 @@ def finetune_recipe(context: StageContext, params: FinetuneParams, device: torch
     """
     seed = context.params.seed
     train_blocks = load_blocks(context.paths.splits, "train").input_ids
-    val_blocks = spread(load_blocks(context.paths.splits, "val"), params.val_blocks).input_ids.to(device)
-    val_batches = list(val_blocks.split(params.batch_size))
+    val_blocks = spread(load_blocks(context.paths.splits, "val"), params.val_blocks).input_ids
+    val_batches = place(device, val_batches=list(val_blocks.split(params.batch_size)))
     val_targets = teacher_val_targets(reference, val_batches) if reference is not None else []
 
     def validate(model) -> dict[str, float]:
@@ -107,8 +107,7 @@ def finetune_recipe(context: StageContext, params: FinetuneParams, device: torch
                 parts["energy_ratio"] = budget.last_ratio
         return loss, parts
 
-    check_devices(device, val_batches=val_batches, val_targets=val_targets,
-                  reference=reference if reference is not None else [])
+    place(device, val_targets=val_targets, reference=reference if reference is not None else [])
     return FinetuneRecipe(train_blocks, val_batches, loss_fn, validate)
 
 
@@ -125,9 +124,9 @@ def run(context: StageContext) -> None:
         teacher, _ = load_teacher(context.paths.teacher)
     hybrid = load_hybrid(context.paths.distilled)
     tokenizer = AutoTokenizer.from_pretrained(context.paths.distilled, trust_remote_code=False)
-    device = training_device()
-    place(device, hybrid, *([teacher] if teacher is not None else []))
-    check_devices(device, hybrid=hybrid)
+    device, shard = context.device, context.shard
+    shard.check_batch(params.batch_size, "finetune.batch_size")
+    place(device, hybrid=hybrid, teacher=teacher if teacher is not None else [])
     time_steps = hybrid.hybrid_metadata.plan.time_steps
     budget = energy_budget(context, hybrid, params.energy_weight)
     recipe = finetune_recipe(context, params, device, teacher, budget)
@@ -135,12 +134,14 @@ def run(context: StageContext) -> None:
 
     start = recipe.validate(hybrid)
     context.tracker.log_metrics({f"val_{k}": v for k, v in start.items()}, step=0)
-    settings = loop_settings(params, seed, time_steps, patience=params.patience)
+    settings = loop_settings(params, seed, time_steps, patience=params.patience, device=str(device), shard=shard)
     with progress_bar("fine-tuning", params.steps) as advance:
         result = train(hybrid, recipe.train_blocks, recipe.loss_fn, recipe.validate, settings,
                        checkpoint_dir(context, "finetune") / "loop", fp, log_metrics=context.tracker.log_metrics,
                        progress=lambda step, loss: advance(info=f"loss {loss:.4f}"), initial_objective=start["objective"])
     final = recipe.validate(hybrid)
+    if not shard.main:  # rank 0 writes the outputs; the others hold the same state
+        return
     curves = write_curves(context, "finetune", result)
     summary = {"start_val": start, "final_val": final, "best_step": result.best_step, "steps_done": result.steps_done,
                "stopped_early": result.stopped_early, "resumed_from": result.resumed_from}

@@ -21,13 +21,14 @@ import shutil
 
 import torch
 
+from snn_research.devices import place
 from snn_research.io import atomic_directory
 from snn_research.models.hybrid_transformer import find_mlps
 from snn_research.stages.common import StageContext, console, progress_bar
 from snn_research.stages.finetune import finetune_recipe
-from snn_research.stages.training_common import checkpoint_dir, fingerprint, loop_settings, place, write_curves
+from snn_research.stages.training_common import checkpoint_dir, fingerprint, loop_settings, write_curves
 from snn_research.teacher import load_teacher
-from snn_research.training.loop import check_devices, train, training_device
+from snn_research.training.loop import train
 
 STAGE = "finetune-teacher"
 
@@ -49,16 +50,16 @@ def run(context: StageContext) -> None:
     context.verify(context.paths.splits, "split")
     model, tokenizer = load_teacher(context.paths.teacher)
     reference = copy.deepcopy(model) if params.kl_weight > 0 else None  # the frozen original, for the KL anchor
-    device = training_device()
-    place(device, model, *([reference] if reference is not None else []))
-    check_devices(device, teacher=model)
+    device, shard = context.device, context.shard
+    shard.check_batch(params.batch_size, "finetune.batch_size")
+    place(device, teacher=model, reference=reference if reference is not None else [])
     trainable = ffn_parameters(model, layers)
     recipe = finetune_recipe(context, params, device, reference)
     fp = fingerprint(context, {"finetune": params.model_dump(), "convert.layers": layers})
 
     start = recipe.validate(model)
     context.tracker.log_metrics({f"val_{k}": v for k, v in start.items()}, step=0)
-    settings = loop_settings(params, seed, time_steps=None, patience=params.patience)
+    settings = loop_settings(params, seed, time_steps=None, patience=params.patience, device=str(device), shard=shard)
     groups = [{"params": trainable, "lr": params.lr, "weight_decay": params.weight_decay}]
     with progress_bar("teacher fine-tuning", params.steps) as advance:
         result = train(model, recipe.train_blocks, recipe.loss_fn, recipe.validate, settings,
@@ -66,6 +67,8 @@ def run(context: StageContext) -> None:
                        progress=lambda step, loss: advance(info=f"loss {loss:.4f}"), initial_objective=start["objective"],
                        param_groups=groups)
     final = recipe.validate(model)
+    if not shard.main:  # rank 0 writes the outputs; the others hold the same state
+        return
     curves = write_curves(context, "finetune_teacher", result)
     summary = {"start_val": start, "final_val": final, "best_step": result.best_step, "steps_done": result.steps_done,
                "stopped_early": result.stopped_early, "resumed_from": result.resumed_from,

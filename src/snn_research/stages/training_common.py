@@ -79,12 +79,6 @@ def teacher_val_targets(teacher, batches: list[torch.Tensor]) -> list[tuple[torc
         return [teacher_top_k(teacher(input_ids=b, use_cache=False).logits, VAL_TOP_K) for b in batches]
 
 
-def place(device: torch.device, *modules: torch.nn.Module) -> None:
-    """Move models to the training device (before any validation, so every pass runs there)."""
-    for module in modules:
-        module.to(device)
-
-
 def sampled_positions(block_length: int, count: int, seed: int, step: int,
                       device: torch.device | str = "cpu") -> torch.Tensor:
     """``count`` sorted random positions that have a next token; the same for a (seed, step) on every run.
@@ -133,6 +127,7 @@ def write_table(path: Path, table: pd.DataFrame) -> None:
 def save_trained(context: StageContext, stage: str, folder: Path, model, tokenizer, params: dict[str, Any],
                  summary: dict[str, Any], extra_files: dict[str, str]) -> None:
     metadata = model.hybrid_metadata
+    model.to("cpu")  # the files are written from CPU tensors on any device
     with atomic_directory(folder) as tmp:
         write_hybrid_files(model, tokenizer, metadata, tmp)
         for name, text in extra_files.items():

@@ -39,10 +39,10 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from snn_research.devices import Shard, check_devices
 from snn_research.io import atomic_write_text
 from snn_research.models.hybrid_transformer import SpikingMLP, block_list, spiking_parameter_groups
 from snn_research.training.energy_budget import EnergyBudget
-from snn_research.training.loop import check_devices
 
 # The norm that reads the residual stream at the start of a block, and the final one.
 _INPUT_NORM = {"gpt2": "ln_1"}
@@ -134,8 +134,9 @@ class LayerCheckpoint:
 
     PROGRESS = "progress.json"
 
-    def __init__(self, folder: Path, fingerprint: str) -> None:
-        self.folder, self.fingerprint = Path(folder), fingerprint
+    def __init__(self, folder: Path, fingerprint: str, write: bool = True) -> None:
+        # write=False: read and restore only (the ranks but 0 of a multi-process launch)
+        self.folder, self.fingerprint, self.writes = Path(folder), fingerprint, write
 
     def _block_file(self, index: int) -> Path:
         return self.folder / f"block_{index}.safetensors"
@@ -164,6 +165,8 @@ class LayerCheckpoint:
 
     def write(self, next_block: int, trained: list[int], reports: list[LayerReport], mlp: SpikingMLP | None) -> None:
         """Save the block just trained (if any), then the progress that points at it."""
+        if not self.writes:
+            return
         self.folder.mkdir(parents=True, exist_ok=True)
         if mlp is not None:
             fd, tmp = tempfile.mkstemp(prefix=".block.", suffix=".tmp", dir=self.folder)
@@ -198,12 +201,15 @@ def layerwise_distill(
     progress=None,
     budget_for: Callable[[nn.Module], EnergyBudget] | None = None,
     checkpoint: LayerCheckpoint | None = None,
+    shard: Shard = Shard(),
 ) -> list[LayerReport]:
     """Train every spiking FFN of ``hybrid`` in place, block by block; returns per-layer losses.
 
     ``budget_for(mlp)``, if given, makes the energy budget each block's FFN trains under.
     ``checkpoint``, if given, saves each finished block and resumes after the last one saved.
     Teacher and hybrid must be on one device; the token blocks are moved there.
+    ``shard`` (a multi-process launch): this rank caches and trains on its rows of every batch, and the
+    gradients, losses and errors are averaged over the ranks.
     """
     count = (blocks.shape[0] // batch_size) * batch_size
     if count == 0:
@@ -220,7 +226,8 @@ def layerwise_distill(
             checkpoint.restore(index, hybrid_blocks[index].mlp)
         if next_block >= len(hybrid_blocks):
             return reports  # every block was done: nothing left to compute
-    batches = list(blocks[:count].to(device).split(batch_size))
+    shard.check_batch(batch_size, "batch_size")
+    batches = [shard.rows(batch) for batch in blocks[:count].to(device).split(batch_size)]
     recorder = _BlockCalls(teacher_blocks)
     try:
         with torch.no_grad():
@@ -244,22 +251,21 @@ def layerwise_distill(
             budget = budget_for(mlp) if budget_for is not None else None
             reports.append(
                 _train_block(block, mlp, stream, targets[index], call, gain, centred,
-                             steps_per_layer, lr, threshold_lr, seed + index, index, progress, budget)
+                             steps_per_layer, lr, threshold_lr, seed + index, index, progress, budget, shard)
             )
             trained.append(index)
         with torch.no_grad():
             stream = [run_block(block, x, call) for x in stream]
         if trains:
-            reports[-1].stream_error = float(
-                sum(stream_loss(o, t, gain, centred) for o, t in zip(stream, targets[index])) / len(stream)
-            )
+            error = sum(stream_loss(o, t, gain, centred) for o, t in zip(stream, targets[index])) / len(stream)
+            reports[-1].stream_error = float(shard.mean(error))
         if checkpoint is not None:
             checkpoint.write(index + 1, trained, reports, mlp if trains else None)
     return reports
 
 
 def _train_block(block, mlp, stream, targets, call, gain, centred, steps, lr, threshold_lr, seed, index, progress,
-                 budget: EnergyBudget | None):
+                 budget: EnergyBudget | None, shard: Shard = Shard()):
     weights, thresholds = spiking_parameter_groups(mlp)
     trainable_before = {id(p): p.requires_grad for p in mlp.parameters()}
     for param in weights + thresholds:
@@ -284,8 +290,9 @@ def _train_block(block, mlp, stream, targets, call, gain, centred, steps, lr, th
                 raise FloatingPointError(f"layer-wise distillation of block {index}: loss is {loss.item()} at step {step}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            shard.average_gradients(weights + thresholds)
             optimizer.step()
-            last_loss = loss.item()
+            last_loss = float(shard.mean(loss.detach()))
             if step == 0:
                 first_loss = last_loss
             if progress is not None:

@@ -1,4 +1,4 @@
-"""The training loop shared by distill, finetune and finetune-teacher (Hugging Face Accelerate underneath).
+"""The training loop shared by distill, finetune and finetune-teacher; one process or many (``accelerate launch``).
 
 AdamW over parameter groups: by default two (the spiking FFNs' weights, and
 their log-thresholds and leaks at their own learning rate), or any explicit set
@@ -6,10 +6,14 @@ their log-thresholds and leaks at their own learning rate), or any explicit set
 then cosine decay, gradient clipping, validation every N steps with the best
 state kept, optional early stopping, and resumable checkpoints.
 
-Devices. The model, its batches and whatever the loss and validation read (a
-teacher, cached targets) must sit on the loop's device, ``training_device()``:
-stages move them there before training and ``check_devices`` refuses a
-mismatch by name instead of failing deep inside a matmul.
+Devices and processes. The model, its batches and whatever the loss and
+validation read (a teacher, cached targets) sit on ``settings.device``: stages
+move them there (``devices.place``) and the loop checks the model again. In a
+multi-process launch each rank computes the loss on its slice of every step's
+batch, the trainable gradients are averaged over the ranks before clipping and
+the optimizer step, and only rank 0 writes checkpoints (see ``devices.py``).
+Validation runs whole on every rank, so every rank makes the same best-state
+and early-stopping decisions.
 
 Determinism and resume. The batch of step s is a function of (seed, s) alone
 and stochastic encoders draw their noise from (seed, s), so a run resumed from
@@ -34,6 +38,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from snn_research.devices import Shard, check_devices
 from snn_research.io import atomic_directory
 from snn_research.models.hybrid_transformer import set_time_steps, spiking_mlps, spiking_parameter_groups
 
@@ -63,6 +68,8 @@ class LoopSettings:
     time_steps: int | None = None  # the target T
     curriculum_start: int | None = None  # train at this T first, annealing to the target
     curriculum_fraction: float = 0.5
+    device: str = "cpu"  # where the model and its batches sit (stages resolve params.device)
+    shard: Shard = field(default_factory=Shard)  # this process's slice of each batch (multi-process launches)
 
 
 @dataclass
@@ -113,54 +120,6 @@ def _named_trainable(model: nn.Module, groups: list[dict[str, Any]]) -> dict[str
     return named
 
 
-def training_device() -> torch.device:
-    """The device the loop trains on: Accelerate's choice (a GPU when there is one, else the CPU)."""
-    from accelerate import PartialState
-
-    return PartialState(cpu=not torch.cuda.is_available()).device
-
-
-class DeviceMismatch(ValueError):
-    """Tensors or modules a training run combines sit on different devices."""
-
-
-def _devices_of(value) -> set[torch.device]:
-    if isinstance(value, torch.Tensor):
-        return {value.device}
-    if isinstance(value, nn.Module):
-        return {t.device for t in [*value.parameters(), *value.buffers()]}
-    if isinstance(value, dict):
-        value = list(value.values())
-    if isinstance(value, (list, tuple)):
-        return set().union(*(_devices_of(item) for item in value)) if value else set()
-    return set()
-
-
-def _same_device(found: torch.device, wanted: torch.device) -> bool:
-    # 'cuda' and 'cuda:0' name the same device when the current one is 0
-    if found.type != wanted.type:
-        return False
-    if found.type == "cuda" and (found.index is None or wanted.index is None):
-        return (found.index or torch.cuda.current_device()) == (wanted.index or torch.cuda.current_device())
-    return found.index == wanted.index
-
-
-def check_devices(device: torch.device, **named) -> None:
-    """Raise ``DeviceMismatch`` naming every tensor or module in ``named`` that is not wholly on ``device``.
-
-    Values may be tensors, modules, or lists, tuples and dicts of them.
-    """
-    device = torch.device(device)
-    wrong = []
-    for name, value in named.items():
-        found = _devices_of(value)
-        stray = sorted(str(d) for d in found if not _same_device(d, device))
-        if stray:
-            wrong.append(f"{name} on {', '.join(stray)}")
-    if wrong:
-        raise DeviceMismatch(f"training runs on {device}, but {'; '.join(wrong)}: move them to {device} first")
-
-
 def _set_noise_step(model: nn.Module, step: int) -> None:
     for block in spiking_mlps(model):
         for module in block.modules():
@@ -190,10 +149,10 @@ def train(
     (lower is better). With ``initial_objective`` (the starting state's
     validation), the starting state counts as step 0 and is kept if no step beats it.
     """
-    from accelerate import Accelerator
     from transformers import get_cosine_schedule_with_warmup
 
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    shard = settings.shard
+    shard.check_batch(settings.batch_size, "batch_size")
     groups = [dict(group) for group in param_groups] if param_groups is not None else spiking_groups(model, settings)
     groups = [group for group in groups if group["params"]]
     named = _named_trainable(model, groups)
@@ -205,8 +164,7 @@ def train(
         param.requires_grad_(True)
     optimizer = torch.optim.AdamW(groups)
     scheduler = get_cosine_schedule_with_warmup(optimizer, settings.warmup_steps, settings.steps)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    device = accelerator.device
+    device = torch.device(settings.device)
     check_devices(device, model=model)
 
     result = LoopResult(best_objective=initial_objective, best_step=0 if math.isfinite(initial_objective) else -1)
@@ -237,13 +195,16 @@ def train(
             set_time_steps(model, time_steps)
         _set_noise_step(model, step)
         model.train()
-        batch = train_blocks[batch_indices(step, train_blocks.shape[0], settings.batch_size, settings.seed)].to(device)
+        batch = train_blocks[batch_indices(step, train_blocks.shape[0], settings.batch_size, settings.seed)]
+        batch = shard.rows(batch).to(device)
         loss, parts = loss_fn(model, batch, step)
         if not torch.isfinite(loss):
             raise TrainingDiverged(f"step {step}: training loss is {loss.item()}; stopped, last checkpoint kept")
         optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        grad_norm = accelerator.clip_grad_norm_(list(named.values()), settings.grad_clip)
+        loss.backward()
+        shard.average_gradients(named.values())
+        loss = shard.mean(loss.detach())
+        grad_norm = torch.nn.utils.clip_grad_norm_(list(named.values()), settings.grad_clip)
         if not torch.isfinite(torch.as_tensor(grad_norm)):
             raise TrainingDiverged(f"step {step}: gradient norm is {float(grad_norm)}; stopped, last checkpoint kept")
         optimizer.step()
@@ -272,7 +233,7 @@ def train(
             if settings.patience is not None and since_best >= settings.patience:
                 result.stopped_early = True
                 break
-        if step % settings.checkpoint_every == 0 and step < settings.steps:
+        if step % settings.checkpoint_every == 0 and step < settings.steps and shard.main:
             _write_checkpoint(checkpoint_dir, fingerprint, step, since_best, named, best_state, optimizer, scheduler, result)
 
     result.steps_done = step

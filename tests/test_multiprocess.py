@@ -1,0 +1,142 @@
+"""Two processes on the CPU (gloo), launched as a user would with `accelerate launch`: distill (layer-wise and
+end-to-end) and finetune split each batch over the ranks, only rank 0 writes outputs and MLflow records, and
+the result matches a one-process run.
+
+The per-layer FFN MSE (``distill.ffn_mse_weight``) is off here: it is a ratio of batch means, and each rank
+takes it over its own half, which is not the whole batch's ratio (0.7 % apart on this model's first step).
+Every other loss is a mean over equal halves, so the mean over the ranks is the one-process loss.
+
+Tolerance: the ranks average per-shard means where one process takes one mean over the batch, so the sums
+are ordered differently (float32 rounding, about 1e-7 relative per operation). Adam turns a tiny difference
+of a near-zero gradient into a different step of up to lr, so weights are compared at 3 lr per step of
+training (a weight that followed another path entirely would differ by far more), and the validation
+metrics at 1e-3 relative.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+from pipeline_support import copy_pipeline, inside, prepare, run_stages, set_dotted, tiny_params, write_params
+
+from snn_research.artifacts import verify_folder
+from snn_research.stages.training_common import VAL_KL
+
+SETTINGS = {"convert.time_steps": 2, "energy.ffn_budget": None, "distill.curriculum.start_time_steps": None,
+            "distill.lr": 1e-4, "distill.batch_size": 2, "distill.steps": 4, "distill.layerwise.blocks": 4,
+            "distill.layerwise.steps_per_layer": 3, "finetune.batch_size": 2, "finetune.steps": 4,
+            "finetune.lr": 1e-4, "distill.ffn_mse_weight": 0.0}
+LAYERWISE_STEPS = 2 * 3  # two blocks, three steps each
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch_two(folder: Path, stage: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(free_port()), "-m", "snn_research", stage, "-p", "params.yaml"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The same converted pipeline trained by one process (in-process CLI) and by two (accelerate launch)."""
+    params = set_dotted(tiny_params(), SETTINGS)
+    converted = prepare(tmp_path_factory.mktemp("converted"), params, ("download-teacher", "split", "calibrate",
+                                                                       "convert"))
+    one = copy_pipeline(converted, tmp_path_factory.mktemp("one"))
+    with inside(one):
+        run_stages("distill", "finetune")
+    two = copy_pipeline(converted, tmp_path_factory.mktemp("two"))
+    tracked = set_dotted(params, {"tracking.enabled": True, "tracking.uri": f"sqlite:///{two / 'mlflow.db'}",
+                                  "tracking.strict": True})
+    write_params(tracked, two / "params.yaml")
+    outputs = {}
+    for stage in ("distill", "finetune"):
+        done = launch_two(two, stage)
+        assert done.returncode == 0, f"{stage} under two processes failed:\n{done.stdout}\n{done.stderr}"
+        outputs[stage] = done.stdout + done.stderr
+    return one, two, outputs
+
+
+def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    return safetensors.torch.load_file(str(folder / "model.safetensors"))
+
+
+@pytest.mark.parametrize("stage,folder,lr,steps", [
+    ("distill", "distilled", 1e-4, 4 + LAYERWISE_STEPS), ("finetune", "finetuned", 1e-4, 4 + 4 + LAYERWISE_STEPS)])
+def test_two_processes_train_what_one_does(runs, stage, folder, lr, steps):
+    one, two, _ = runs
+    converted = tensors(one / "models" / "converted")
+    mine, theirs = tensors(one / "models" / folder), tensors(two / "models" / folder)
+    assert sorted(mine) == sorted(theirs)
+    moved = [name for name in mine if not torch.equal(mine[name], converted[name])]
+    assert moved, "training changed nothing: the comparison would be empty"
+    worst = max(float((mine[name] - theirs[name]).abs().max()) for name in mine)
+    assert worst <= 3 * lr * steps, f"{stage}: weights differ by up to {worst:.3g}"
+    travelled = max(float((mine[name] - converted[name]).abs().max()) for name in moved)
+    assert worst < travelled / 3, "the two runs agree no better than they moved"
+    a = verify_folder(one / "models" / folder, stage)[0].summary["final_val"]
+    b = verify_folder(two / "models" / folder, stage)[0].summary["final_val"]
+    key = VAL_KL if stage == "distill" else "ppl"
+    assert b[key] == pytest.approx(a[key], rel=1e-3)
+
+
+def test_each_rank_trains_on_its_half_of_every_batch(runs):
+    one, two, _ = runs
+    a = json.loads((one / "models" / "distilled" / "history.json").read_text())
+    b = json.loads((two / "models" / "distilled" / "history.json").read_text())
+    # layer-wise: the same blocks, losses and stream errors, up to rounding
+    for row_a, row_b in zip(a["layerwise"], b["layerwise"], strict=True):
+        for key in ("loss_before", "loss_after", "stream_error"):
+            assert row_b[key] == pytest.approx(row_a[key], rel=1e-5), (row_a["layer"], key)
+    # the first end-to-end step starts from the same state: the mean of the two halves' losses is the
+    # one-process loss of the whole batch
+    assert b["train_losses"][0][1] == pytest.approx(a["train_losses"][0][1], rel=1e-4)  # a small KL: a difference
+    # of two near-equal sums, so its relative rounding error is larger than theirs
+
+
+def test_only_rank_zero_writes_and_tracks(runs):
+    import mlflow
+
+    _, two, outputs = runs
+    assert outputs["distill"].count("distill: done in") == 1, outputs["distill"]
+    assert not [p for p in (two / "models" / ".checkpoints").rglob("*") if p.is_file()], "checkpoints left behind"
+    mlflow.set_tracking_uri(f"sqlite:///{two / 'mlflow.db'}")
+    runs_by_stage = mlflow.search_runs(search_all_experiments=True, filter_string="tags.role = 'stage'",
+                                       output_format="list")
+    assert sorted(run.data.tags["stage"] for run in runs_by_stage) == ["distill", "finetune"]
+
+
+def test_a_batch_that_does_not_split_over_the_ranks_is_refused(runs, tmp_path):
+    _, two, _ = runs
+    work = copy_pipeline(two, tmp_path / "odd")
+    shutil.rmtree(work / "models" / "distilled")
+    params = set_dotted(tiny_params(), {**SETTINGS, "distill.batch_size": 3})
+    write_params(params, work / "params.yaml")
+    done = launch_two(work, "distill")
+    assert done.returncode != 0
+    assert "distill.batch_size: 3 does not split evenly over 2 processes" in done.stdout + done.stderr
+    assert not (work / "models" / "distilled").exists()
+
+
+def test_a_one_process_stage_refuses_a_multi_process_launch(runs, tmp_path):
+    _, two, _ = runs
+    work = copy_pipeline(two, tmp_path / "eval")
+    done = launch_two(work, "calibrate")
+    assert done.returncode != 0
+    assert "calibrate runs in one process, but this launch has 2" in done.stdout + done.stderr
