@@ -113,6 +113,9 @@ def test_the_loop_hands_each_rank_its_slice_of_every_batch(tmp_path):
         def average_gradients(self, params):
             return None
 
+        def from_main(self, value):
+            return value
+
     model = torch.nn.Linear(3, 1)
     blocks = torch.arange(8 * 3, dtype=torch.float32).view(8, 3)
     seen = []
@@ -129,3 +132,26 @@ def test_the_loop_hands_each_rank_its_slice_of_every_batch(tmp_path):
         whole = blocks[batch_indices(step, 8, 4, 0)]
         assert torch.equal(batch, whole[2:4]), step
     assert not (tmp_path / "ckpt").exists(), "a rank other than 0 wrote a checkpoint"
+
+
+def test_a_nan_on_another_rank_stops_this_one_too(tmp_path):
+    from snn_research.training.loop import TrainingDiverged
+
+    class OtherRankDiverged(Shard):  # the all-reduce brings in another rank's NaN
+        def mean(self, value):
+            return value + float("nan")
+
+        def average_gradients(self, params):
+            return None
+
+        def from_main(self, value):
+            return value
+
+    model = torch.nn.Linear(3, 1)
+    settings = LoopSettings(steps=2, batch_size=2, lr=1e-3, threshold_lr=0.0, weight_decay=0.0, warmup_steps=0,
+                            grad_clip=1.0, eval_every=10, checkpoint_every=10, seed=0,
+                            shard=OtherRankDiverged(rank=1, world=2))
+    with pytest.raises(TrainingDiverged, match="step 0: training loss is nan"):
+        train(model, torch.ones(4, 3), lambda m, b, s: (m(b).square().mean(), {}), lambda m: {"objective": 0.0},
+              settings, tmp_path / "ckpt", "fp", param_groups=[{"params": list(model.parameters()), "lr": 1e-3,
+                                                                "weight_decay": 0.0}])

@@ -4,7 +4,9 @@ the result matches a one-process run.
 
 The per-layer FFN MSE (``distill.ffn_mse_weight``) is off here: it is a ratio of batch means, and each rank
 takes it over its own half, which is not the whole batch's ratio (0.7 % apart on this model's first step).
-Every other loss is a mean over equal halves, so the mean over the ranks is the one-process loss.
+The energy budget is off too: its hinge is taken per half. The KL and the cross-entropy are means over equal
+halves, so the mean over the ranks is the one-process loss; the layer-wise stream loss is a ratio of means
+whose token weights make it nearly one (its figures agree to 1e-5 below).
 
 Tolerance: the ranks average per-shard means where one process takes one mean over the batch, so the sums
 are ordered differently (float32 rounding, about 1e-7 relative per operation). Adam turns a tiny difference

@@ -174,14 +174,31 @@ class Shard:
         return total / self.world
 
     def average_gradients(self, params) -> None:
-        """Replace each parameter's gradient by its mean over the ranks (a missing one counts as zero)."""
+        """Replace each parameter's gradient by its mean over the ranks (a rank without one counts zero).
+
+        A parameter no rank has a gradient for keeps none, as in one process (the optimizer skips it).
+        """
         if self.world == 1:
             return
-        for param in params:
+        params = list(params)
+        present = torch.tensor([p.grad is not None for p in params], dtype=torch.int32,
+                               device=params[0].device if params else "cpu")
+        torch.distributed.all_reduce(present, op=torch.distributed.ReduceOp.MAX)
+        for param, anywhere in zip(params, present.tolist()):
+            if not anywhere:
+                continue
             if param.grad is None:
                 param.grad = torch.zeros_like(param)
             torch.distributed.all_reduce(param.grad, op=torch.distributed.ReduceOp.SUM)
             param.grad.div_(self.world)
+
+    def from_main(self, value):
+        """Rank 0's ``value`` (any picklable object) on every rank."""
+        if self.world == 1:
+            return value
+        box = [value]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
 
     def barrier(self) -> None:
         if self.world > 1:

@@ -42,9 +42,16 @@ class QualityTotals:
         return self.forward_tokens / self.seconds if self.seconds > 0 else 0.0
 
 
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # kernels run asynchronously: time them to their end
+
+
 def _timed_logits(model: nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tensor, float]:
+    _synchronize(input_ids.device)
     start = time.perf_counter()
     logits = model(input_ids=input_ids, use_cache=False).logits[:, :-1].float()
+    _synchronize(input_ids.device)
     return logits, time.perf_counter() - start
 
 

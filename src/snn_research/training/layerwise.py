@@ -286,13 +286,15 @@ def _train_block(block, mlp, stream, targets, call, gain, centred, steps, lr, th
                 loss = stream_loss(output, targets[batch], gain, centred)
                 if budget is not None:
                     loss = loss + budget.penalty(stream[batch].numel() // stream[batch].shape[-1])
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"layer-wise distillation of block {index}: loss is {loss.item()} at step {step}")
+            mean_loss = shard.mean(loss.detach())  # before the check: every rank sees a NaN on any rank
+            if not torch.isfinite(mean_loss):
+                raise FloatingPointError(f"layer-wise distillation of block {index}: loss is {mean_loss.item()} "
+                                         f"at step {step}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             shard.average_gradients(weights + thresholds)
             optimizer.step()
-            last_loss = float(shard.mean(loss.detach()))
+            last_loss = float(mean_loss)
             if step == 0:
                 first_loss = last_loss
             if progress is not None:

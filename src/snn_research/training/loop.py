@@ -167,6 +167,7 @@ def train(
     device = torch.device(settings.device)
     check_devices(device, model=model)
 
+    initial_objective = shard.from_main(initial_objective)
     result = LoopResult(best_objective=initial_objective, best_step=0 if math.isfinite(initial_objective) else -1)
     best_state = {name: p.detach().clone() for name, p in named.items()}
     start, since_best = 0, 0
@@ -198,12 +199,16 @@ def train(
         batch = train_blocks[batch_indices(step, train_blocks.shape[0], settings.batch_size, settings.seed)]
         batch = shard.rows(batch).to(device)
         loss, parts = loss_fn(model, batch, step)
-        if not torch.isfinite(loss):
-            raise TrainingDiverged(f"step {step}: training loss is {loss.item()}; stopped, last checkpoint kept")
+        # averaged before the check: a NaN on one rank reaches every rank, so all of them stop together
+        mean_loss = shard.mean(loss.detach())
+        if not torch.isfinite(mean_loss):
+            raise TrainingDiverged(f"step {step}: training loss is {mean_loss.item()}; stopped, last checkpoint kept")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         shard.average_gradients(named.values())
-        loss = shard.mean(loss.detach())
+        loss = mean_loss
+        parts = {key: float(shard.mean(torch.tensor(value, dtype=torch.float64, device=device)))
+                 for key, value in parts.items()} if shard.world > 1 else parts
         grad_norm = torch.nn.utils.clip_grad_norm_(list(named.values()), settings.grad_clip)
         if not torch.isfinite(torch.as_tensor(grad_norm)):
             raise TrainingDiverged(f"step {step}: gradient norm is {float(grad_norm)}; stopped, last checkpoint kept")
@@ -220,7 +225,9 @@ def train(
             model.eval()
             if settings.time_steps is not None:
                 set_time_steps(model, settings.time_steps)
-            metrics = validate(model)
+            # rank 0's figures decide for every rank: devices may round differently, and ranks that kept
+            # different best states, or where one stopped early, would part ways
+            metrics = shard.from_main(validate(model))
             metrics = {**metrics, "step": step}
             result.history.append(metrics)
             if log_metrics is not None:
