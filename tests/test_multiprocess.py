@@ -51,6 +51,9 @@ def launch_two(folder: Path, stage: str) -> subprocess.CompletedProcess:
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--main_process_port", str(free_port()), "-m", "snn_research", stage, "-p", "params.yaml"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    # mlflow.set_tracking_uri in an earlier test of this process exports MLFLOW_TRACKING_URI, which would
+    # override the params' store
+    env.pop("MLFLOW_TRACKING_URI", None)
     return subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=600)
 
 
