@@ -168,6 +168,7 @@ def stages(src: str) -> str:
       - ${{paths.splits}}
     params:
       - calibrate
+      - convert.sites
       - device
       - paths.teacher
       - paths.splits
@@ -256,6 +257,7 @@ def stages(src: str) -> str:
       - device
       - seed
       - convert.layers
+      - convert.sites
       - paths.teacher
       - paths.splits
       - paths.teacher_finetuned
@@ -401,6 +403,7 @@ stages:
       - ${{paths.splits}}
     params:
       - calibrate
+      - convert.sites
       - device
       - paths.teacher
       - paths.splits
@@ -418,6 +421,7 @@ stages:
       - device
       - seed
       - convert.layers
+      - convert.sites
       - paths.teacher
       - paths.splits
       - paths.teacher_finetuned

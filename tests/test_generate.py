@@ -17,7 +17,7 @@ TOKENIZER = byte_tokenizer()
 PROMPT = "To be, or"  # with <bos>, 10 tokens: past Gemma 3's 8-token sliding window once generation starts
 
 
-def teacher_and_hybrid(family: str) -> tuple[torch.nn.Module, torch.nn.Module]:
+def teacher_and_hybrid(family: str, sites=("ffn",)) -> tuple[torch.nn.Module, torch.nn.Module]:
     """A tiny random teacher over the byte tokenizer's vocabulary and its T=8 conversion."""
     torch.manual_seed(0)
     config = tiny_config(family)
@@ -28,13 +28,14 @@ def teacher_and_hybrid(family: str) -> tuple[torch.nn.Module, torch.nn.Module]:
             if param.dim() == 2:
                 param.normal_(0.0, 0.2)
     teacher.eval()
-    calibrator = Calibrator(teacher)
+    calibrator = Calibrator(teacher, sites=sites)
     generator = torch.Generator().manual_seed(2)
     calibrator.run([torch.randint(0, len(TOKENIZER), (2, 24), generator=generator) for _ in range(4)])
     calibrator.remove_hooks()
     identity = TeacherIdentity(source=f"random:{family}", sha256="0" * 64, model_type=config.model_type,
                                architectures=["X"], num_layers=2)
-    hybrid, metadata, _ = convert(teacher, calibrator.result(99.9), HybridPlan(time_steps=8), identity, "f" * 64)
+    hybrid, metadata, _ = convert(teacher, calibrator.result(99.9), HybridPlan(time_steps=8, sites=list(sites)),
+                                  identity, "f" * 64)
     hybrid.hybrid_metadata = metadata
     return teacher, hybrid
 
@@ -42,7 +43,8 @@ def teacher_and_hybrid(family: str) -> tuple[torch.nn.Module, torch.nn.Module]:
 @pytest.fixture(scope="module", params=["llama", "gemma3"])
 def models(request) -> dict[str, torch.nn.Module]:
     teacher, hybrid = teacher_and_hybrid(request.param)
-    return {"teacher": teacher, "hybrid": hybrid}
+    _, sited = teacher_and_hybrid(request.param, sites=("ffn", "qkv", "o", "head"))  # every site spiking
+    return {"teacher": teacher, "hybrid": hybrid, "sited": sited}
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +61,7 @@ def prompt_ids() -> list[int]:
     return TOKENIZER(PROMPT)["input_ids"]
 
 
-@pytest.mark.parametrize("kind", ["teacher", "hybrid"])
+@pytest.mark.parametrize("kind", ["teacher", "hybrid", "sited"])
 @pytest.mark.parametrize("sample", [False, True])
 def test_cached_generation_matches_recomputing_the_full_sequence(models, kind, sample):
     model = models[kind]
@@ -97,7 +99,7 @@ def test_sampling_with_a_seed_is_reproducible_and_differs_across_seeds(models):
     assert sampled(7, top_k=1) == greedy  # a draw from the single likeliest token is greedy decoding
 
 
-@pytest.mark.parametrize("kind", ["teacher", "hybrid"])
+@pytest.mark.parametrize("kind", ["teacher", "hybrid", "sited"])
 def test_per_token_energy_averages_to_measure_energy_of_the_sequence(models, kind):
     model = models[kind]
     # a one-token prompt: every position of the sequence gets its own single-position forward pass
@@ -110,7 +112,7 @@ def test_per_token_energy_averages_to_measure_energy_of_the_sequence(models, kin
     assert sum(s["dense_energy_pj"] for s in stats) / count == pytest.approx(report.teacher_energy_pj, rel=1e-9)
     assert sum(s["dense_ffn_energy_pj"] for s in stats) / count == pytest.approx(report.teacher_ffn_energy_pj,
                                                                                  rel=1e-9)
-    if kind == "hybrid":
+    if kind != "teacher":
         assert sum(s["spike_rate"] for s in stats) / count == pytest.approx(report.mean_spike_rate, rel=1e-9)
 
 

@@ -108,7 +108,9 @@ def test_stages_list_the_params_and_data_they_read(dvc_file):
     assert "paths" not in stages["evaluate"]["params"], "evaluate lists the paths it reads, not the whole section"
     teacher = stages["finetune-teacher"]
     assert teacher["cmd"] == "snn-research finetune-teacher"
-    assert teacher["params"] == ["finetune", "device", "seed", "convert.layers", "paths.teacher", "paths.splits",
+    assert "convert.sites" in stages["calibrate"]["params"]  # calibration covers the sites convert will spike
+    assert teacher["params"] == ["finetune", "device", "seed", "convert.layers", "convert.sites", "paths.teacher",
+                                 "paths.splits",
                                  "paths.teacher_finetuned", "paths.checkpoints", "paths.plots"]
     assert teacher["outs"][0] == "${paths.teacher_finetuned}"
     plots = {next(iter(entry)): entry[next(iter(entry))] for entry in yaml.safe_load(dvc_file.read_text())["plots"]

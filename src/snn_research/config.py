@@ -167,8 +167,9 @@ class ConversionParams(HybridPlan):
     model_config = ConfigDict(allow_inf_nan=False)
 
     clipping: Literal["percentile", "search"] = Field(
-        "percentile", description="percentile: thresholds = calibrate.percentile; search: per site, the scale of "
-        "those (or the channel maxima) with the lowest FFN output error on calibration tokens"
+        "percentile", description="percentile: thresholds = calibrate.percentile; search: per FFN site, the scale of "
+        "those (or the channel maxima) with the lowest FFN output error on calibration tokens (sites outside the "
+        "FFN keep the percentile)"
     )
     search_blocks: int | None = Field(None, ge=1, description="clipping 'search' only: calib blocks it scores "
                                       "candidates on (null: 8)")
@@ -188,6 +189,9 @@ class ConversionParams(HybridPlan):
         if self.seed is not None and self.encoder != "rate":
             raise FieldError("seed", self.seed, f"seeds the 'rate' encoder's noise only (encoder is {self.encoder!r}); "
                              "remove it")
+        if self.clipping == "search" and "ffn" not in self.sites:
+            raise FieldError("clipping", self.clipping, f"the search scores FFN output errors, and sites {self.sites} "
+                             "spike no FFN; use 'percentile'")
         if self.search_blocks is not None and self.clipping != "search":
             raise FieldError("search_blocks", self.search_blocks,
                              f"applies to clipping 'search' only (clipping is {self.clipping!r}); remove it")

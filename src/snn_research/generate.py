@@ -33,8 +33,14 @@ from torch import nn
 from transformers import DynamicCache
 from transformers.pytorch_utils import Conv1D
 
-from snn_research.evaluation.energy import attention_ops, block_costs, norm_cost
-from snn_research.models.hybrid_transformer import SpikeRecorder, find_mlps, mlp_family, site_key, spiking_mlps
+from snn_research.evaluation.energy import (
+    attention_ops,
+    block_costs,
+    ffn_elementwise_macs,
+    norm_cost,
+    spike_fed_linears,
+)
+from snn_research.models.hybrid_transformer import SpikeRecorder, SpikingMLP, find_mlps, site_key, spiking_units
 
 
 @dataclass(frozen=True)
@@ -143,8 +149,10 @@ class _StepEnergy:
 
     def __init__(self, model: nn.Module, e_mac_pj: float, e_ac_pj: float) -> None:
         self.model, self.e_mac_pj, self.e_ac_pj = model, e_mac_pj, e_ac_pj
-        self.blocks = {block.path: block for block in spiking_mlps(model)}
-        self.costs = {path: block_costs(block) for path, block in self.blocks.items()}
+        units = list(spiking_units(model))
+        self.blocks = {block.path: block for block in units if isinstance(block, SpikingMLP)}
+        self.costs = [(block.path, block_costs(block)) for block in units]  # FFNs and sites outside them
+        fed_by_spikes = spike_fed_linears(units)
         mlp_paths = [location.path for location in find_mlps(model)]
         self.analog_mlps = [model.get_submodule(path) for path in mlp_paths if path not in self.blocks]
         self.shared = [0.0, 0.0]  # (MACs, ACs) outside the FFNs, the same for hybrid and dense
@@ -153,7 +161,7 @@ class _StepEnergy:
         self.handles = []
         for name, module in model.named_modules():
             mlp_path = next((path for path in mlp_paths if name.startswith(path + ".")), None)
-            if isinstance(module, (nn.Linear, Conv1D)) and mlp_path not in self.blocks:
+            if isinstance(module, (nn.Linear, Conv1D)) and mlp_path not in self.blocks and name not in fed_by_spikes:
                 fan_in, fan_out = ((module.in_features, module.out_features) if isinstance(module, nn.Linear)
                                    else module.weight.shape)
                 target = self.shared_ffn if mlp_path else self.shared
@@ -188,26 +196,30 @@ class _StepEnergy:
         shared_pj = self._pj(*self.shared) + self._pj(*attention_ops(self.model.config, 0, position=position))
         ffn_pj = self._pj(*self.shared_ffn)
         for mlp in self.analog_mlps:  # activation (and gating multiply), as energy.py
-            ffn_pj += self._pj(2 * mlp.gate_proj.out_features if mlp_family(mlp) == "gated"
-                               else mlp.c_fc.weight.shape[1], 0.0)
+            ffn_pj += self._pj(ffn_elementwise_macs(mlp), 0.0)
         hybrid_ffn_pj, dense_ffn_pj = ffn_pj, ffn_pj
+        hybrid_proj_pj, dense_proj_pj = 0.0, 0.0  # spiking sites outside the FFNs
         spikes, neuron_steps = 0.0, 0.0
-        for path, costs in self.costs.items():
-            dense_ffn_pj += costs.teacher_pj(self.e_mac_pj, self.e_ac_pj)
+        for path, costs in self.costs:
+            dense = costs.teacher_pj(self.e_mac_pj, self.e_ac_pj)
             synaptic = 0.0
             for site, fan_out in costs.fan_outs.items():
                 key = site_key(path, site)
                 synaptic += recorder.spikes[key] / recorder.tokens[key] * fan_out
                 spikes += recorder.spikes[key]
                 neuron_steps += recorder.neuron_steps[key]
-            hybrid_ffn_pj += synaptic * self.e_ac_pj + self._pj(
+            hybrid = synaptic * self.e_ac_pj + self._pj(
                 costs.hybrid_analog_macs + costs.neuron_macs,
                 costs.hybrid_analog_acs + costs.neuron_acs + costs.step_weight_acs)
+            if costs.ffn:
+                hybrid_ffn_pj, dense_ffn_pj = hybrid_ffn_pj + hybrid, dense_ffn_pj + dense
+            else:
+                hybrid_proj_pj, dense_proj_pj = hybrid_proj_pj + hybrid, dense_proj_pj + dense
         return output, {
             "spike_rate": spikes / neuron_steps if self.costs else None,
-            "energy_pj": shared_pj + hybrid_ffn_pj,
+            "energy_pj": shared_pj + hybrid_ffn_pj + hybrid_proj_pj,
             "ffn_energy_pj": hybrid_ffn_pj,
-            "dense_energy_pj": shared_pj + dense_ffn_pj,
+            "dense_energy_pj": shared_pj + dense_ffn_pj + dense_proj_pj,
             "dense_ffn_energy_pj": dense_ffn_pj,
         }
 
@@ -292,7 +304,7 @@ def generate(model: nn.Module, tokenizer, prompt: str, options: GenerationOption
         seconds=seconds,
         time_steps=metadata.plan.time_steps if metadata is not None else None,
         model=name,
-        kind="hybrid" if any(True for _ in spiking_mlps(model)) else "teacher",
+        kind="hybrid" if any(True for _ in spiking_units(model)) else "teacher",
         options=options,
     )
 

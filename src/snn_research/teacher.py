@@ -18,7 +18,7 @@ import torch
 
 from snn_research.config import PACKAGE_TEACHERS, parse_teacher_source
 from snn_research.io import sha256_file
-from snn_research.models.hybrid_transformer import BLOCK_LISTS
+from snn_research.models.families import FAMILIES
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
@@ -86,8 +86,9 @@ def check_model_folder(folder: Path) -> str:
     except (OSError, json.JSONDecodeError) as error:
         raise ValueError(f"{config_path}: unreadable config ({error})") from None
     model_type = config.get("model_type") if isinstance(config, dict) else None
-    if model_type not in BLOCK_LISTS:
-        raise ValueError(f"{config_path}: model_type {model_type!r} is not supported; supported: {sorted(BLOCK_LISTS)}")
+    supported = sorted(t for family in FAMILIES.values() for t in family.model_types)
+    if model_type not in supported:
+        raise ValueError(f"{config_path}: model_type {model_type!r} is not supported; supported: {supported}")
     if config.get("auto_map"):
         raise ValueError(f"{config_path}: the model needs remote code (auto_map), which is never trusted")
     if not list(folder.glob("*.safetensors")):

@@ -27,21 +27,25 @@ from typing import Literal
 import safetensors
 import safetensors.torch
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from torch import nn
 
 from snn_research.artifacts import package_versions
 from snn_research.conversion.calibrator import CalibrationResult
 from snn_research.errors import format_validation_error
 from snn_research.io import atomic_directory, atomic_write_text
+from snn_research.models.families import SITE_NAMES, SiteSpec
+from snn_research.models.families import consumers as site_consumers
 from snn_research.models.hybrid_transformer import (
     HybridPlan,
-    SpikingMLP,
-    family_sites,
+    SpikingUnit,
     find_mlps,
     hybridize,
     mlp_family,
     site_key,
+    site_locations,
+    spiking_units,
+    unit_sites,
 )
 
 METADATA_FILE = "hybrid.json"
@@ -69,9 +73,9 @@ class TensorRef(BaseModel):
 class SiteMetadata(BaseModel):
     model_config = ConfigDict(extra="forbid")
     key: str
-    module_path: str
-    layer: int
-    site: Literal["input", "product", "hidden"]
+    module_path: str = Field(description="the site's scope: a block's FFN or attention module, or the LM head")
+    layer: int | None = Field(description="the decoder block (null: the LM head's site)")
+    site: str = Field(description=f"one of {list(SITE_NAMES)} (models/families.py)")
     signed: bool
     role: Literal["encoder", "neuron"]
     class_before: str
@@ -86,6 +90,13 @@ class SiteMetadata(BaseModel):
     granularity: Literal["channel", "layer"]
     time_steps: int
     parameters: dict[str, float | int | str | bool]
+
+    @field_validator("site")
+    @classmethod
+    def _known_site(cls, value: str) -> str:
+        if value not in SITE_NAMES:
+            raise ValueError(f"unknown site {value!r}; sites are {list(SITE_NAMES)}")
+        return value
 
 
 class TeacherIdentity(BaseModel):
@@ -227,20 +238,17 @@ def convert(
     Returns the hybrid, its metadata and the tensors the metadata references.
     """
     thresholds = calibration.thresholds(plan.granularity)
-    before = {loc.path: loc.module for loc in find_mlps(teacher, plan.layers)}
-    for family in sorted({mlp_family(mlp) for mlp in before.values()}):
+    for family in sorted({mlp_family(loc.module) for loc in find_mlps(teacher, plan.layers)}):
         conflicts = plan.family_conflicts(family)
         if conflicts:
             field, value, why = conflicts[0]
             raise PlanConflict(field, value, f"does nothing for the {family} family: {why}")
-    missing = [
-        site_key(path, spec.name)
-        for path, mlp in before.items()
-        for spec in family_sites(mlp_family(mlp))
-        if site_key(path, spec.name) not in thresholds
-    ]
+    locations = site_locations(teacher, plan.layers, plan.sites)
+    before = {loc.path: teacher.get_submodule(loc.path) for loc in locations}
+    missing = [loc.key for loc in locations if loc.key not in thresholds]
     if missing:
-        raise ValueError(f"the calibration has no thresholds for sites {missing[:4]} (calibrate the same layers)")
+        raise ValueError(f"the calibration has no thresholds for sites {missing[:4]} (calibrate the same layers "
+                         "and sites)")
     hybrid = copy.deepcopy(teacher)
     blocks = hybridize(hybrid, plan, thresholds)
     sites, tensors = describe_sites(blocks, before, plan, calibration.percentile)
@@ -261,29 +269,25 @@ def convert(
 
 
 def describe_sites(
-    blocks: list[SpikingMLP], before: dict[str, nn.Module], plan: HybridPlan, percentile: float
+    blocks: list[SpikingUnit], before: dict[str, nn.Module], plan: HybridPlan, percentile: float
 ) -> tuple[list[SiteMetadata], dict[str, torch.Tensor]]:
     sites, tensors = [], {}
     for block in blocks:
         original = before[block.path]
-        weights = {
-            name: list(module.weight.shape)
-            for name, module in block.named_children()
-            if hasattr(module, "weight") and name not in ("decoder",)
-            and not name.endswith(("_encoder", "_neurons"))
-        }
-        for spec in family_sites(block.family):
+        for spec in unit_sites(block):
             key = site_key(block.path, spec.name)
             threshold = _threshold_entry(block, spec.name, key, tensors)
-            consumers = spec.consumer.split("+")
+            consumers = _consumer_names(block.path, spec)
+            weights = {name: list(module.weight.shape)
+                       for name, module in zip(consumers, site_consumers(spec, original))}
             sites.append(
                 SiteMetadata(
                     key=key,
                     module_path=block.path,
-                    layer=int(block.path.rsplit(".", 2)[-2]),
+                    layer=block.layer,
                     site=spec.name,
                     signed=spec.signed,
-                    role="neuron" if spec.name == "hidden" else "encoder",
+                    role=spec.role,
                     class_before=type(original).__name__,
                     class_after=type(block).__name__,
                     weight_shapes=weights,
@@ -293,13 +297,18 @@ def describe_sites(
                     percentile=percentile,
                     granularity=plan.granularity,
                     time_steps=plan.time_steps,
-                    parameters=_population_parameters(block, spec.name, plan),
+                    parameters=_population_parameters(block, spec, plan),
                 )
             )
     return sites, tensors
 
 
-def _threshold_entry(block: SpikingMLP, site: str, key: str, tensors: dict[str, torch.Tensor]) -> float | TensorRef:
+def _consumer_names(scope_path: str, spec: SiteSpec) -> list[str]:
+    """The consumers' names relative to the scope; the scope's own name when it is the consumer (the LM head)."""
+    return [name or scope_path.rsplit(".", 1)[-1] for name in spec.consumers]
+
+
+def _threshold_entry(block: SpikingUnit, site: str, key: str, tensors: dict[str, torch.Tensor]) -> float | TensorRef:
     """A scalar for a per-layer threshold; a reference (and the tensor, added to ``tensors``) per channel."""
     population = getattr(block, f"{site}_encoder", None) or getattr(block, f"{site}_neurons")
     value = population.threshold.detach().float()
@@ -309,9 +318,9 @@ def _threshold_entry(block: SpikingMLP, site: str, key: str, tensors: dict[str, 
     return TensorRef(file=THRESHOLDS_FILE, name=key, shape=list(value.shape))
 
 
-def _population_parameters(block: SpikingMLP, site: str, plan: HybridPlan) -> dict[str, float | int | str | bool]:
+def _population_parameters(block: SpikingUnit, spec: SiteSpec, plan: HybridPlan) -> dict[str, float | int | str | bool]:
     options = plan.neuron_options()
-    if site == "hidden":
+    if spec.role == "neuron":
         neuron = plan.neuron or "if"
         return {
             "neuron": neuron,
@@ -322,7 +331,7 @@ def _population_parameters(block: SpikingMLP, site: str, plan: HybridPlan) -> di
             "learnable_threshold": plan.learnable_threshold,
             "learnable_leak": options["learnable_leak"],
         }
-    encoder = getattr(block, f"{site}_encoder")
+    encoder = getattr(block, f"{spec.name}_encoder")
     parameters: dict[str, float | int | str | bool] = {
         "encoder": encoder.kind,
         "levels": encoder.levels,
@@ -339,11 +348,11 @@ def _population_parameters(block: SpikingMLP, site: str, plan: HybridPlan) -> di
 
 def refresh_metadata(model: nn.Module, metadata: ConversionMetadata) -> tuple[ConversionMetadata, dict[str, torch.Tensor]]:
     """Metadata whose thresholds are the model's current (e.g. trained) values."""
-    blocks = [m for m in model.modules() if isinstance(m, SpikingMLP)]
+    blocks = list(spiking_units(model))
     by_key = {site.key: site for site in metadata.sites}
     fresh_sites, tensors = [], {}
     for block in blocks:
-        for spec in family_sites(block.family):
+        for spec in unit_sites(block):
             key = site_key(block.path, spec.name)
             old = by_key[key]
             threshold = _threshold_entry(block, spec.name, key, tensors)

@@ -34,7 +34,8 @@ from torch import nn
 
 from snn_research.errors import format_validation_error
 
-from snn_research.models.hybrid_transformer import family_sites, find_mlps, mlp_family, site_key
+from snn_research.models.families import hook_point, site_channels
+from snn_research.models.hybrid_transformer import site_locations
 
 
 def check_percentile(percentile: float) -> float:
@@ -118,7 +119,7 @@ class StreamingPercentile:
 @dataclass
 class SiteCalibration:
     key: str
-    layer: int
+    layer: int | None  # None: the LM head's site
     site: str
     signed: bool
     channel_thresholds: torch.Tensor  # (C,) float32
@@ -145,7 +146,11 @@ class CalibrationResult:
 
 
 class Calibrator:
-    """Hooks the chosen MLPs of a teacher and streams their site activations into histograms."""
+    """Hooks the chosen sites of a teacher and streams their activations into histograms.
+
+    ``sites`` are site groups (``ffn``, ``qkv``, ``o``, ``head``; see ``models/families.py``), in
+    the chosen ``layers`` (null: every block).
+    """
 
     def __init__(
         self,
@@ -154,26 +159,30 @@ class Calibrator:
         bins_per_octave: int = 32,
         min_exponent: int = -20,
         max_exponent: int = 16,
+        sites=("ffn",),
     ) -> None:
         self.model = model
         self.histograms: dict[str, StreamingPercentile] = {}
-        self.meta: dict[str, tuple[int, str, bool]] = {}
+        self.meta: dict[str, tuple[int | None, str, bool]] = {}
         self.tokens = 0
         self._handles = []
-        for location in find_mlps(model, layers):
-            family = mlp_family(location.module)
-            for spec in family_sites(family):
-                key = site_key(location.path, spec.name)
-                module, kind = _site_hook_point(location.module, family, spec.name)
-                channels = _site_channels(location.module, family, spec.name)
-                self.histograms[key] = StreamingPercentile(channels, bins_per_octave, min_exponent, max_exponent)
-                self.meta[key] = (location.layer, spec.name, spec.signed)
-                self._handles.append(_register(module, kind, self.histograms[key], spec.signed))
+        self._needs_head = False
+        for location in site_locations(model, layers, sites):
+            spec, scope = location.spec, model.get_submodule(location.path)
+            self.histograms[location.key] = StreamingPercentile(
+                site_channels(spec, scope), bins_per_octave, min_exponent, max_exponent)
+            self.meta[location.key] = (location.layer, spec.name, spec.signed)
+            self._handles.append(_register(hook_point(spec, scope), spec.hook_kind, self.histograms[location.key],
+                                           spec.signed))
+            self._needs_head = self._needs_head or spec.scope == "model"
 
     def observe(self, input_ids: torch.Tensor) -> None:
-        """Run the teacher's decoder stack (not its LM head: thresholds need no logits) on a batch."""
+        """Run the teacher on a batch: its decoder stack only, unless a site reads the LM head's input."""
         with torch.no_grad():
-            self.model.base_model(input_ids=input_ids, use_cache=False)
+            if self._needs_head:
+                self.model(input_ids=input_ids, use_cache=False)
+            else:
+                self.model.base_model(input_ids=input_ids, use_cache=False)
         self.tokens += int(input_ids.numel())
 
     def run(self, batches: Iterable[torch.Tensor]) -> int:
@@ -214,23 +223,6 @@ class Calibrator:
         return result
 
 
-def _site_hook_point(mlp: nn.Module, family: str, site: str) -> tuple[nn.Module, str]:
-    if site == "input":
-        return mlp, "pre"
-    if site == "product":
-        return mlp.down_proj, "pre"
-    if site == "hidden":
-        return mlp.c_fc, "post"
-    raise ValueError(f"unknown site {site!r} for family {family!r}")
-
-
-def _site_channels(mlp: nn.Module, family: str, site: str) -> int:
-    if family == "gated":
-        return mlp.gate_proj.in_features if site == "input" else mlp.gate_proj.out_features
-    hidden, intermediate = mlp.c_fc.weight.shape
-    return hidden if site == "input" else intermediate
-
-
 def _register(module: nn.Module, kind: str, histogram: StreamingPercentile, signed: bool):
     def magnitudes(x: torch.Tensor) -> torch.Tensor:
         return x.abs() if signed else x.clamp(min=0)
@@ -247,7 +239,7 @@ CALIBRATION_TENSORS = "thresholds.safetensors"
 class SiteSummary(BaseModel):
     model_config = ConfigDict(extra="forbid")
     key: str
-    layer: int
+    layer: int | None
     site: str
     signed: bool
     layer_threshold: float

@@ -77,7 +77,7 @@ def _capture_ffn_io(teacher: nn.Module, paths: list[str], batches: list[torch.Te
 
 def _site_input(block: SpikingMLP, site: str, x: torch.Tensor) -> torch.Tensor:
     """The activation a site's population sees, with the earlier sites at their current thresholds."""
-    if site == "input":
+    if site == family_sites(block.family)[0].name:  # the first site sees the FFN's input itself
         return x
     captured: list[torch.Tensor] = []
     population = _population(block, site)

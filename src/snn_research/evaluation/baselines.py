@@ -35,6 +35,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from snn_research.evaluation.energy import SPIKING_COMPONENTS, BlockEnergy, EnergyReport
+from snn_research.models.hybrid_transformer import site_key
 
 
 @dataclass(frozen=True)
@@ -117,18 +118,22 @@ def site_break_even(block: BlockEnergy, site: str, prices: Prices, table: _Table
 def compare(report: EnergyReport, prices: Prices) -> dict[str, float]:
     """Ratios against every baseline, break-even rates and the weight bytes per token."""
     tables = _tables(prices)
-    hybrid_blocks = sum(hybrid_block_pj(b, prices) for b in report.blocks)
+    ffn_blocks = [b for b in report.blocks if b.ffn]  # the FFN ratios leave sites outside the FFN out
+    hybrid_ffn = sum(hybrid_block_pj(b, prices) for b in ffn_blocks)
+    hybrid_all = sum(hybrid_block_pj(b, prices) for b in report.blocks)
     out: dict[str, float] = {}
     for name, table in tables.items():
-        teacher_blocks = sum(teacher_block_pj(b, prices, table) for b in report.blocks)
+        teacher_ffn = sum(teacher_block_pj(b, prices, table) for b in ffn_blocks)
+        teacher_all = sum(teacher_block_pj(b, prices, table) for b in report.blocks)
         shared_ffn, shared = _shared_pj(report, table, True), _shared_pj(report, table, False)
         suffix = "" if name == "fp32" else f"_{name}"
-        out[f"ffn_energy_ratio{suffix}"] = (hybrid_blocks + shared_ffn) / (teacher_blocks + shared_ffn)
-        out[f"model_energy_ratio{suffix}"] = (hybrid_blocks + shared) / (teacher_blocks + shared)
+        out[f"ffn_energy_ratio{suffix}"] = (hybrid_ffn + shared_ffn) / (teacher_ffn + shared_ffn)
+        out[f"model_energy_ratio{suffix}"] = (hybrid_all + shared) / (teacher_all + shared)
         if name != "lowbit":
             fixed = sum(b.costs.fixed_hybrid_pj(prices.e_mac_pj, prices.e_ac_pj) for b in report.blocks)
             step_synapses = sum(b.costs.time_steps * b.costs.neurons[s] * f
                                 for b in report.blocks for s, f in b.costs.fan_outs.items())
+            teacher_blocks = teacher_all
             out[f"break_even_spike_rate{suffix}"] = _break_even(teacher_blocks - fixed, step_synapses, prices)
     out.update(_memory(report, prices, tables["fp32"]))
     out["activation_bits"] = float(max((site.activation_bits for site in report.sites), default=0))
@@ -140,18 +145,21 @@ def _memory(report: EnergyReport, prices: Prices, fp32: _Table) -> dict[str, flo
     shared_ffn_bytes = sum(v for k, v in report.shared_weight_bytes.items() if k.startswith("ffn"))
     spiking_bytes = sum(b.weight_bytes for b in report.blocks)
     spiking_step_bytes = sum(b.weight_bytes * b.costs.time_steps for b in report.blocks)
+    ffn_bytes = sum(b.weight_bytes for b in report.blocks if b.ffn)
+    ffn_step_bytes = sum(b.weight_bytes * b.costs.time_steps for b in report.blocks if b.ffn)
     read = prices.e_read_pj_per_byte
     hybrid_ffn, teacher_ffn = report.hybrid_ffn_energy_pj, report.teacher_ffn_energy_pj
     hybrid, teacher = report.hybrid_energy_pj, report.teacher_energy_pj
-    teacher_ffn_mem = teacher_ffn + (spiking_bytes + shared_ffn_bytes) * read
+    teacher_ffn_mem = teacher_ffn + (ffn_bytes + shared_ffn_bytes) * read
     teacher_mem = teacher + (spiking_bytes + shared_bytes) * read
     out = {
         "teacher_weight_bytes_per_token": spiking_bytes + shared_bytes,
         "hybrid_weight_bytes_per_token_per_step": spiking_step_bytes + shared_bytes,
         "hybrid_weight_bytes_per_token": spiking_bytes + shared_bytes,
     }
-    for name, spiking_read in (("per_step", spiking_step_bytes), ("per_token", spiking_bytes)):
-        out[f"ffn_memory_ratio_{name}"] = (hybrid_ffn + (spiking_read + shared_ffn_bytes) * read) / teacher_ffn_mem
+    for name, spiking_read, ffn_read in (("per_step", spiking_step_bytes, ffn_step_bytes),
+                                         ("per_token", spiking_bytes, ffn_bytes)):
+        out[f"ffn_memory_ratio_{name}"] = (hybrid_ffn + (ffn_read + shared_ffn_bytes) * read) / teacher_ffn_mem
         out[f"model_memory_ratio_{name}"] = (hybrid + (spiking_read + shared_bytes) * read) / teacher_mem
     return out
 
@@ -159,11 +167,11 @@ def _memory(report: EnergyReport, prices: Prices, fp32: _Table) -> dict[str, flo
 def site_rows(report: EnergyReport, prices: Prices) -> list[dict]:
     """Per site: spike rate beside its break-even rates against the FP32 and INT8 FFN."""
     tables = _tables(prices)
-    blocks = {b.path: b for b in report.blocks}
+    blocks = {site_key(b.path, name): b for b in report.blocks for name in b.costs.fan_outs}  # a scope may hold two
     rows = []
     for site in report.sites:
-        path, _, name = site.key.rpartition(":")
-        block = blocks[path]
+        name = site.key.rpartition(":")[2]
+        block = blocks[site.key]
         rows.append({**site.__dict__,
                      "break_even_spike_rate": site_break_even(block, name, prices, tables["fp32"]),
                      "break_even_spike_rate_int8": site_break_even(block, name, prices, tables["int8"])})

@@ -46,19 +46,24 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from snn_research.models.families import FAMILIES, consumers, linear_shape, site_channels, site_fan_out
 from snn_research.models.hybrid_transformer import (
     SpikeRecorder,
-    SpikingGatedMLP,
     SpikingGPT2MLP,
     SpikingMLP,
+    SpikingSite,
+    SpikingUnit,
     find_mlps,
     mlp_family,
     site_key,
+    spiking_units,
+    unit_sites,
 )
 
-
-# Components of the spiking blocks; every other component is shared by hybrid and teacher.
-SPIKING_COMPONENTS = frozenset({"ffn_synaptic", "ffn_neurons", "ffn_step_weights", "ffn_spiking_analog", "ffn_dense"})
+# Components of the spiking units (FFNs: 'ffn_*', sites outside the FFN: 'proj_*'); every other
+# component is shared by hybrid and teacher.
+_UNIT_PARTS = ("synaptic", "neurons", "step_weights", "spiking_analog", "dense")
+SPIKING_COMPONENTS = frozenset(f"{prefix}_{part}" for prefix in ("ffn", "proj") for part in _UNIT_PARTS)
 
 
 @dataclass
@@ -72,16 +77,22 @@ class SiteEnergy:
     neurons: int = 0  # spiking neurons at the site, per token
     time_steps: int = 1
     activation_bits: int = 0  # bits of a quantised activation with as many levels as the site's spike count
+    layer: int | None = None  # its decoder block (None: the LM head's site)
+    ffn: bool = True  # an FFN site, or one outside the FFN
 
 
 @dataclass
 class BlockEnergy:
-    """Per-token figures of one spiking FFN that the baselines re-price."""
+    """Per-token figures of one spiking unit (an FFN, or a site outside it) that the baselines re-price."""
 
     path: str
     costs: "BlockCosts"
     spikes_per_token: dict[str, float]
     weight_bytes: float  # bytes of the spiking linears' weight matrices
+
+    @property
+    def ffn(self) -> bool:
+        return self.costs.ffn
 
 
 @dataclass
@@ -193,7 +204,9 @@ def measure_energy(
     if input_ids.dim() != 2 or input_ids.numel() == 0:
         raise ValueError(f"input_ids must be a non-empty (batch, length) tensor (got shape {tuple(input_ids.shape)})")
     tokens = input_ids.numel()
-    spiking = {m.path: m for m in model.modules() if isinstance(m, SpikingMLP)}
+    units = list(spiking_units(model))
+    spiking = {m.path: m for m in units if isinstance(m, SpikingMLP)}
+    fed_by_spikes = spike_fed_linears(units)
     mlp_paths = [loc.path for loc in find_mlps(model)]
     hybrid: dict[str, list[float]] = {}
     teacher: dict[str, list[float]] = {}
@@ -212,7 +225,7 @@ def measure_energy(
             )
             mlp_path = next((p for p in mlp_paths if name.startswith(p + ".")), None)
             has_bias = module.bias is not None
-            if mlp_path in spiking:
+            if mlp_path in spiking or name in fed_by_spikes:
                 continue  # accounted from spike counts below
             component = "lm_head" if name == "lm_head" else ("ffn_analog" if mlp_path else "attention_projections")
 
@@ -247,11 +260,12 @@ def measure_energy(
 
     report = EnergyReport(tokens=tokens, sequence_length=input_ids.shape[1], e_mac_pj=e_mac_pj, e_ac_pj=e_ac_pj)
     for path in mlp_paths:
-        block = spiking.get(path)
-        if block is None:
-            _add_analog_ffn_elementwise(model.get_submodule(path), tokens, (hybrid, teacher), add)
-            continue
-        _account_spiking_block(block, tokens, recorder, report, hybrid, teacher, add)
+        if path not in spiking:
+            mlp = model.get_submodule(path)
+            for ops in (hybrid, teacher):  # activation (and gating multiply)
+                add(ops, "ffn_analog", macs=ffn_elementwise_macs(mlp) * tokens)
+    for unit in units:
+        _account_spiking_block(unit, tokens, recorder, report, hybrid, teacher, add)
 
     macs, acs = attention_ops(model.config, input_ids.shape[1])
     for ops in (hybrid, teacher):
@@ -262,15 +276,17 @@ def measure_energy(
     return report
 
 
-def _add_analog_ffn_elementwise(mlp: nn.Module, tokens: int, targets, add) -> None:
-    if mlp_family(mlp) == "gated":
-        intermediate = mlp.gate_proj.out_features
-        for ops in targets:
-            add(ops, "ffn_analog", macs=2 * intermediate * tokens)  # activation + gating multiply
-    else:
-        intermediate = mlp.c_fc.weight.shape[1]
-        for ops in targets:
-            add(ops, "ffn_analog", macs=intermediate * tokens)  # activation
+def ffn_elementwise_macs(mlp: nn.Module) -> int:
+    """Per token, the FFN's analog element-wise MACs: its activation (and gating multiply) per intermediate channel."""
+    family = FAMILIES[mlp_family(mlp) if not isinstance(mlp, SpikingMLP) else mlp.family]
+    intermediate = site_channels(family.scope_sites("mlp")[1], mlp)  # the site after the nonlinearity
+    return family.ffn_elementwise * intermediate
+
+
+def spike_fed_linears(units) -> set[str]:
+    """Module paths of the analog-placed linears that read a site's spikes (their MACs become synaptic events)."""
+    return {f"{unit.path}.{name}" if name else unit.path
+            for unit in units if isinstance(unit, SpikingSite) for name in unit.spec.consumers}
 
 
 def activation_bits(levels: int, signed: bool = True) -> int:
@@ -305,6 +321,7 @@ class BlockCosts:
     time_steps: int = 1
     step_weight_acs: float = 0.0  # accumulator shifts of the neurons receiving weighted spikes
     bits: dict[str, int] = field(default_factory=dict)  # activation bits matching each site's spike levels
+    ffn: bool = True  # an FFN (its energy is part of the FFN ratio), or a site outside it
 
     @property
     def teacher_linear_macs(self) -> float:
@@ -335,43 +352,44 @@ def _encoder_terms(encoders: dict[str, nn.Module], fan_outs: dict[str, int], tim
     return leak_macs, shift_acs, bits
 
 
-def block_costs(block: SpikingMLP) -> BlockCosts:
+def _bias_adds(linears) -> int:
+    return sum(linear_shape(m)[1] for m in linears if m.bias is not None)
+
+
+def block_costs(block: SpikingUnit) -> BlockCosts:
+    """Per-token counts of a spiking unit, from its family's site description (``models/families.py``)."""
     time_steps = block.plan_time_steps
-    if isinstance(block, SpikingGatedMLP):
-        hidden, intermediate = block.gate_proj.in_features, block.gate_proj.out_features
-        has_bias = any(m.bias is not None for m in (block.gate_proj, block.up_proj, block.down_proj))
-        bias_adds = 2 * intermediate + hidden if has_bias else 0  # gated biases act after the decoders
-        neurons = {"input": hidden, "product": intermediate}
-        fan_outs = {"input": 2 * intermediate, "product": hidden}
-        leak_macs, shift_acs, bits = _encoder_terms(
-            {"input": block.input_encoder, "product": block.product_encoder}, fan_outs, time_steps)
+    specs = unit_sites(block)
+    neurons = {spec.name: site_channels(spec, block.scope_module if isinstance(block, SpikingSite) else block)
+               for spec in specs}
+    fan_outs = {spec.name: site_fan_out(spec, block.scope_module if isinstance(block, SpikingSite) else block)
+                for spec in specs}
+    dense = float(sum(neurons[s] * fan_outs[s] for s in neurons))
+    encoders = {spec.name: getattr(block, f"{spec.name}_encoder") for spec in specs if spec.role == "encoder"}
+    leak_macs, shift_acs, bits = _encoder_terms(encoders, fan_outs, time_steps)
+    if isinstance(block, SpikingSite):  # encoder -> consumers -> decoder rescale (+ bias) of every consumer output
+        bias_adds = _bias_adds(block.consumers)
         return BlockCosts(
-            fan_outs=fan_outs,
-            neurons=neurons,
-            teacher_macs=3 * hidden * intermediate + 2 * intermediate,  # dense maps + act + gating multiply
-            teacher_acs=bias_adds,
-            hybrid_analog_macs=2 * intermediate + (2 * intermediate + hidden),
-            hybrid_analog_acs=bias_adds,
-            neuron_macs=leak_macs,
-            neuron_acs=sum(neurons.values()) * time_steps,
-            time_steps=time_steps,
-            step_weight_acs=shift_acs,
-            bits=bits,
+            fan_outs=fan_outs, neurons=neurons, teacher_macs=dense, teacher_acs=bias_adds,
+            hybrid_analog_macs=sum(fan_outs.values()), hybrid_analog_acs=bias_adds,
+            neuron_macs=leak_macs, neuron_acs=sum(neurons.values()) * time_steps,
+            time_steps=time_steps, step_weight_acs=shift_acs, bits=bits, ffn=False,
         )
+    elementwise = ffn_elementwise_macs(block)
+    linears = [m for spec in specs for m in consumers(spec, block)]
+    bias_adds = _bias_adds(linears)
     if isinstance(block, SpikingGPT2MLP):
-        hidden, intermediate = block.c_fc.weight.shape
-        neurons = {"input": hidden, "hidden": intermediate}
-        fan_outs = {"input": intermediate, "hidden": hidden}
-        leak_macs, shift_acs, bits = _encoder_terms({"input": block.input_encoder}, fan_outs, time_steps)
+        first, second = (spec.name for spec in specs)
+        hidden, intermediate = neurons[first], neurons[second]
         # the hidden neurons fire at most once per step and never negatively: counts in [0, T]
-        bits["hidden"] = activation_bits(time_steps, signed=False)
+        bits[second] = activation_bits(time_steps, signed=False)
         if _leaky(block.hidden_neurons):
             leak_macs += intermediate * time_steps
         return BlockCosts(
             fan_outs=fan_outs,
             neurons=neurons,
-            teacher_macs=2 * hidden * intermediate + intermediate,  # dense maps + GELU
-            teacher_acs=intermediate + hidden,
+            teacher_macs=dense + elementwise,  # dense maps + GELU
+            teacher_acs=bias_adds,
             hybrid_analog_macs=hidden,  # decoder rescale of c_proj's output
             hybrid_analog_acs=hidden if block.c_proj.bias is not None else 0,
             neuron_macs=leak_macs,
@@ -381,17 +399,34 @@ def block_costs(block: SpikingMLP) -> BlockCosts:
             step_weight_acs=shift_acs,
             bits=bits,
         )
-    raise ValueError(f"no energy rule for {type(block).__name__}")
+    # gated: the decoders rescale every consumer output; activation and gating multiply stay analog
+    return BlockCosts(
+        fan_outs=fan_outs,
+        neurons=neurons,
+        teacher_macs=dense + elementwise,
+        teacher_acs=bias_adds,
+        hybrid_analog_macs=elementwise + sum(fan_outs.values()),
+        hybrid_analog_acs=bias_adds,
+        neuron_macs=leak_macs,
+        neuron_acs=sum(neurons.values()) * time_steps,
+        time_steps=time_steps,
+        step_weight_acs=shift_acs,
+        bits=bits,
+    )
 
 
-def _spiking_weight_bytes(block: SpikingMLP) -> float:
-    linears = [m for m in block.children() if isinstance(m, (nn.Linear, Conv1D))]
+def _spiking_weight_bytes(block: SpikingUnit) -> float:
+    if isinstance(block, SpikingSite):
+        linears = block.consumers
+    else:
+        linears = [m for m in block.children() if isinstance(m, (nn.Linear, Conv1D))]
     return float(sum(m.weight.numel() * m.weight.element_size() for m in linears))
 
 
-def _account_spiking_block(block: SpikingMLP, tokens: int, recorder: SpikeRecorder, report, hybrid, teacher, add) -> None:
+def _account_spiking_block(block: SpikingUnit, tokens: int, recorder: SpikeRecorder, report, hybrid, teacher, add) -> None:
     costs = block_costs(block)
-    add(teacher, "ffn_dense", macs=costs.teacher_macs * tokens, acs=costs.teacher_acs * tokens)
+    prefix = "ffn" if costs.ffn else "proj"
+    add(teacher, f"{prefix}_dense", macs=costs.teacher_macs * tokens, acs=costs.teacher_acs * tokens)
     synaptic = 0.0
     spikes: dict[str, float] = {}
     for site, fan_out in costs.fan_outs.items():
@@ -412,11 +447,13 @@ def _account_spiking_block(block: SpikingMLP, tokens: int, recorder: SpikeRecord
                 neurons=costs.neurons[site],
                 time_steps=costs.time_steps,
                 activation_bits=costs.bits[site],
+                layer=block.layer,
+                ffn=costs.ffn,
             )
         )
     report.blocks.append(BlockEnergy(block.path, costs, spikes, _spiking_weight_bytes(block)))
-    add(hybrid, "ffn_synaptic", acs=synaptic * tokens)
-    add(hybrid, "ffn_neurons", macs=costs.neuron_macs * tokens, acs=costs.neuron_acs * tokens)
+    add(hybrid, f"{prefix}_synaptic", acs=synaptic * tokens)
+    add(hybrid, f"{prefix}_neurons", macs=costs.neuron_macs * tokens, acs=costs.neuron_acs * tokens)
     if costs.step_weight_acs:
-        add(hybrid, "ffn_step_weights", acs=costs.step_weight_acs * tokens)
-    add(hybrid, "ffn_spiking_analog", macs=costs.hybrid_analog_macs * tokens, acs=costs.hybrid_analog_acs * tokens)
+        add(hybrid, f"{prefix}_step_weights", acs=costs.step_weight_acs * tokens)
+    add(hybrid, f"{prefix}_spiking_analog", macs=costs.hybrid_analog_macs * tokens, acs=costs.hybrid_analog_acs * tokens)

@@ -52,27 +52,17 @@ from snn_research.hybrid.adapter import (
 )
 from snn_research.hybrid.neurons import MultiStepNeuron, NeuronKind, ResetMode
 from snn_research.hybrid.surrogate import SurrogateName
+from snn_research.models.families import (
+    FAMILIES,
+    SiteGroup,
+    SiteSpec,
+    consumers,
+    family_for_mlp,
+    family_for_model,
+    site_channels,
+)
 
 Granularity = Literal["channel", "layer"]
-
-# MLP classes of the supported families. The gated ones share the
-# gate_proj / up_proj / down_proj / act_fn layout.
-GATED_MLP_CLASSES = frozenset(
-    {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "GemmaMLP", "Gemma2MLP", "Gemma3MLP"}
-)
-NON_GATED_MLP_CLASSES = frozenset({"GPT2MLP"})
-# Where each architecture keeps its list of decoder blocks.
-BLOCK_LISTS = {
-    "gpt2": "transformer.h",
-    "llama": "model.layers",
-    "mistral": "model.layers",
-    "qwen2": "model.layers",
-    "qwen3": "model.layers",
-    "gemma": "model.layers",
-    "gemma2": "model.layers",
-    "gemma3_text": "model.layers",
-}
-
 
 # Settings of LIF populations (the GPT-2 hidden neurons, the 'lif' encoder) when left unset.
 NEURON_DEFAULTS: dict[str, object] = {
@@ -89,7 +79,11 @@ class HybridPlan(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    layers: list[int] | None = Field(None, description="decoder blocks to convert; null converts every block")
+    sites: list[SiteGroup] = Field(
+        ["ffn"], description="what spikes: ffn (the FFN's sites), qkv (the attention projections' shared input), "
+        "o (the attention output projection's input), head (the LM head's input); per layer for all but head"
+    )
+    layers: list[int] | None = Field(None, description="decoder blocks whose chosen sites spike; null: every block")
     time_steps: int = Field(8, ge=1, le=4096, description="simulation steps T per token")
     encoder: EncoderKind = Field(
         "if", description="'if': deterministic signed IF (closed form, 2T+1 levels); 'weighted': binary-weighted "
@@ -110,6 +104,15 @@ class HybridPlan(BaseModel):
     learnable_leak: bool | None = Field(None, description="train the LIF leak (LIF populations only; null: false)")
     seed: int | None = Field(None, ge=0, description="'rate' encoder only: seed of its noise (each site draws its "
                              "own stream; null: 0)")
+
+    @field_validator("sites")
+    @classmethod
+    def _sites_unique(cls, value: list[str]) -> list[str]:
+        if len(value) == 0:
+            raise ValueError("must name at least one site group")
+        if len(set(value)) != len(value):
+            raise ValueError(f"lists a site group twice: {value}")
+        return value
 
     @field_validator("layers")
     @classmethod
@@ -166,37 +169,18 @@ class HybridPlan(BaseModel):
         return conflicts
 
 
-@dataclass(frozen=True)
-class SiteSpec:
-    """A place in an MLP where an encoder or a neuron population sees an activation."""
-
-    name: str  # 'input', 'product' or 'hidden'
-    signed: bool  # percentiles of |x| (signed) or of max(x, 0)
-    consumer: str  # the linear(s) that receive its spikes
-
-
 def mlp_family(mlp: nn.Module) -> str:
-    name = type(mlp).__name__
-    if name in GATED_MLP_CLASSES:
-        return "gated"
-    if name in NON_GATED_MLP_CLASSES:
-        return "gpt2"
-    raise ValueError(
-        f"unsupported MLP class {name!r}; supported: {sorted(GATED_MLP_CLASSES | NON_GATED_MLP_CLASSES)}"
-    )
+    """'gated' or 'gpt2': the family whose FFN class ``mlp`` is (raises for an unknown class)."""
+    return family_for_mlp(mlp).name
 
 
 def family_sites(family: str) -> tuple[SiteSpec, ...]:
-    if family == "gated":
-        return (SiteSpec("input", True, "gate_proj+up_proj"), SiteSpec("product", True, "down_proj"))
-    return (SiteSpec("input", True, "c_fc"), SiteSpec("hidden", False, "c_proj"))
+    """The FFN sites of a family, in the order the activation flows."""
+    return FAMILIES[family].scope_sites("mlp")
 
 
 def block_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in BLOCK_LISTS:
-        raise ValueError(f"unsupported architecture {model_type!r}; supported model types: {sorted(BLOCK_LISTS)}")
-    path = BLOCK_LISTS[model_type]
+    path = family_for_model(model).blocks
     return path, model.get_submodule(path)
 
 
@@ -209,6 +193,7 @@ class MLPLocation:
 
 def find_mlps(model: nn.Module, layers: list[int] | None = None) -> list[MLPLocation]:
     """The MLP of every chosen decoder block; errors name unknown layers or classes."""
+    family = family_for_model(model)
     path, blocks = block_list(model)
     indices = list(range(len(blocks))) if layers is None else sorted(layers)
     missing = [i for i in indices if not 0 <= i < len(blocks)]
@@ -216,15 +201,15 @@ def find_mlps(model: nn.Module, layers: list[int] | None = None) -> list[MLPLoca
         raise ValueError(f"plan names layers {missing} but the model has {len(blocks)} blocks (0..{len(blocks) - 1})")
     found = []
     for i in indices:
-        mlp = blocks[i].mlp
+        mlp = getattr(blocks[i], family.mlp)
         if not isinstance(mlp, SpikingMLP):
             mlp_family(mlp)  # raises for an unknown class
-        found.append(MLPLocation(i, f"{path}.{i}.mlp", mlp))
+        found.append(MLPLocation(i, f"{path}.{i}.{family.mlp}", mlp))
     return found
 
 
-def site_key(mlp_path: str, site: str) -> str:
-    return f"{mlp_path}:{site}"
+def site_key(scope_path: str, site: str) -> str:
+    return f"{scope_path}:{site}"
 
 
 class SpikeRecorder:
@@ -234,7 +219,7 @@ class SpikeRecorder:
     """
 
     def __init__(self, model: nn.Module) -> None:
-        self.modules = [m for m in model.modules() if isinstance(m, SpikingMLP)]
+        self.modules = list(spiking_units(model))
         self.spikes: dict[str, float] = {}
         self.neuron_steps: dict[str, float] = {}
         self.tokens: dict[str, int] = {}
@@ -258,8 +243,8 @@ class SpikeRecorder:
             module.recorder = None
 
 
-class SpikingMLP(nn.Module):
-    """Common state of the spiking blocks: plan, path, analog switch, recorder."""
+class SpikingUnit(nn.Module):
+    """Common state of everything that spikes: plan, path, analog switch, recorder."""
 
     family: str
 
@@ -292,23 +277,75 @@ class SpikingMLP(nn.Module):
         return self.decoder(levels, encoder.threshold, encoder.levels)
 
 
+class SpikingMLP(SpikingUnit):
+    """A spiking FFN: its own linears, its sites' encoders or neurons."""
+
+
+class SpikingSite(SpikingUnit):
+    """A site outside the FFN (attention projections, LM head): an encoder in front of its consumer linears.
+
+    The consumers stay where they are, analog modules of the teacher; a forward pre-hook on each hands it
+    the decoded spikes instead of its analog input. The unit is attached as a child of the site's scope
+    module (``spiking_<site>``), so its thresholds live in the model's state dict. Consumers that share
+    one input (q, k and v) share the encoding: the first encodes, the others reuse it for the same input
+    tensor, and the cache is dropped when the scope module returns.
+    """
+
+    def __init__(self, scope: nn.Module, path: str, spec: SiteSpec, family: str, plan: HybridPlan,
+                 threshold: torch.Tensor | None, layer: int | None, site_index: int) -> None:
+        super().__init__(path, plan)
+        self.family, self.site, self.spec, self.layer = family, spec.name, spec, layer
+        seed = site_seed(plan.seed or 0, _HEAD_SEED_LAYER if layer is None else layer, site_index)
+        self.add_module(f"{spec.name}_encoder", _encoder(site_channels(spec, scope), plan, threshold, seed))
+        # not registered: neither is this unit's to save (the scope holds it, the consumers stay the teacher's)
+        object.__setattr__(self, "scope_module", scope)
+        object.__setattr__(self, "consumers", consumers(spec, scope))
+        self._cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        for module in self.consumers:
+            module.register_forward_pre_hook(self._consumer_input)
+        if len(self.consumers) > 1:
+            scope.register_forward_hook(self._drop_cache)
+
+    def _consumer_input(self, _module: nn.Module, args: tuple):
+        if self.analog or not args:
+            return None
+        x = args[0]
+        if self._cache is not None and self._cache[0] is x:
+            return (self._cache[1], *args[1:])
+        encoded = self._encode(self.site, x).to(x.dtype)
+        if len(self.consumers) > 1:
+            self._cache = (x, encoded)
+        return (encoded, *args[1:])
+
+    def _drop_cache(self, *_args) -> None:
+        self._cache = None
+
+    def __getstate__(self):  # a copy never carries a forward's activations
+        state = self.__dict__.copy()
+        state["_cache"] = None
+        return state
+
+
 class SpikingGatedMLP(SpikingMLP):
     family = "gated"
 
     def __init__(self, mlp: nn.Module, path: str, plan: HybridPlan, thresholds: Mapping[str, torch.Tensor],
                  layer: int = 0) -> None:
         super().__init__(path, plan)
+        self.layer = layer
         self.gate_proj, self.up_proj, self.down_proj, self.act_fn = mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn
         hidden, intermediate = self.gate_proj.in_features, self.gate_proj.out_features
-        self.input_encoder = _encoder(hidden, plan, thresholds.get("input"), site_seed(plan.seed or 0, layer, 0))
-        self.product_encoder = _encoder(intermediate, plan, thresholds.get("product"), site_seed(plan.seed or 0, layer, 1))
+        self.sites = tuple(spec.name for spec in FAMILIES[self.family].scope_sites("mlp"))  # (input, product)
+        self.input_encoder = _encoder(hidden, plan, thresholds.get(self.sites[0]), site_seed(plan.seed or 0, layer, 0))
+        self.product_encoder = _encoder(intermediate, plan, thresholds.get(self.sites[1]),
+                                        site_seed(plan.seed or 0, layer, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, L, C)
         if self.analog:
             return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
-        x_rate = self._encode("input", x)  # (B, L, C) = theta * counts / T
+        x_rate = self._encode(self.sites[0], x)  # (B, L, C) = theta * counts / T
         product = self.act_fn(self.gate_proj(x_rate)) * self.up_proj(x_rate)  # (B, L, I), analog
-        return self.down_proj(self._encode("product", product))
+        return self.down_proj(self._encode(self.sites[1], product))
 
     @torch.no_grad()
     def forward_per_step(self, x: torch.Tensor) -> torch.Tensor:
@@ -330,12 +367,14 @@ class SpikingGPT2MLP(SpikingMLP):
     def __init__(self, mlp: nn.Module, path: str, plan: HybridPlan, thresholds: Mapping[str, torch.Tensor],
                  layer: int = 0) -> None:
         super().__init__(path, plan)
+        self.layer = layer
         if plan.encoder not in ("if", "rate"):
             raise ValueError(f"{path}: encoder {plan.encoder!r} is offered for gated FFNs only; GPT-2 takes 'if' or 'rate'")
         self.c_fc, self.c_proj, self.act, self.dropout = mlp.c_fc, mlp.c_proj, mlp.act, mlp.dropout
         hidden, intermediate = self.c_fc.weight.shape  # Conv1D stores (in, out)
-        self.input_encoder = _encoder(hidden, plan, thresholds.get("input"), site_seed(plan.seed or 0, layer, 0))
-        threshold = thresholds.get("hidden")
+        self.sites = tuple(spec.name for spec in FAMILIES[self.family].scope_sites("mlp"))  # (input, hidden)
+        self.input_encoder = _encoder(hidden, plan, thresholds.get(self.sites[0]), site_seed(plan.seed or 0, layer, 0))
+        threshold = thresholds.get(self.sites[1])
         options = plan.neuron_options()
         self.hidden_neurons = MultiStepNeuron(
             intermediate,
@@ -355,11 +394,11 @@ class SpikingGPT2MLP(SpikingMLP):
             return self.dropout(self.c_proj(self.act(self.c_fc(x))))
         encoder = self.input_encoder
         spikes = encoder.spike_train(x)  # (T, B, L, C)
-        self._record("input", spikes, encoder.channels, x.numel() // encoder.channels)
+        self._record(self.sites[0], spikes, encoder.channels, x.numel() // encoder.channels)
         currents = self.c_fc(spikes * encoder.threshold.to(x.dtype))  # (T, B, L, I): bias injected every step
         hidden = self.hidden_neurons(currents)  # (T, B, L, I) in {0, 1}
         counts = hidden.sum(0)
-        self._record("hidden", counts, self.hidden_neurons.channels, counts.numel() // self.hidden_neurons.channels)
+        self._record(self.sites[1], counts, self.hidden_neurons.channels, counts.numel() // self.hidden_neurons.channels)
         rate = self.decoder(counts, self.hidden_neurons.threshold, encoder.time_steps)
         return self.dropout(self.c_proj(rate))
 
@@ -369,6 +408,9 @@ class SpikingGPT2MLP(SpikingMLP):
         spikes = self.input_encoder.spike_train(x) * self.input_encoder.threshold
         hidden = self.hidden_neurons(self.c_fc(spikes)) * self.hidden_neurons.threshold
         return self.dropout(self.c_proj(hidden).mean(0))
+
+
+_HEAD_SEED_LAYER = 65_535  # the noise-stream index of the LM head's site (layers use their own index)
 
 
 def site_seed(plan_seed: int, layer: int, site_index: int) -> int:
@@ -394,31 +436,77 @@ def _encoder(channels: int, plan: HybridPlan, threshold: torch.Tensor | None, se
     )
 
 
+@dataclass(frozen=True)
+class SiteLocation:
+    key: str  # '<scope path>:<site name>'
+    path: str  # the scope module: a block's FFN or attention, or the LM head
+    layer: int | None  # None for the LM head's site
+    spec: SiteSpec
+    family: str
+    index: int  # the site's position in its family (a distinct noise stream per site)
+
+
+def site_locations(model: nn.Module, layers: list[int] | None = None,
+                   groups=("ffn",)) -> list[SiteLocation]:
+    """Every site of the chosen groups, in the chosen blocks (and the LM head's, if chosen), in model order."""
+    family = family_for_model(model)
+    blocks_path, blocks = block_list(model)
+    mlps = find_mlps(model, layers)  # checks the layer indices and the FFN classes
+    wanted = family.sites_in(groups)
+    found = []
+    for location in mlps:
+        for index, spec in enumerate(family.sites):
+            if spec not in wanted or spec.scope == "model":
+                continue
+            scope = location.path if spec.scope == "mlp" else f"{blocks_path}.{location.layer}.{family.attention}"
+            found.append(SiteLocation(site_key(scope, spec.name), scope, location.layer, spec, family.name, index))
+    for index, spec in enumerate(family.sites):
+        if spec in wanted and spec.scope == "model":
+            found.append(SiteLocation(site_key(family.lm_head, spec.name), family.lm_head, None, spec, family.name, index))
+    return found
+
+
 def hybridize(
     model: nn.Module, plan: HybridPlan, thresholds: Mapping[str, torch.Tensor] | None = None
-) -> list[SpikingMLP]:
-    """Replace the chosen MLPs of ``model`` in place by spiking blocks.
+) -> list[SpikingUnit]:
+    """Make the plan's sites of ``model`` spike, in place.
 
-    ``thresholds`` maps site keys (``'model.layers.3.mlp:input'``) to a (C,)
-    tensor for per-channel or a (1,) tensor for per-layer granularity; sites
-    without one start at 1.0 (``load_hybrid`` then loads the trained values).
+    The chosen FFNs are replaced by spiking blocks; every other chosen site gets a ``SpikingSite``
+    in front of its consumers. ``thresholds`` maps site keys (``'model.layers.3.mlp:input'``) to a
+    (C,) tensor for per-channel or a (1,) tensor for per-layer granularity; sites without one start
+    at 1.0 (``load_hybrid`` then loads the trained values).
     """
     thresholds = thresholds or {}
-    converted = []
-    for location in find_mlps(model, plan.layers):
-        if isinstance(location.module, SpikingMLP):
-            raise ValueError(f"{location.path} is already spiking; hybridize a fresh copy of the teacher")
-        family = mlp_family(location.module)
-        site_thresholds = {}
-        for site in family_sites(family):
-            key = site_key(location.path, site.name)
-            if key in thresholds:
-                site_thresholds[site.name] = _checked_threshold(key, thresholds[key], plan.granularity)
-        cls = SpikingGatedMLP if family == "gated" else SpikingGPT2MLP
-        spiking = cls(location.module, location.path, plan, site_thresholds, layer=location.layer)
-        parent_path, _, child = location.path.rpartition(".")
-        setattr(model.get_submodule(parent_path), child, spiking)
-        converted.append(spiking)
+    converted: list[SpikingUnit] = []
+    done_mlps: set[str] = set()
+    for location in site_locations(model, plan.layers, plan.sites):
+        threshold = thresholds.get(location.key)
+        if threshold is not None:
+            threshold = _checked_threshold(location.key, threshold, plan.granularity)
+        scope = model.get_submodule(location.path)
+        if location.spec.scope == "mlp":
+            if location.path in done_mlps:
+                continue
+            if isinstance(scope, SpikingMLP):
+                raise ValueError(f"{location.path} is already spiking; hybridize a fresh copy of the teacher")
+            done_mlps.add(location.path)
+            site_thresholds = {}
+            for spec in FAMILIES[location.family].scope_sites("mlp"):
+                key = site_key(location.path, spec.name)
+                if key in thresholds:
+                    site_thresholds[spec.name] = _checked_threshold(key, thresholds[key], plan.granularity)
+            cls = SpikingGatedMLP if location.family == "gated" else SpikingGPT2MLP
+            unit: SpikingUnit = cls(scope, location.path, plan, site_thresholds, layer=location.layer)
+            parent_path, _, child = location.path.rpartition(".")
+            setattr(model.get_submodule(parent_path), child, unit)
+        else:
+            name = f"spiking_{location.spec.name}"
+            if hasattr(scope, name):
+                raise ValueError(f"{location.key} is already spiking; hybridize a fresh copy of the teacher")
+            unit = SpikingSite(scope, location.path, location.spec, location.family, plan, threshold,
+                               location.layer, location.index)
+            scope.add_module(name, unit)
+        converted.append(unit)
     return converted
 
 
@@ -432,29 +520,65 @@ def _checked_threshold(key: str, value: torch.Tensor, granularity: str) -> torch
     return value
 
 
+def unit_sites(unit: SpikingUnit) -> tuple[SiteSpec, ...]:
+    """The sites a spiking unit holds: an FFN's sites in flow order, or a site unit's own."""
+    if isinstance(unit, SpikingSite):
+        return (unit.spec,)
+    return FAMILIES[unit.family].scope_sites("mlp")
+
+
 def spiking_mlps(model: nn.Module) -> Iterator[SpikingMLP]:
+    """The spiking FFNs."""
     return (m for m in model.modules() if isinstance(m, SpikingMLP))
 
 
+def spiking_units(model: nn.Module) -> Iterator[SpikingUnit]:
+    """Everything that spikes: the spiking FFNs and the sites outside them."""
+    return (m for m in model.modules() if isinstance(m, SpikingUnit))
+
+
 def set_time_steps(model: nn.Module, time_steps: int) -> None:
-    for module in spiking_mlps(model):
+    for module in spiking_units(model):
         module.set_time_steps(time_steps)
 
 
 def set_analog(model: nn.Module, analog: bool) -> None:
-    """Run the spiking blocks as their analog originals (True) or as spikes (False)."""
-    for module in spiking_mlps(model):
+    """Run the spiking units as their analog originals (True) or as spikes (False)."""
+    for module in spiking_units(model):
         module.analog = analog
+
+
+def analog_site_parameters(model: nn.Module, layers: list[int] | None, groups) -> list[nn.Parameter]:
+    """In an analog model, what the hybrid's training reaches for the same sites: every parameter of the chosen
+    FFNs, and the weights and biases of the other chosen sites' consumers (a weight shared with the input
+    embedding excepted, as in ``spiking_parameter_groups``)."""
+    params: list[nn.Parameter] = []
+    if "ffn" in groups:
+        params += [param for location in find_mlps(model, layers) for param in location.module.parameters()]
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    tied = {id(p) for p in embeddings.parameters()} if embeddings is not None else set()
+    for location in site_locations(model, layers, [g for g in groups if g != "ffn"]):
+        for module in consumers(location.spec, model.get_submodule(location.path)):
+            params += [p for p in module.parameters(recurse=False)
+                       if id(p) not in tied and not any(p is q for q in params)]
+    return params
 
 
 def spiking_parameter_groups(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """(weights and biases of the spike-consuming linears, learnable thresholds and leaks).
 
-    Decided by the plan's flags, not by ``requires_grad``, which training code toggles.
+    Decided by the plan's flags, not by ``requires_grad``, which training code toggles. The consumers of
+    a site outside the FFN train too, except a weight shared with the input embedding (Gemma's tied LM
+    head): that would retrain the analog embedding.
     """
     weights: list[nn.Parameter] = []
     dynamics: list[nn.Parameter] = []
-    for block in spiking_mlps(model):
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    tied = {id(p) for p in embeddings.parameters()} if embeddings is not None else set()
+    for block in spiking_units(model):
+        if isinstance(block, SpikingSite):
+            weights.extend(p for module in block.consumers for p in module.parameters(recurse=False)
+                           if id(p) not in tied and not any(p is w for w in weights))
         for module in block.children():
             if isinstance(module, AnalogToSpikes):
                 population = module.neurons

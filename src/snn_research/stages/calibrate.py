@@ -12,12 +12,13 @@ from snn_research.teacher import load_teacher
 
 def run(context: StageContext) -> None:
     params = context.params.calibrate
+    sites = context.params.convert.sites  # calibrate what convert will spike
     context.verify(context.paths.teacher, "download-teacher")
     context.verify(context.paths.splits, "split")
     model, _ = load_teacher(context.paths.teacher)
     blocks = spread(load_blocks(context.paths.splits, "calib"), params.max_blocks).input_ids
     model, blocks = place(context.device, teacher=model, blocks=blocks)
-    calibrator = Calibrator(model, bins_per_octave=params.bins_per_octave)
+    calibrator = Calibrator(model, bins_per_octave=params.bins_per_octave, sites=sites)
     batches = list(blocks.split(params.batch_size))
     with progress_bar("calibrating", len(batches)) as advance:
         for batch in batches:
@@ -27,11 +28,14 @@ def run(context: StageContext) -> None:
     result = calibrator.result(params.percentile)
     with atomic_directory(context.paths.calibration) as tmp:
         summary = save_calibration(result, tmp, sha256_file(context.paths.splits / "calib.safetensors"))
-        context.manifest(tmp, "calibrate", {"calibrate": params.model_dump()},
+        context.manifest(tmp, "calibrate", {"calibrate": params.model_dump(), "convert.sites": list(sites)},
                          {"tokens": result.tokens, "sites": len(result.sites), "percentile": result.percentile,
                           "relative_error_bound": result.relative_error_bound})
     context.tracker.log_metrics({"tokens": result.tokens, "relative_error_bound": result.relative_error_bound})
     for site in summary.sites:
+        if site.layer is None:  # the LM head's site: one value, no layer axis
+            context.tracker.log_metrics({f"threshold_layer.{site.site}": site.layer_threshold})
+            continue
         context.tracker.log_metrics({f"threshold_layer.{site.site}": site.layer_threshold}, step=site.layer)
     context.tracker.log_artifact(context.paths.calibration / "calibration.json")
     console.print(f"calibrate: {len(result.sites)} sites from {result.tokens:,} tokens "

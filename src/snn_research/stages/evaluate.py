@@ -99,13 +99,13 @@ def run(context: StageContext) -> None:
             console.print(f"evaluate: registered {done.name} version {done.version}, which {state}: {done.reason}")
 
 
-def _layer(key: str) -> int:
-    return int(key.split(".mlp:")[0].rsplit(".", 1)[-1])  # 'model.layers.3.mlp:input' -> 3
-
-
 def layer_table(sites: dict[str, list[dict]], layer_errors: dict[str, dict[int, float]]) -> pd.DataFrame:
-    """One row per spiking layer: per hybrid, each site's spike rate and break-even rates, and the FFN error."""
-    layers = sorted({_layer(site["key"]) for rows in sites.values() for site in rows})
+    """One row per spiking FFN: per hybrid, each FFN site's spike rate and break-even rates, and the FFN error.
+
+    Sites outside the FFNs are in ``energy.json`` (and in the model energy ratio), not in this table.
+    """
+    sites = {name: [site for site in rows if site["ffn"]] for name, rows in sites.items()}
+    layers = sorted({site["layer"] for rows in sites.values() for site in rows})
     table = pd.DataFrame({"layer": layers})
     for name, rows in sites.items():
         for column, position in (("input", 0), ("second", 1)):  # the second site: product (gated) or hidden (GPT-2)
@@ -113,7 +113,7 @@ def layer_table(sites: dict[str, list[dict]], layer_errors: dict[str, dict[int, 
                                   ("_break_even_int8", "break_even_spike_rate_int8")):
                 by_layer: dict[int, list[float]] = {}
                 for site in rows:
-                    by_layer.setdefault(_layer(site["key"]), []).append(site[field])
+                    by_layer.setdefault(site["layer"], []).append(site[field])
                 table[f"{name}_{column}{suffix}"] = [
                     values[position] if len(values) > position else float("nan")
                     for values in (by_layer.get(layer, []) for layer in layers)]

@@ -5,8 +5,9 @@ conversion lost, and fitting the corpus. Tuning the teacher with the very same
 recipe (the ``finetune`` params section: data, steps, batch size and order,
 learning rate, warm-up, weight decay, gradient clip, seed, the optional KL anchor
 to the frozen teacher, validation and early stopping) and the very same
-parameter set (every parameter of the FFN linears of the layers the hybrid
-converts, ``convert.layers``; null means all) separates them. The teacher has no
+parameter set (the linears that read spikes in the hybrid: every parameter of
+the FFNs of ``convert.layers`` (null: all) when ``convert.sites`` holds ``ffn``,
+and the weights and biases of the other chosen sites' consumers) separates them. The teacher has no
 thresholds and no energy budget.
 
 Writes ``paths.teacher_finetuned`` as a Hugging Face folder that
@@ -23,7 +24,7 @@ import torch
 
 from snn_research.devices import place
 from snn_research.io import atomic_directory
-from snn_research.models.hybrid_transformer import find_mlps
+from snn_research.models.hybrid_transformer import analog_site_parameters
 from snn_research.stages.common import StageContext, console, progress_bar
 from snn_research.stages.finetune import finetune_recipe
 from snn_research.stages.training_common import checkpoint_dir, fingerprint, loop_settings, write_curves
@@ -31,15 +32,6 @@ from snn_research.teacher import load_teacher
 from snn_research.training.loop import train
 
 STAGE = "finetune-teacher"
-
-
-def ffn_parameters(model: torch.nn.Module, layers: list[int] | None) -> list[torch.nn.Parameter]:
-    """Every parameter of the FFN linears of ``layers`` (None: all): what the hybrid's finetune trains there.
-
-    The hybrid trains the spike-consuming linears' weights and biases; in the teacher's MLP those are all of
-    its parameters (the activation has none).
-    """
-    return [param for location in find_mlps(model, layers) for param in location.module.parameters()]
 
 
 def run(context: StageContext) -> None:
@@ -53,9 +45,11 @@ def run(context: StageContext) -> None:
     device, shard = context.device, context.shard
     shard.check_batch(params.batch_size, "finetune.batch_size")
     place(device, teacher=model, reference=reference if reference is not None else [])
-    trainable = ffn_parameters(model, layers)
+    # what the hybrid's finetune trains: the spike-consuming linears of convert.sites in convert.layers
+    trainable = analog_site_parameters(model, layers, context.params.convert.sites)
     recipe = finetune_recipe(context, params, device, reference)
-    fp = fingerprint(context, {"finetune": params.model_dump(), "convert.layers": layers})
+    fp = fingerprint(context, {"finetune": params.model_dump(), "convert.layers": layers,
+                               "convert.sites": context.params.convert.sites})
 
     start = recipe.validate(model)
     context.tracker.log_metrics({f"val_{k}": v for k, v in start.items()}, step=0)
@@ -78,7 +72,7 @@ def run(context: StageContext) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / "history.json").write_text(history)
-        context.manifest(tmp, STAGE, {"finetune": params.model_dump(), "seed": seed, "convert": {"layers": layers}},
+        context.manifest(tmp, STAGE, {"finetune": params.model_dump(), "seed": seed, "convert": {"layers": layers, "sites": context.params.convert.sites}},
                          summary)
     shutil.rmtree(checkpoint_dir(context, STAGE), ignore_errors=True)  # the run is complete: nothing to resume
     context.tracker.log_metrics({f"final_val_{k}": v for k, v in final.items()})

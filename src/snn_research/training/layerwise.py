@@ -1,4 +1,4 @@
-"""Sequential layer-wise distillation of the spiking FFNs.
+"""Sequential layer-wise distillation of the spiking FFNs (and any other spiking site of a block).
 
 Block by block, from the first: the hybrid's residual stream entering block l
 is computed with the blocks before it already trained (so each block learns on
@@ -41,13 +41,9 @@ from torch import nn
 
 from snn_research.devices import Shard, check_devices
 from snn_research.io import atomic_write_text
-from snn_research.models.hybrid_transformer import SpikingMLP, block_list, spiking_parameter_groups
+from snn_research.models.families import family_for_model
+from snn_research.models.hybrid_transformer import SpikingMLP, block_list, spiking_parameter_groups, spiking_units
 from snn_research.training.energy_budget import EnergyBudget
-
-# The norm that reads the residual stream at the start of a block, and the final one.
-_INPUT_NORM = {"gpt2": "ln_1"}
-_FINAL_NORM = {"gpt2": "transformer.ln_f"}
-
 
 @dataclass
 class LayerReport:
@@ -69,13 +65,11 @@ def _norm_gain(norm: nn.Module, channels: int) -> tuple[torch.Tensor, bool]:
 
 def _reader_norms(model: nn.Module) -> list[tuple[torch.Tensor, bool]]:
     """For each block l, the gain of the norm that reads its output (block l+1's input norm, or the final norm)."""
-    model_type = model.config.model_type
+    family = family_for_model(model)
     _, blocks = block_list(model)
     channels = model.config.hidden_size
-    input_norm = _INPUT_NORM.get(model_type, "input_layernorm")
-    final_norm = _FINAL_NORM.get(model_type, "model.norm")
-    readers = [getattr(blocks[i + 1], input_norm) for i in range(len(blocks) - 1)]
-    readers.append(model.get_submodule(final_norm))
+    readers = [getattr(blocks[i + 1], family.input_norm) for i in range(len(blocks) - 1)]
+    readers.append(model.get_submodule(family.final_norm))
     return [_norm_gain(norm, channels) for norm in readers]
 
 
@@ -155,24 +149,24 @@ class LayerCheckpoint:
         reports = [LayerReport(**row) for row in progress["reports"]]
         return progress["next_block"], progress["trained"], reports
 
-    def restore(self, index: int, mlp: SpikingMLP) -> None:
+    def restore(self, index: int, block: nn.Module) -> None:
         saved = safetensors.torch.load_file(str(self._block_file(index)))
         with torch.no_grad():
-            for name, param in _trainable(mlp).items():
+            for name, param in _trainable(block).items():
                 if name not in saved:
                     raise ValueError(f"{self._block_file(index)}: no tensor {name!r}; delete {self.folder} to start afresh")
                 param.copy_(saved[name])
 
-    def write(self, next_block: int, trained: list[int], reports: list[LayerReport], mlp: SpikingMLP | None) -> None:
+    def write(self, next_block: int, trained: list[int], reports: list[LayerReport], block: nn.Module | None) -> None:
         """Save the block just trained (if any), then the progress that points at it."""
         if not self.writes:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
-        if mlp is not None:
+        if block is not None:
             fd, tmp = tempfile.mkstemp(prefix=".block.", suffix=".tmp", dir=self.folder)
             os.close(fd)
             try:
-                tensors = {name: p.detach().contiguous().cpu() for name, p in _trainable(mlp).items()}
+                tensors = {name: p.detach().contiguous().cpu() for name, p in _trainable(block).items()}
                 safetensors.torch.save_file(tensors, tmp)
                 os.replace(tmp, self._block_file(trained[-1]))
             except BaseException:
@@ -183,10 +177,11 @@ class LayerCheckpoint:
         atomic_write_text(self.folder / self.PROGRESS, json.dumps(progress))
 
 
-def _trainable(mlp: SpikingMLP) -> dict[str, nn.Parameter]:
-    weights, dynamics = spiking_parameter_groups(mlp)
+def _trainable(block: nn.Module) -> dict[str, nn.Parameter]:
+    """The trainable tensors of a decoder block's spiking units (its FFN and any site outside it)."""
+    weights, dynamics = spiking_parameter_groups(block)
     wanted = {id(p) for p in weights + dynamics}
-    return {name: p for name, p in mlp.named_parameters() if id(p) in wanted}
+    return {name: p for name, p in block.named_parameters() if id(p) in wanted}
 
 
 def layerwise_distill(
@@ -223,7 +218,7 @@ def layerwise_distill(
     if saved is not None:
         next_block, trained, reports = saved
         for index in trained:
-            checkpoint.restore(index, hybrid_blocks[index].mlp)
+            checkpoint.restore(index, hybrid_blocks[index])
         if next_block >= len(hybrid_blocks):
             return reports  # every block was done: nothing left to compute
     shard.check_batch(batch_size, "batch_size")
@@ -245,12 +240,12 @@ def layerwise_distill(
                 stream = [run_block(block, x, call) for x in stream]
             continue
         gain, centred = readers[index]
-        mlp = block.mlp
-        trains = isinstance(mlp, SpikingMLP) and steps_per_layer > 0
+        mlp = block.get_submodule(family_for_model(hybrid).mlp)
+        trains = any(True for _ in spiking_units(block)) and steps_per_layer > 0
         if trains:
-            budget = budget_for(mlp) if budget_for is not None else None
+            budget = budget_for(mlp) if budget_for is not None and isinstance(mlp, SpikingMLP) else None
             reports.append(
-                _train_block(block, mlp, stream, targets[index], call, gain, centred,
+                _train_block(block, stream, targets[index], call, gain, centred,
                              steps_per_layer, lr, threshold_lr, seed + index, index, progress, budget, shard)
             )
             trained.append(index)
@@ -260,14 +255,14 @@ def layerwise_distill(
             error = sum(stream_loss(o, t, gain, centred) for o, t in zip(stream, targets[index])) / len(stream)
             reports[-1].stream_error = float(shard.mean(error))
         if checkpoint is not None:
-            checkpoint.write(index + 1, trained, reports, mlp if trains else None)
+            checkpoint.write(index + 1, trained, reports, block if trains else None)
     return reports
 
 
-def _train_block(block, mlp, stream, targets, call, gain, centred, steps, lr, threshold_lr, seed, index, progress,
+def _train_block(block, stream, targets, call, gain, centred, steps, lr, threshold_lr, seed, index, progress,
                  budget: EnergyBudget | None, shard: Shard = Shard()):
-    weights, thresholds = spiking_parameter_groups(mlp)
-    trainable_before = {id(p): p.requires_grad for p in mlp.parameters()}
+    weights, thresholds = spiking_parameter_groups(block)  # every spiking unit of the block
+    trainable_before = {id(p): p.requires_grad for p in block.parameters()}
     for param in weights + thresholds:
         param.requires_grad_(True)
     optimizer = torch.optim.Adam([{"params": weights, "lr": lr}, {"params": thresholds, "lr": threshold_lr}])
@@ -278,7 +273,7 @@ def _train_block(block, mlp, stream, targets, call, gain, centred, steps, lr, th
     try:
         for step in range(steps):
             batch = int(order[step % len(stream)])
-            for module in mlp.modules():
+            for module in block.modules():
                 if hasattr(module, "noise_step"):
                     module.noise_step = step
             with budget or contextlib.nullcontext():
@@ -301,10 +296,10 @@ def _train_block(block, mlp, stream, targets, call, gain, centred, steps, lr, th
                 progress(index, step, last_loss)
     finally:
         block.eval()
-        for module in mlp.modules():  # the stream after training runs at step 0's noise, resumed or not
+        for module in block.modules():  # the stream after training runs at step 0's noise, resumed or not
             if hasattr(module, "noise_step"):
                 module.noise_step = 0
-        for param in mlp.parameters():
+        for param in block.parameters():
             param.requires_grad_(trainable_before[id(param)])
             param.grad = None
     return LayerReport(layer=index, loss_before=first_loss, loss_after=last_loss, stream_error=float("nan"))

@@ -40,7 +40,7 @@ from torch import nn
 
 from snn_research.devices import Shard, check_devices
 from snn_research.io import atomic_directory
-from snn_research.models.hybrid_transformer import set_time_steps, spiking_mlps, spiking_parameter_groups
+from snn_research.models.hybrid_transformer import set_time_steps, spiking_parameter_groups, spiking_units
 
 STATE_FILE = "trainable.safetensors"
 BEST_FILE = "best.safetensors"
@@ -121,7 +121,7 @@ def _named_trainable(model: nn.Module, groups: list[dict[str, Any]]) -> dict[str
 
 
 def _set_noise_step(model: nn.Module, step: int) -> None:
-    for block in spiking_mlps(model):
+    for block in spiking_units(model):
         for module in block.modules():
             if hasattr(module, "noise_step"):
                 module.noise_step = step
