@@ -8,15 +8,17 @@ cost a model in quality before any recovery.
 MODEL is a hybrid (or teacher) folder. Each variant is applied to a fresh copy of it and scored on 8
 test blocks against the teacher: perplexity ratio, top-1 agreement, full KL (the coding trial's scoring).
 A variant joins parts with "+", applied in this order:
-- ``attention``: q, k, v and o projections read spikes (the weighted code at the hybrid's T, per-channel
-  99.9th-percentile thresholds from 8 calib blocks; ``research/spiking_projections.py``);
-- ``lm_head``: the LM head reads spikes, calibrated the same way;
+- ``attention``: q, k, v and o projections read spikes: the pipeline's ``qkv`` and ``o`` sites
+  (``convert.sites``), added to the hybrid with its own plan (the weighted code at T = 5 for a teacher),
+  per-channel 99.9th-percentile thresholds from 8 calib blocks (``conversion/calibrator.py``);
+- ``lm_head``: the LM head reads spikes (the ``head`` site), calibrated the same way;
 - ``softmax``: power-of-two softmax in every attention;
 - ``shift_norm``: every RMSNorm/LayerNorm's divisor rounded to a power of two;
 - ``fixed_norm``: every norm's divisor a constant calibrated on the 8 calib blocks.
 The default list is the research track's steps 0-4 (FFN only; + attention projections; + LM head;
 + power-of-two softmax; + shift norm) and the three operators alone. One JSON line per variant, with the
-spike rate of the spiking projections. Energy is not counted here: the energy model prices the FFN sites only.
+spike rate of the spiking projections. Energy is not counted here; ``pipelines/research-full-spike`` measures
+the steps with recovery and energy.
 """
 
 from __future__ import annotations
@@ -29,13 +31,16 @@ import time
 from benchmarks.coding_trial import _score
 from snn_research.data import load_blocks, spread
 from snn_research.generate import load_model_folder
-from snn_research.research.operators import calibrate_norm_scales, replace_norms, use_attention
-from snn_research.research.spiking_projections import (
-    percentile_thresholds,
-    projection_paths,
-    spike_projections,
-    spike_rate,
+from snn_research.conversion.calibrator import Calibrator
+from snn_research.models.hybrid_transformer import (
+    HybridPlan,
+    SpikeRecorder,
+    SpikingSite,
+    hybridize,
+    site_key,
+    spiking_units,
 )
+from snn_research.research.operators import calibrate_norm_scales, replace_norms, use_attention
 from snn_research.teacher import load_teacher
 
 PARTS = ("attention", "lm_head", "softmax", "shift_norm", "fixed_norm")
@@ -49,20 +54,23 @@ def apply(model, variant: str, calib) -> list:
     unknown = [part for part in parts if part not in PARTS]
     if unknown:
         raise ValueError(f"unknown parts {unknown}; choose from {list(PARTS)}")
-    wrapped = []
-    sites = [part for part in ("attention", "lm_head") if part in parts]
-    if sites:
-        plan = getattr(getattr(model, "hybrid_metadata", None), "plan", None)
-        time_steps = plan.time_steps if plan is not None else 5
-        thresholds = percentile_thresholds(model, projection_paths(model, sites), calib.split(4))
-        wrapped = spike_projections(model, thresholds, time_steps)
+    groups = [group for part, names in (("attention", ("qkv", "o")), ("lm_head", ("head",))) if part in parts
+              for group in names]
+    if groups:
+        plan = getattr(getattr(model, "hybrid_metadata", None), "plan", None) or HybridPlan(time_steps=5,
+                                                                                            encoder="weighted")
+        plan = plan.model_copy(update={"sites": groups})
+        calibrator = Calibrator(model, sites=groups)
+        calibrator.run(calib.split(4))
+        calibrator.remove_hooks()
+        hybridize(model, plan, calibrator.result(99.9).thresholds(plan.granularity))
     if "softmax" in parts:
         use_attention(model, "power_of_two")
     if "shift_norm" in parts:
         replace_norms(model, "shift")
     if "fixed_norm" in parts:
         replace_norms(model, "fixed", calibrate_norm_scales(model, calib.split(4)))
-    return wrapped
+    return [unit for unit in spiking_units(model) if isinstance(unit, SpikingSite)]
 
 
 def main() -> None:
@@ -86,13 +94,14 @@ def main() -> None:
         started = time.perf_counter()
         model, _, kind = load_model_folder(args.model)
         wrapped = apply(model, variant, calib)
-        for projection in wrapped:  # count the test blocks' spikes only
-            projection.spikes = projection.neuron_steps = 0.0
-        nll, agreement, kl = _score(model, teacher, test)
+        with SpikeRecorder(model) as recorder:  # the test blocks' spikes only
+            nll, agreement, kl = _score(model, teacher, test)
+        keys = [site_key(unit.path, unit.site) for unit in wrapped]
+        rate = (sum(recorder.spikes[k] for k in keys) / sum(recorder.neuron_steps[k] for k in keys)) if keys else None
         print(json.dumps({"model": args.model, "kind": kind, "variant": variant,
                           "ppl_ratio": round(math.exp(nll - teacher_nll), 4), "agreement_top1": round(agreement, 4),
                           "kl_full_to_teacher": round(kl, 4),
-                          "projection_spike_rate": round(spike_rate(wrapped), 4) if wrapped else None,
+                          "projection_spike_rate": round(rate, 4) if rate is not None else None,
                           "seconds": round(time.perf_counter() - started, 1)}),
               flush=True)
 

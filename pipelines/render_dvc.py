@@ -33,7 +33,7 @@ MIRRORS = {
     "gemma3-long": "Gemma 3 270M with the longer recovery schedule (GPU-sized; hours on a CPU). Never run yet: enable it\n"
                    "# with `python pipelines/render_dvc.py --enable gemma3-long`, then `dvc repro` in this folder.",
 }
-UNRUN = ("gemma3-long", "sweep-t")  # rendered as dvc.template.yaml until they have been run and locked
+UNRUN = ("gemma3-long", "sweep-t", "research-full-spike")  # rendered as dvc.template.yaml until they have been run and locked
 TEMPLATE = "dvc.template.yaml"
 
 
@@ -43,7 +43,8 @@ def stage_module(stage: str) -> str:
 
 
 # commands that are not pipeline stages, and the module whose import closure is the code they run
-COMMAND_MODULES = {"adapt": f"{PACKAGE}.continual.adapt", "continual-report": f"{PACKAGE}.continual.report"}
+COMMAND_MODULES = {"adapt": f"{PACKAGE}.continual.adapt", "continual-report": f"{PACKAGE}.continual.report",
+                   "research-step": f"{PACKAGE}.research.full_spike", "research-report": f"{PACKAGE}.research.full_spike"}
 
 
 def command_module(command: str) -> str:
@@ -673,6 +674,91 @@ CONTINUAL_HEADER = """# Continual learning of the default hybrid's spiking FFNs 
 """
 
 
+RESEARCH_STEPS = 5  # research.yaml's steps: 0 FFN, 1 + q/k/v/o, 2 + LM head, 3 + softmax, 4 + norm
+
+
+def research_stages(src: str) -> str:
+    """pipelines/research-full-spike: the teacher and split, one research-step per step, then the table."""
+    step_code = module_deps(command_module("research-step"), src, " " * 8)
+    report_code = module_deps(command_module("research-report"), src, " " * 6)
+    steps = ", ".join(str(i) for i in range(RESEARCH_STEPS))
+    step_deps = "\n".join(f"      - reports/research/step_{i}.json" for i in range(RESEARCH_STEPS))
+    return f"""stages:
+  download-teacher:
+    cmd: snn-research download-teacher
+    deps:
+{code_deps("download-teacher", src, " " * 6)}
+    params:
+      - teacher
+      - seed
+      - paths.teacher
+    outs:
+      - ${{paths.teacher}}
+  split:
+    cmd: snn-research split
+    deps:
+{code_deps("split", src, " " * 6)}
+      - ${{paths.teacher}}
+    params:
+      - data
+      - seed
+      - paths.teacher
+      - paths.splits
+    outs:
+      - ${{paths.splits}}
+  step:
+    foreach: [{steps}]
+    do:
+      cmd: snn-research research-step ${{item}}
+      deps:
+{step_code}
+        - ${{paths.teacher}}
+        - ${{paths.splits}}
+        - research.yaml
+      params:
+        - seed
+        - device
+        - energy
+        - calibrate
+        - convert
+        - distill
+        - evaluate
+        - paths.teacher
+        - paths.splits
+        - paths.checkpoints
+      outs:
+        - reports/research/step_${{item}}.json:
+            cache: false
+  report:
+    cmd: snn-research research-report
+    deps:
+{report_code}
+      - research.yaml
+{step_deps}
+    outs:
+      - reports/research/steps.csv:
+          cache: false
+      - reports/research/steps.png:
+          cache: false
+      - reports/research/steps.md:
+          cache: false
+
+plots:
+  - reports/research/steps.csv:
+      x: model_energy_ratio
+      y: ppl_ratio_to_teacher
+      title: ppl / teacher against the model energy ratio, step by step
+  - reports/research/steps.png
+"""
+
+
+RESEARCH_HEADER = """# Research track toward a fully spiking transformer on SmolLM2-135M: `dvc repro` in this folder.
+# Steps (research.yaml): the FFNs spike; + q/k/v/o; + the LM head input; + a power-of-two softmax; + a shift norm.
+# Each step converts, recovers briefly (distill section) and is measured against the teacher.
+# Rendered by pipelines/render_dvc.py: edit that, not this file.
+"""
+
+
 def rendered() -> dict[Path, str]:
     """Every dvc.yaml this script owns -> its text."""
     header = ("# The pipeline on the default teacher (Gemma 3 270M): `dvc repro`.\n"
@@ -685,6 +771,8 @@ def rendered() -> dict[Path, str]:
             + stages("../../src/snn_research"))
     files[ROOT / "pipelines" / "sweep-t" / "dvc.yaml"] = SWEEP_HEADER + sweep_stages("../../src/snn_research")
     files[ROOT / "pipelines" / "continual" / "dvc.yaml"] = CONTINUAL_HEADER + continual_stages("../../src/snn_research")
+    files[ROOT / "pipelines" / "research-full-spike" / "dvc.yaml"] = (
+        RESEARCH_HEADER + research_stages("../../src/snn_research"))
     return {(path.with_name(TEMPLATE) if path.parent.name in UNRUN and path.parent.parent == ROOT / "pipelines"
              else path): text for path, text in files.items()}
 

@@ -230,6 +230,60 @@ def continual_report_command(
     typer.echo(table)
 
 
+@app.command(name="research-step")
+def research_step_command(
+    index: int = typer.Argument(..., help="which step of the research plan (0-based)"),
+    plan: Path = typer.Option(Path("research.yaml"), "--plan", help="the research plan: its steps"),
+    out: Path = typer.Option(Path("reports/research"), "--out", help="folder of the steps' JSON results"),
+    params: Path = ParamsOption,
+    overrides: list[str] = SetOption,
+) -> None:
+    """Research track: convert one step's sites (and swap its operators), recover briefly, measure."""
+    from snn_research.research.full_spike import load_plan, run_research_step
+    from snn_research.stages.common import StageContext
+    from snn_research.tracking import Tracker
+    from snn_research.training.loop import TrainingDiverged
+
+    try:
+        loaded = load_params(params, overrides)
+        research = load_plan(plan)
+    except (ParamsError, ValueError) as error:
+        console.print(f"[red]error:[/] {escape(str(error))}", markup=True)
+        raise typer.Exit(2) from None
+    if not 0 <= index < len(research.steps):
+        console.print(f"[red]error:[/] {escape(str(plan))}: step {index} does not exist (steps 0.."
+                      f"{len(research.steps) - 1})", markup=True)
+        raise typer.Exit(2)
+    name = f"research-step {index}"
+    dump = loaded.model_dump(mode="json")
+    tracker = Tracker(loaded, params, name, {"step": research.steps[index].model_dump(mode="json"),
+                                              **{k: dump[k] for k in ("calibrate", "convert", "distill", "seed")}})
+    context = StageContext(params=loaded, params_path=params, tracker=tracker)
+    tracked_run(name, tracker, loaded.tracking.strict, lambda: run_research_step(context, research, index, out),
+                lambda _: f"{name}: done in {context.elapsed():.1f} s", (TrainingDiverged,))
+
+
+@app.command(name="research-report")
+def research_report_command(
+    plan: Path = typer.Option(Path("research.yaml"), "--plan", help="the research plan: its steps"),
+    folder: Path = typer.Option(Path("reports/research"), "--folder", help="folder of the steps' JSON results"),
+) -> None:
+    """Research track: steps.csv, steps.png and steps.md from every step's result."""
+    from snn_research.research.full_spike import load_plan, write_report
+
+    try:
+        research = load_plan(plan)
+    except ValueError as error:
+        console.print(f"[red]error:[/] {escape(str(error))}", markup=True)
+        raise typer.Exit(2) from None
+    try:
+        table = write_report(research, folder)
+    except (ValueError, OSError) as error:
+        console.print(f"[red]error in research-report:[/] {escape(str(error))}", markup=True)
+        raise typer.Exit(1) from None
+    typer.echo(table)
+
+
 @app.command(name="register")
 def register_command(
     model_dir: Path = typer.Argument(Path("models/finetuned"), help="hybrid (or teacher) folder to log"),

@@ -13,7 +13,9 @@ p_i / softmax_i lies in [2^-1.5, 2^1.5], and a row sums to within [2^-0.5, 2^0.5
 Shift norm (after Sorbet's bit-shift norm). RMSNorm computes x / rms(x) * gain; the shift norm multiplies
 by 2^-round(log2 rms(x)) instead, a power of two a leading-one detector finds without a square root or a
 division. LayerNorm the same with the standard deviation, after the mean is subtracted. Bound: the output is
-the analog output times a per-token factor in [2^-0.5, 2^0.5].
+the analog output times a per-token factor in [2^-0.5, 2^0.5]. With ``fraction_bits`` b > 0 the exponent is
+rounded to a multiple of 2^-b instead (the divisor is a power of two times one of 2^b mantissas from a table:
+a shift and b shift-adds), and the factor lies in [2^-0.5/2^b, 2^0.5/2^b].
 
 Fixed-scale norm (a norm folded into calibrated scales). The per-token rms is replaced by one constant per
 norm module, its mean rms over calibration tokens, so the norm is a fixed per-channel scale that folds into
@@ -106,15 +108,20 @@ def _bias(module: nn.Module) -> torch.Tensor | float:
 
 
 class ShiftNorm(nn.Module):
-    """The wrapped norm with its per-token divisor rounded to a power of two."""
+    """The wrapped norm with its per-token divisor rounded to a power of two (to 2^-b of an octave)."""
 
-    def __init__(self, norm: nn.Module) -> None:
+    def __init__(self, norm: nn.Module, fraction_bits: int = 0) -> None:
         super().__init__()
+        if not 0 <= fraction_bits <= 8:
+            raise ValueError(f"fraction_bits must lie in 0..8 (got {fraction_bits})")
         self.norm = norm
+        self.fraction_bits = fraction_bits
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         spread = _spread(self.norm, x)
-        factor = spread * torch.exp2(-torch.round(torch.log2(spread)))  # analog divisor / power-of-two divisor
+        grid = 2.0 ** self.fraction_bits
+        rounded = torch.round(torch.log2(spread) * grid) / grid
+        factor = spread * torch.exp2(-rounded)  # analog divisor / rounded divisor
         bias = _bias(self.norm)
         return ((self.norm(x).float() - bias) * factor + bias).to(x.dtype)
 
@@ -171,16 +178,16 @@ def calibrate_norm_scales(model: nn.Module, batches: Iterable[torch.Tensor]) -> 
     return {path: sums[path] / counts[path] for path in sums}
 
 
-def replace_norms(model: nn.Module, kind: str, scales: dict[str, float] | None = None) -> int:
-    """Wrap every RMSNorm/LayerNorm in ``ShiftNorm`` ("shift") or ``FixedScaleNorm`` ("fixed", needs
-    ``scales``); returns how many were replaced."""
+def replace_norms(model: nn.Module, kind: str, scales: dict[str, float] | None = None, fraction_bits: int = 0) -> int:
+    """Wrap every RMSNorm/LayerNorm in ``ShiftNorm`` ("shift", to ``fraction_bits``) or ``FixedScaleNorm``
+    ("fixed", needs ``scales``); returns how many were replaced."""
     paths = norm_paths(model)
     if kind == "fixed" and scales is None:
         raise ValueError("kind 'fixed' needs calibrated scales (calibrate_norm_scales)")
     for path in paths:
         norm = model.get_submodule(path)
         if kind == "shift":
-            _set(model, path, ShiftNorm(norm))
+            _set(model, path, ShiftNorm(norm, fraction_bits))
         elif kind == "fixed":
             _set(model, path, FixedScaleNorm(norm, scales[path]))
         else:

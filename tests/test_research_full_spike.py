@@ -1,0 +1,132 @@
+"""The research track's steps (research/full_spike.py) on a tiny Gemma 3 pipeline, and their energy pricing."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import calibration_batches, tiny_model
+from pipeline_support import assert_clean_failure, inside, invoke, run_stages, tiny_params, write_params
+
+from snn_research.evaluation.energy import measure_energy
+from snn_research.research.full_spike import (
+    SOFTMAX_ACS_PER_SCORE,
+    ResearchStep,
+    apply_operators,
+    price_operators,
+    softmax_scores_per_token,
+)
+from snn_research.research.operators import ShiftNorm
+
+STEPS = [
+    {"name": "FFN", "sites": ["ffn"]},
+    {"name": "+ q/k/v/o", "sites": ["ffn", "qkv", "o"]},
+    {"name": "+ LM head", "sites": ["ffn", "qkv", "o", "head"]},
+    {"name": "+ power-of-two softmax", "sites": ["ffn", "qkv", "o", "head"], "softmax": "power_of_two"},
+    {"name": "+ shift norm", "sites": ["ffn", "qkv", "o", "head"], "softmax": "power_of_two", "norm": "shift",
+     "norm_fraction_bits": 2},
+]
+
+
+def research_params() -> dict:
+    return tiny_params(energy__ffn_budget=None, distill__steps=2, distill__eval_every=1, distill__ffn_mse_weight=0.0)
+
+
+@pytest.fixture(scope="module")
+def stepped(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("research")
+    with inside(folder):
+        write_params(research_params())
+        Path("research.yaml").write_text(yaml.safe_dump({"steps": STEPS}, sort_keys=False))
+        run_stages("download-teacher", "split")
+        for index in range(len(STEPS)):
+            result = invoke("research-step", str(index))
+            assert result.exit_code == 0, result.output
+        result = invoke("research-report")
+        assert result.exit_code == 0, result.output
+    return folder
+
+
+def test_every_step_is_measured_and_the_report_tabulates_them(stepped):
+    rows = list(csv.DictReader((stepped / "reports/research/steps.csv").open()))
+    assert [row["name"] for row in rows] == [step["name"] for step in STEPS]
+    assert (stepped / "reports/research/steps.png").stat().st_size > 1000
+    table = (stepped / "reports/research/steps.md").read_text()
+    assert table.count("\n| ") == 1 + len(STEPS)
+    results = [json.loads((stepped / f"reports/research/step_{i}.json").read_text()) for i in range(len(STEPS))]
+    assert set(results[0]["spike_rates"]) == {"ffn"}
+    assert set(results[2]["spike_rates"]) == {"ffn", "qkv", "o", "head"}
+    assert all(0 < rate < 1 for r in results for rate in r["spike_rates"].values())
+    assert results[2]["model_energy_ratio_int8"] is not None and results[3]["model_energy_ratio_int8"] is None
+    assert results[0]["teacher_ppl"] == results[4]["teacher_ppl"]  # one teacher, the same test blocks
+    assert rows[1]["spike_rate_new"] and not rows[3]["spike_rate_new"]  # step 3 adds no site
+
+
+def test_a_step_that_spikes_more_saves_more_of_the_model(stepped):
+    results = [json.loads((stepped / f"reports/research/step_{i}.json").read_text()) for i in range(3)]
+    assert results[0]["ffn_energy_ratio"] < 1.0
+    energies = [r["model_energy_ratio"] for r in results]
+    assert energies[0] != energies[1] != energies[2]
+
+
+def test_the_report_refuses_a_result_made_for_another_step(stepped, tmp_path):
+    with inside(tmp_path):
+        Path("reports/research").mkdir(parents=True)
+        for i in range(len(STEPS)):
+            (Path("reports/research") / f"step_{i}.json").write_text(
+                (stepped / f"reports/research/step_{i}.json").read_text())
+        swapped = [STEPS[1], STEPS[0], *STEPS[2:]]
+        Path("research.yaml").write_text(yaml.safe_dump({"steps": swapped}))
+        result = invoke("research-report")
+    assert result.exit_code == 1 and "made for another step" in result.output
+
+
+def test_price_operators_changes_exactly_the_replaced_operators():
+    model = tiny_model("llama")
+    input_ids = calibration_batches(1)[0]
+    report = measure_energy(model, input_ids)
+    softmax = ResearchStep(name="s", sites=["ffn"], softmax="power_of_two")
+    priced = price_operators(report, model.config, softmax)
+    scores = softmax_scores_per_token(model.config, input_ids.shape[1])
+    # by hand: 4 heads x mean keys (1..24 -> 12.5) x 2 layers
+    assert scores == pytest.approx(4 * 12.5 * 2)
+    expected = scores * (SOFTMAX_ACS_PER_SCORE * report.e_ac_pj - report.e_mac_pj)
+    assert priced.hybrid_energy_pj - report.hybrid_energy_pj == pytest.approx(expected, rel=1e-9)
+    assert priced.teacher_energy_pj == report.teacher_energy_pj
+    norm = ResearchStep(name="n", sites=["ffn"], norm="shift", norm_fraction_bits=3)
+    elements = report.hybrid_ops["norms"][0] / 2
+    priced = price_operators(report, model.config, norm)
+    assert priced.hybrid_ops["norms"] == (pytest.approx(elements), pytest.approx(4 * elements))
+    assert report.hybrid_ops["norms"] == (2 * elements, 0.0)  # the report itself is left as it was
+
+
+def test_operators_are_swapped_in_and_a_layernorm_model_is_refused():
+    model = tiny_model("llama")
+    apply_operators(model, ResearchStep(name="x", sites=["ffn"], softmax="power_of_two", norm="shift",
+                                        norm_fraction_bits=1))
+    assert model.config._attn_implementation == "research_power_of_two"
+    assert isinstance(model.model.norm, ShiftNorm) and model.model.norm.fraction_bits == 1
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=calibration_batches(1)[0]).logits).all()
+    with pytest.raises(ValueError, match="LayerNorm"):
+        apply_operators(tiny_model("gpt2"), ResearchStep(name="x", sites=["ffn"], norm="shift"))
+    with pytest.raises(ValueError, match="norm_fraction_bits"):
+        ResearchStep(name="x", sites=["ffn"], norm_fraction_bits=2)
+
+
+def test_research_step_refuses_what_it_would_ignore(workdir):
+    write_params(tiny_params())  # the smoke params keep energy.ffn_budget
+    Path("research.yaml").write_text(yaml.safe_dump({"steps": STEPS[:1]}))
+    result = invoke("research-step", "0")
+    assert_clean_failure(result, 2)
+    assert "energy.ffn_budget" in result.output
+    write_params(research_params())
+    assert_clean_failure(invoke("research-step", "3"), 2)  # no step 3 in this plan
+    Path("research.yaml").write_text(yaml.safe_dump({"steps": [{"name": "x", "sites": ["softmax"]}]}))
+    result = invoke("research-step", "0")
+    assert_clean_failure(result, 2)
+    assert "research.yaml" in result.output and "sites" in result.output
