@@ -16,7 +16,7 @@ import torch
 from conftest import calibration_batches, tiny_model
 from pipeline_support import assert_clean_failure, inside, invoke, run_stages, tiny_params, write_params
 
-from snn_research.config import ConversionParams
+from snn_research.config import ConversionParams, ParamsError, load_params
 from snn_research.conversion.ann_to_snn_converter import TeacherIdentity, convert, load_hybrid, save_hybrid
 from snn_research.conversion.calibrator import Calibrator
 from snn_research.evaluation.energy import measure_energy
@@ -258,3 +258,77 @@ def test_a_site_name_is_defined_in_one_place():
         homes = [path.relative_to(SRC).as_posix() for path, text in sources.items() if pattern.search(text)]
         assert homes == ["models/families.py"], (name, homes)
     assert {spec.name for f in FAMILIES.values() for spec in f.sites} == set(SITE_NAMES)
+
+
+def test_a_consumer_called_with_a_keyword_input_is_fed_spikes(input_ids):
+    """o_proj(input=x) gets the same spikes as o_proj(x): the hook does not depend on how it is called."""
+    _, hybrid, _, _ = converted("llama", ["o"], layers=1)
+    site = next(spiking_units(hybrid))
+    (o_proj,) = site.consumers
+    x = torch.randn(2, 5, o_proj.in_features)
+    with torch.no_grad():
+        positional, keyword = o_proj(x), o_proj(input=x)
+        set_analog(hybrid, True)
+        analog = o_proj(input=x)
+    assert torch.equal(positional, keyword)
+    assert not torch.equal(keyword, analog)
+
+
+def test_the_shared_qkv_encoding_is_dropped_when_the_attention_raises(input_ids):
+    """An exception inside the attention leaves no cached activation behind for the next call."""
+    _, hybrid, _, _ = converted("llama", ["qkv"], layers=1)
+    site = next(spiking_units(hybrid))
+
+    def fail(*_args):
+        raise RuntimeError("stop inside the attention")
+
+    handle = site.consumers[-1].register_forward_hook(fail)
+    with pytest.raises(RuntimeError, match="stop inside"):
+        logits(hybrid, input_ids)
+    handle.remove()
+    assert site._cache is None
+
+
+def test_gpt2_options_for_its_ffn_neurons_are_refused_only_when_its_ffn_spikes(input_ids):
+    assert HybridPlan(sites=["qkv", "o"], encoder="weighted").family_conflicts("gpt2") == []
+    assert [c[0] for c in HybridPlan(sites=["ffn", "qkv"], encoder="weighted").family_conflicts("gpt2")] == ["encoder"]
+    assert [c[0] for c in HybridPlan(sites=["qkv"], neuron="lif").family_conflicts("gpt2")] == ["neuron"]
+    assert [c[0] for c in HybridPlan(sites=["head"], reset="zero").family_conflicts("gpt2")] == ["reset"]
+    assert HybridPlan(sites=["ffn"], reset="zero").family_conflicts("gpt2") == []
+    # a weighted code at GPT-2's attention sites converts and runs close to the teacher
+    teacher = tiny_model("gpt2", 2)
+    plan = HybridPlan(sites=["qkv", "o"], time_steps=8, encoder="weighted")
+    calibrator = Calibrator(teacher, sites=plan.sites)
+    calibrator.run(calibration_batches())
+    calibrator.remove_hooks()
+    identity = TeacherIdentity(source="random:gpt2", sha256="0" * 64, model_type="gpt2", architectures=["X"],
+                               num_layers=2)
+    hybrid, _, _ = convert(teacher, calibrator.result(99.9), plan, identity, "f" * 64)
+    out, ref = logits(hybrid, input_ids), logits(teacher, input_ids)
+    assert not torch.equal(out, ref) and (out - ref).abs().max() / ref.abs().max() < 0.2
+
+
+@pytest.mark.parametrize(("field", "value"), [("energy.ffn_budget", 0.3), ("distill.ffn_mse_weight", 0.5)])
+def test_params_refuse_ffn_only_training_terms_without_a_spiking_ffn(tmp_path, field, value):
+    def load(**values):
+        values = {"energy__ffn_budget": None, **values, field.replace(".", "__"): value}
+        return load_params(write_params(tiny_params(**values), tmp_path / "params.yaml"))
+
+    with pytest.raises(ParamsError, match=re.escape(field) + ".*spikes no FFN"):
+        load(convert__sites=["qkv", "o"], convert__clipping="percentile", convert__search_blocks=None)
+    assert load(convert__sites=["ffn", "qkv"]).convert.sites == ["ffn", "qkv"]
+
+
+def test_finetune_teacher_with_nothing_to_train_writes_the_teacher_unchanged(workdir):
+    """sites [head] on tiny Gemma 3, whose head is tied to the embedding: the hybrid trains thresholds only."""
+    write_params(tiny_params(convert__sites=["head"], convert__clipping="percentile", convert__search_blocks=None,
+                             energy__ffn_budget=None, distill__ffn_mse_weight=0.0))
+    run_stages("download-teacher", "split", "finetune-teacher")
+    from safetensors.torch import load_file
+
+    teacher, tuned = (load_file(next(Path(folder).glob("*.safetensors")))
+                      for folder in ("models/teacher", "models/teacher_finetuned"))
+    assert teacher.keys() == tuned.keys()
+    assert all(torch.equal(teacher[k], tuned[k]) for k in teacher)
+    manifest = json.loads(next(Path("models/teacher_finetuned").glob("*manifest*.json")).read_text())
+    assert manifest["summary"]["trained_parameters"] == 0

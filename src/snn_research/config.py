@@ -320,6 +320,20 @@ class Params(Strict):
                 f"must be below data.block_length ({self.data.block_length}): a block has block_length - 1 "
                 "positions with a next token",
             )
+        if "ffn" not in self.convert.sites:
+            # Both read the spiking FFNs' outputs or spike counts: without an FFN site they have nothing to act on.
+            if self.energy.ffn_budget is not None:
+                raise FieldError(
+                    "energy.ffn_budget", self.energy.ffn_budget,
+                    f"penalises the spiking FFNs' energy, but convert.sites {self.convert.sites} spikes no FFN: "
+                    "set it to null or add 'ffn' to convert.sites",
+                )
+            if self.distill.ffn_mse_weight > 0:
+                raise FieldError(
+                    "distill.ffn_mse_weight", self.distill.ffn_mse_weight,
+                    f"matches the spiking FFNs' outputs, but convert.sites {self.convert.sites} spikes no FFN: "
+                    "set it to 0 or add 'ffn' to convert.sites",
+                )
         return self
 
 

@@ -14,9 +14,10 @@ counts:
   the multiplier scales with the activation's bit width, ``e_mult_int8 * b / 8``,
   plus the 8-bit add. Everything else is INT8.
 
-Parts the two models share (attention, norms, embeddings, LM head, FFNs left
-analog) are priced on the baseline's table in both numerator and denominator,
-so a whole-model ratio differs from 1 only through the spiking FFNs.
+Parts the two models share (attention, norms, embeddings, the linears that read
+no spikes) are priced on the baseline's table in both numerator and denominator,
+so a whole-model ratio differs from 1 only through the spiking sites; the FFN
+ratios take the FFN sites only.
 
 Memory: weights are read at ``e_read_pj_per_byte`` per byte. The ANN reads each
 weight once per token. The hybrid reads its spiking linears' weights once per

@@ -16,7 +16,9 @@ Horowitz, ISSCC 2014: a multiply-accumulate E_MAC = 4.6 pJ, an add E_AC = 0.9 pJ
   multiply (act(gate) * up).
 - Spiking sites: each spike costs one AC per synapse it reaches (its consuming
   linear's fan-out: 2 x intermediate for the gated input site, hidden for the
-  product site, intermediate / hidden for GPT-2's input / hidden sites). Every
+  product site, intermediate / hidden for GPT-2's input / hidden sites; the
+  summed output widths of q, k and v for the qkv site, hidden for the o site,
+  the vocabulary for the head site: ``families.site_fan_out``). Every
   neuron also does one AC per time step to integrate its input (plus one MAC
   for the leak of a LIF neuron with beta < 1), and a bias, where a spiking
   linear has one, is injected as one AC per output per step. The decoders'

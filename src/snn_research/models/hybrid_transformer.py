@@ -147,21 +147,30 @@ class HybridPlan(BaseModel):
                 for name, default in NEURON_DEFAULTS.items()}
 
     def family_conflicts(self, family: str) -> list[tuple[str, object, str]]:
-        """(field, value, why) for every set field that does nothing (or cannot run) for ``family``."""
+        """(field, value, why) for every set field that does nothing (or cannot run) for ``family`` and ``sites``.
+
+        GPT-2's hidden neurons exist only when its FFN spikes; the other sites are encoders feeding linears in
+        every family, so an encoder GPT-2's FFN cannot take is fine at them.
+        """
         conflicts: list[tuple[str, object, str]] = []
-        lif_populations = self.encoder == "lif" or (family == "gpt2" and self.neuron == "lif")
+        gpt2_ffn = family == "gpt2" and "ffn" in self.sites
+        lif_populations = self.encoder == "lif" or (gpt2_ffn and self.neuron == "lif")
         if family == "gated":
             if self.neuron is not None:
                 conflicts.append(("neuron", self.neuron, "gated FFNs keep act(gate) * up analog: no neuron "
                                   "population replaces an activation (use encoder 'lif' for leaky neurons)"))
+        elif not gpt2_ffn:
+            if self.neuron is not None:
+                conflicts.append(("neuron", self.neuron, f"sites {self.sites} spike no GPT-2 FFN: no neuron "
+                                  "population replaces its activation"))
         elif self.encoder in ("weighted", "lif"):
             conflicts.append(("encoder", self.encoder, "GPT-2's hidden neurons integrate per-step currents of the "
                               "input train; this encoder is offered for gated FFNs only (use 'if' or 'rate')"))
         for name in ("beta", "learnable_leak"):
             if getattr(self, name) is not None and not lif_populations:
                 conflicts.append((name, getattr(self, name), "there is no LIF population (encoder 'lif', or neuron "
-                                  "'lif' on GPT-2)"))
-        has_population = self.encoder == "lif" or family == "gpt2"
+                                  "'lif' on a spiking GPT-2 FFN)"))
+        has_population = self.encoder == "lif" or gpt2_ffn
         for name in ("reset", "surrogate", "sharpness"):
             if getattr(self, name) is not None and not has_population:
                 conflicts.append((name, getattr(self, name), f"the {self.encoder!r} encoder is a closed-form "
@@ -302,20 +311,30 @@ class SpikingSite(SpikingUnit):
         object.__setattr__(self, "consumers", consumers(spec, scope))
         self._cache: tuple[torch.Tensor, torch.Tensor] | None = None
         for module in self.consumers:
-            module.register_forward_pre_hook(self._consumer_input)
-        if len(self.consumers) > 1:
-            scope.register_forward_hook(self._drop_cache)
+            module.register_forward_pre_hook(self._consumer_input, with_kwargs=True)
+        if len(self.consumers) > 1:  # the cache lives for one call of the scope module, even one that raises
+            scope.register_forward_pre_hook(self._drop_cache)
+            scope.register_forward_hook(self._drop_cache, always_call=True)
 
-    def _consumer_input(self, _module: nn.Module, args: tuple):
-        if self.analog or not args:
+    def _consumer_input(self, _module: nn.Module, args: tuple, kwargs: dict):
+        if self.analog:
             return None
-        x = args[0]
+        if args:
+            x = args[0]
+        else:  # called as consumer(input=x): the input is its one tensor keyword
+            names = [name for name, value in kwargs.items() if isinstance(value, torch.Tensor)]
+            if len(names) != 1:
+                return None
+            x = kwargs[names[0]]
         if self._cache is not None and self._cache[0] is x:
-            return (self._cache[1], *args[1:])
-        encoded = self._encode(self.site, x).to(x.dtype)
-        if len(self.consumers) > 1:
-            self._cache = (x, encoded)
-        return (encoded, *args[1:])
+            encoded = self._cache[1]
+        else:
+            encoded = self._encode(self.site, x).to(x.dtype)
+            if len(self.consumers) > 1:
+                self._cache = (x, encoded)
+        if args:
+            return (encoded, *args[1:]), kwargs
+        return args, {**kwargs, names[0]: encoded}
 
     def _drop_cache(self, *_args) -> None:
         self._cache = None

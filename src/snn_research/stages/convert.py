@@ -80,5 +80,5 @@ def run(context: StageContext) -> None:
     atomic_write_text(folder / CONVERSION_METADATA_FILE, (context.paths.converted / METADATA_FILE).read_text())
     context.tracker.log_metrics({"sites": len(written.sites), "time_steps": plan.time_steps})
     context.tracker.log_artifact(folder / CONVERSION_METADATA_FILE)
-    console.print(f"convert: {len(written.sites)} sites over {len(written.sites) // 2} FFNs at T={plan.time_steps} "
+    console.print(f"convert: {len(written.sites)} sites ({', '.join(plan.sites)}) at T={plan.time_steps} "
                   f"-> {context.paths.converted}")

@@ -19,7 +19,7 @@ import torch
 from snn_research.conversion.ann_to_snn_converter import load_hybrid
 from snn_research.data import load_blocks, spread
 from snn_research.devices import check_devices, place
-from snn_research.models.hybrid_transformer import SpikingMLP, find_mlps
+from snn_research.models.hybrid_transformer import SpikingMLP, find_mlps, spiking_units
 from snn_research.stages.common import StageContext, console, progress_bar
 from snn_research.stages.training_common import (
     VAL_KL,
@@ -64,7 +64,7 @@ def _layerwise(context, teacher, hybrid, blocks, ckpt, fp):
     resumed = checkpoint.read()
     if resumed is not None:
         console.print(f"distill: layer-wise stage resumes after block {resumed[0] - 1} from its checkpoint")
-    converted = sum(isinstance(loc.module, SpikingMLP) for loc in find_mlps(hybrid))
+    converted = len({unit.layer for unit in spiking_units(hybrid) if unit.layer is not None})  # blocks trained
     with progress_bar("layer-wise distillation", converted * layer_params.steps_per_layer) as advance:
         reports = layerwise_distill(
             teacher, hybrid, blocks, params.batch_size, layer_params.steps_per_layer, layer_params.lr,

@@ -8,7 +8,8 @@ to the frozen teacher, validation and early stopping) and the very same
 parameter set (the linears that read spikes in the hybrid: every parameter of
 the FFNs of ``convert.layers`` (null: all) when ``convert.sites`` holds ``ffn``,
 and the weights and biases of the other chosen sites' consumers) separates them. The teacher has no
-thresholds and no energy budget.
+thresholds and no energy budget. When that set is empty (sites [head] on a model whose head is tied to
+the input embedding), the teacher is written unchanged.
 
 Writes ``paths.teacher_finetuned`` as a Hugging Face folder that
 ``snn_research.teacher.load_teacher`` reads, with its manifest.
@@ -29,7 +30,7 @@ from snn_research.stages.common import StageContext, console, progress_bar
 from snn_research.stages.finetune import finetune_recipe
 from snn_research.stages.training_common import checkpoint_dir, fingerprint, loop_settings, write_curves
 from snn_research.teacher import load_teacher
-from snn_research.training.loop import train
+from snn_research.training.loop import LoopResult, train
 
 STAGE = "finetune-teacher"
 
@@ -55,11 +56,18 @@ def run(context: StageContext) -> None:
     context.tracker.log_metrics({f"val_{k}": v for k, v in start.items()}, step=0)
     settings = loop_settings(params, seed, time_steps=None, patience=params.patience, device=str(device), shard=shard)
     groups = [{"params": trainable, "lr": params.lr, "weight_decay": params.weight_decay}]
-    with progress_bar("teacher fine-tuning", params.steps) as advance:
-        result = train(model, recipe.train_blocks, recipe.loss_fn, recipe.validate, settings,
-                       checkpoint_dir(context, STAGE) / "loop", fp, log_metrics=context.tracker.log_metrics,
-                       progress=lambda step, loss: advance(info=f"loss {loss:.4f}"), initial_objective=start["objective"],
-                       param_groups=groups)
+    if trainable:
+        with progress_bar("teacher fine-tuning", params.steps) as advance:
+            result = train(model, recipe.train_blocks, recipe.loss_fn, recipe.validate, settings,
+                           checkpoint_dir(context, STAGE) / "loop", fp, log_metrics=context.tracker.log_metrics,
+                           progress=lambda step, loss: advance(info=f"loss {loss:.4f}"),
+                           initial_objective=start["objective"], param_groups=groups)
+    else:
+        # e.g. sites [head] on a tied-embedding model: the hybrid's finetune trains thresholds only, so the
+        # teacher tuned the same way is the teacher itself; it is written unchanged (empty curves, 0 steps)
+        console.print(f"finetune-teacher: convert.sites {context.params.convert.sites} reach no analog teacher "
+                      "weight that the hybrid trains; the reference is the teacher unchanged")
+        result = LoopResult(history=[{"step": 0, **start}])
     final = recipe.validate(model)
     if not shard.main:  # rank 0 writes the outputs; the others hold the same state
         return
