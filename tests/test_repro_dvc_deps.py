@@ -97,7 +97,12 @@ def test_missing_module_is_named():
         render_dvc.import_closure("snn_research.stages.nowhere")
 
 
-@pytest.mark.parametrize("dvc_file", [p for p in PIPELINES if p.parent.name not in ("sweep-t", "continual")],
+# the pipelines that run the root's stages (sweep-t once per T, continual runs adapt, research-full-spike
+# its research steps: each has its own test)
+STAGE_PIPELINES = [p for p in PIPELINES if p.parent.name not in ("sweep-t", "continual", "research-full-spike")]
+
+
+@pytest.mark.parametrize("dvc_file", STAGE_PIPELINES,
                          ids=lambda p: p.parent.name if p.parent != ROOT else "root")
 def test_stages_list_the_params_and_data_they_read(dvc_file):
     stages = stage_definitions(dvc_file)
@@ -128,10 +133,26 @@ def test_continual_adapt_lists_the_params_and_the_model_each_setting_reads():
     assert curves <= set(stages["report"]["deps"])
 
 
-@pytest.mark.parametrize("dvc_file", [p for p in PIPELINES if p.parent.name not in ("sweep-t", "continual")],
+@pytest.mark.parametrize("dvc_file", STAGE_PIPELINES,
                          ids=lambda p: p.parent.name if p.parent != ROOT else "root")
 def test_every_stage_that_computes_on_a_device_lists_it(dvc_file):
     stages = stage_definitions(dvc_file)
     for name in ("calibrate", "convert", "distill", "finetune", "finetune-teacher", "evaluate"):
         assert "device" in stages[name]["params"], name
     assert "device" not in stages["split"]["params"]
+
+
+def test_research_steps_list_the_params_and_data_they_read():
+    dvc_file = ROOT / "pipelines" / "research-full-spike" / "dvc.template.yaml"
+    if not dvc_file.exists():
+        dvc_file = dvc_file.with_name("dvc.yaml")
+    stages = yaml.safe_load(dvc_file.read_text())["stages"]
+    step = stages["step"]["do"]
+    assert step["cmd"] == "snn-research research-step ${item}"
+    # a step calibrates, converts, recovers, evaluates and prices on a device
+    assert {"calibrate", "convert", "distill", "evaluate", "energy", "device", "seed"} <= set(step["params"])
+    assert {"${paths.teacher}", "${paths.splits}", "research.yaml"} <= set(step["deps"])
+    assert "../../src/snn_research/research/full_spike.py" in step["deps"]
+    steps = yaml.safe_load((dvc_file.parent / "research.yaml").read_text())["steps"]
+    assert stages["step"]["foreach"] == list(range(len(steps)))  # one DVC stage per step of research.yaml
+    assert {f"reports/research/step_{i}.json" for i in range(len(steps))} <= set(stages["report"]["deps"])
