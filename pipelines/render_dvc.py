@@ -33,7 +33,7 @@ MIRRORS = {
     "gemma3-long": "Gemma 3 270M with the longer recovery schedule (GPU-sized; hours on a CPU). Never run yet: enable it\n"
                    "# with `python pipelines/render_dvc.py --enable gemma3-long`, then `dvc repro` in this folder.",
 }
-UNRUN = ("gemma3-long", "sweep-t", "research-full-spike")  # rendered as dvc.template.yaml until they have been run and locked
+UNRUN = ("gemma3-long", "sweep-t")  # rendered as dvc.template.yaml until they have been run and locked
 TEMPLATE = "dvc.template.yaml"
 
 
