@@ -5,14 +5,18 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import yaml
 from conftest import calibration_batches, tiny_model
+from test_generate import TOKENIZER, teacher_and_hybrid
 from pipeline_support import assert_clean_failure, inside, invoke, run_stages, tiny_params, write_params
 
+from snn_research.config import Params
 from snn_research.evaluation.energy import measure_energy
+from snn_research.research import full_spike
 from snn_research.research.full_spike import (
     SOFTMAX_ACS_PER_SCORE,
     ResearchStep,
@@ -64,6 +68,7 @@ def test_every_step_is_measured_and_the_report_tabulates_them(stepped):
     assert results[2]["model_energy_ratio_int8"] is not None and results[3]["model_energy_ratio_int8"] is None
     assert results[0]["teacher_ppl"] == results[4]["teacher_ppl"]  # one teacher, the same test blocks
     assert rows[1]["spike_rate_new"] and not rows[3]["spike_rate_new"]  # step 3 adds no site
+    assert all(isinstance(r["layerwise_kept"], bool) for r in results)  # layer-wise is on in these params
 
 
 def test_a_step_that_spikes_more_saves_more_of_the_model(stepped):
@@ -71,6 +76,33 @@ def test_a_step_that_spikes_more_saves_more_of_the_model(stepped):
     assert results[0]["ffn_energy_ratio"] < 1.0
     energies = [r["model_energy_ratio"] for r in results]
     assert energies[0] != energies[1] != energies[2]
+
+
+@pytest.mark.parametrize("damage", [True, False])
+def test_a_layerwise_result_that_worsens_validation_is_dropped(monkeypatch, tmp_path, damage):
+    teacher, hybrid = teacher_and_hybrid("llama", sites=("ffn", "qkv"))
+    converted = {name: tensor.clone() for name, tensor in hybrid.state_dict().items()}
+    calls = []
+
+    def fake_layerwise(teacher, model, blocks, *args, **kwargs):  # damaged: every consumer weight scrambled
+        calls.append(blocks.shape)
+        if damage:
+            with torch.no_grad():
+                for param in model.parameters():
+                    if param.dim() == 2:
+                        param.add_(torch.randn_like(param))
+
+    monkeypatch.setattr(full_spike, "layerwise_distill", fake_layerwise)
+    params = Params.model_validate(research_params() | {"distill": {**research_params()["distill"], "steps": 0}})
+    generator = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, len(TOKENIZER), (4, 24), generator=generator)
+    recovery = full_spike._recover(teacher, hybrid, params, SimpleNamespace(input_ids=ids[:2]), [ids[2:]],
+                                   tmp_path, "fp", None)
+    assert calls == [(2, 24)]
+    assert recovery.layerwise_kept is (not damage)
+    assert recovery.val_kl_before == recovery.val_kl_converted == recovery.val_kl_after
+    state = hybrid.state_dict()
+    assert all(torch.equal(state[name], tensor) for name, tensor in converted.items())  # restored, or untouched
 
 
 def test_the_report_refuses_a_result_made_for_another_step(stepped, tmp_path):

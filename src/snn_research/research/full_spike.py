@@ -10,7 +10,10 @@ hybrid, on a copy of the teacher with the step's operators swapped in:
    ``convert.clipping`` is ``search``;
 3. recover: layer-wise distillation of every block's spiking units (``training/layerwise.py``), then
    ``distill.steps`` end-to-end steps of the logit KL to the analog teacher (``training/loop.py``), both
-   with the params' ``distill`` section; the targets are always the unmodified teacher's;
+   with the params' ``distill`` section; the targets are always the unmodified teacher's. Each phase is
+   kept only if it does not worsen the validation objective: the layer-wise result is validated against
+   the converted model and dropped (the converted weights restored) when it is worse, and the end-to-end
+   loop keeps its best validated step, its start included;
 4. evaluate on ``evaluate.max_blocks`` test blocks against the unmodified teacher (``evaluation/quality.py``)
    and count energy (``evaluation/energy.py``), with the replaced operators priced as below.
 
@@ -32,7 +35,7 @@ import copy
 import json
 import math
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import yaml
@@ -100,7 +103,10 @@ class StepResult(BaseModel):
     model_energy_ratio_int8: float | None = Field(description="against an INT8 teacher; null when operators are "
                                                   "replaced (their INT8 pricing is not modelled)")
     spike_rates: dict[str, float] = Field(description="per site group: spikes per neuron per time step")
-    val_kl_before: float
+    val_kl_converted: float = Field(description="validation top-k KL of the converted model")
+    layerwise_kept: bool | None = Field(description="whether the layer-wise result was kept (it is dropped when "
+                                        "it worsens the validation objective); null when layer-wise is off")
+    val_kl_before: float = Field(description="validation top-k KL before the end-to-end steps")
     val_kl_after: float
     test_tokens: int
 
@@ -177,15 +183,20 @@ def spike_rates(report: EnergyReport, model: torch.nn.Module) -> dict[str, float
     return {group: spikes[group] / steps[group] for group in sorted(spikes)}
 
 
+class Recovery(NamedTuple):
+    val_kl_converted: float
+    layerwise_kept: bool | None
+    val_kl_before: float  # before the end-to-end steps
+    val_kl_after: float
+
+
 def _recover(teacher, hybrid, params: Params, train_split, val_batches, checkpoints: Path, fingerprint: str,
-             log_metrics) -> tuple[float, float]:
-    """Layer-wise then end-to-end distillation (``params.distill``); (val KL before, after)."""
+             log_metrics, echo=lambda text: None) -> Recovery:
+    """Layer-wise then end-to-end distillation (``params.distill``), each kept only if it does not worsen
+    the validation objective (module docstring)."""
     distill = params.distill
     seed = params.seed
     layerwise = distill.layerwise
-    if layerwise.enabled and layerwise.steps_per_layer > 0:
-        layerwise_distill(teacher, hybrid, spread(train_split, layerwise.blocks).input_ids, distill.batch_size,
-                          layerwise.steps_per_layer, layerwise.lr, layerwise.threshold_lr, seed=seed)
     targets = teacher_val_targets(teacher, val_batches)
 
     def validate(model) -> dict[str, float]:
@@ -219,14 +230,27 @@ def _recover(teacher, hybrid, params: Params, train_split, val_batches, checkpoi
             loss, parts["ce"] = loss + distill.ce_weight * ce, ce.item()
         return loss, parts
 
-    start = validate(hybrid)
+    start = converted = validate(hybrid)
+    kept = None
+    if layerwise.enabled and layerwise.steps_per_layer > 0:
+        saved = {name: tensor.detach().clone() for name, tensor in hybrid.state_dict().items()}
+        layerwise_distill(teacher, hybrid, spread(train_split, layerwise.blocks).input_ids, distill.batch_size,
+                          layerwise.steps_per_layer, layerwise.lr, layerwise.threshold_lr, seed=seed)
+        start = validate(hybrid)
+        kept = start["objective"] <= converted["objective"]
+        echo(f"layer-wise: validation objective {converted['objective']:.4f} -> {start['objective']:.4f}, "
+             f"{'kept' if kept else 'worse: the converted weights are restored'}")
+        if not kept:
+            hybrid.load_state_dict(saved)
+            start = converted
+        del saved
     if distill.steps > 0:
         time_steps = hybrid.hybrid_metadata.plan.time_steps
         settings = loop_settings(distill, seed, time_steps, curriculum_start=distill.curriculum.start_time_steps,
                                  curriculum_fraction=distill.curriculum.anneal_fraction)
         train(hybrid, train_split.input_ids, loss_fn, validate, settings, checkpoints, fingerprint,
               log_metrics=log_metrics, initial_objective=start["objective"])
-    return start[VAL_KL], validate(hybrid)[VAL_KL]
+    return Recovery(converted[VAL_KL], kept, start[VAL_KL], validate(hybrid)[VAL_KL])
 
 
 def run_step(params: Params, plan: ResearchPlan, index: int, identity: TeacherIdentity, calib_sha256: str,
@@ -282,10 +306,11 @@ def run_step(params: Params, plan: ResearchPlan, index: int, identity: TeacherId
     val_batches = list(spread(load_blocks(paths.splits, "val"), params.distill.val_blocks).input_ids
                        .split(params.distill.batch_size))
     say("recovering: layer-wise, then end-to-end distillation")
-    kl_before, kl_after = _recover(teacher, hybrid, params, train_split, val_batches, checkpoints, fingerprint,
-                                   log_metrics)
+    recovery = _recover(teacher, hybrid, params, train_split, val_batches, checkpoints, fingerprint,
+                        log_metrics, echo=say)
     hybrid.eval()
-    say(f"validation top-256 KL {kl_before:.4f} -> {kl_after:.4f} by the end-to-end steps; scoring")
+    say(f"validation top-k KL {recovery.val_kl_before:.4f} -> {recovery.val_kl_after:.4f} by the end-to-end "
+        "steps; scoring")
     totals = evaluate_quality(teacher, {"hybrid": hybrid}, test.input_ids, test.target_bytes,
                               params.evaluate.batch_size)
     teacher_figures, figures = totals["teacher"].summary(teacher=True), totals["hybrid"].summary(teacher=False)
@@ -301,13 +326,16 @@ def run_step(params: Params, plan: ResearchPlan, index: int, identity: TeacherId
         converted={k: converted[k] for k in ("ppl", "agreement_top1", "kl_full_to_teacher")},
         model_energy_ratio=priced.model_energy_ratio, ffn_energy_ratio=priced.ffn_energy_ratio,
         model_energy_ratio_int8=int8, spike_rates=spike_rates(report, hybrid),
-        val_kl_before=kl_before, val_kl_after=kl_after, test_tokens=int(test.input_ids.numel()),
+        val_kl_converted=recovery.val_kl_converted, layerwise_kept=recovery.layerwise_kept,
+        val_kl_before=recovery.val_kl_before, val_kl_after=recovery.val_kl_after,
+        test_tokens=int(test.input_ids.numel()),
     )
 
 
 COLUMNS = ["index", "name", "sites", "softmax", "norm", "ppl", "ppl_ratio_to_teacher", "bpb", "agreement_top1",
            "kl_full_to_teacher", "converted_ppl_ratio", "model_energy_ratio", "ffn_energy_ratio",
-           "model_energy_ratio_int8", "spike_rate_new", "val_kl_before", "val_kl_after"]
+           "model_energy_ratio_int8", "spike_rate_new", "val_kl_converted", "layerwise_kept", "val_kl_before",
+           "val_kl_after"]
 
 
 def table_rows(results: list[StepResult]) -> list[dict]:
@@ -327,6 +355,7 @@ def table_rows(results: list[StepResult]) -> list[dict]:
             "model_energy_ratio": result.model_energy_ratio, "ffn_energy_ratio": result.ffn_energy_ratio,
             "model_energy_ratio_int8": result.model_energy_ratio_int8,
             "spike_rate_new": sum(rates) / len(rates) if rates else None,
+            "val_kl_converted": result.val_kl_converted, "layerwise_kept": result.layerwise_kept,
             "val_kl_before": result.val_kl_before, "val_kl_after": result.val_kl_after,
         })
     return rows
@@ -351,13 +380,15 @@ def markdown_table(rows: list[dict], teacher_ppl: float) -> str:
 
     lines = [f"Teacher ppl {teacher_ppl:.2f} on the same test blocks.", "",
              "| step | what spikes or is replaced | ppl / teacher (converted) | ppl / teacher (recovered) | "
-             "top-1 agreement | KL to teacher | model energy ratio | INT8 model ratio | spike rate of the new sites |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "top-1 agreement | KL to teacher | model energy ratio | INT8 model ratio | spike rate of the new sites | "
+             "layer-wise kept |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         lines.append(f"| {row['index']} | {row['name']} | {fmt(row['converted_ppl_ratio'])} | "
                      f"{fmt(row['ppl_ratio_to_teacher'])} | {fmt(row['agreement_top1'])} | "
                      f"{fmt(row['kl_full_to_teacher'])} | {fmt(row['model_energy_ratio'])} | "
-                     f"{fmt(row['model_energy_ratio_int8'])} | {fmt(row['spike_rate_new'])} |")
+                     f"{fmt(row['model_energy_ratio_int8'])} | {fmt(row['spike_rate_new'])} | "
+                     f"{ {True: 'yes', False: 'no (worse on validation)', None: 'off'}[row['layerwise_kept']]} |")
     return "\n".join(lines) + "\n"
 
 
