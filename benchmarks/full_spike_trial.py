@@ -17,8 +17,11 @@ A variant joins parts with "+", applied in this order:
 - ``fixed_norm``: every norm's divisor a constant calibrated on the 8 calib blocks.
 The default list is the research track's steps 0-4 (FFN only; + attention projections; + LM head;
 + power-of-two softmax; + shift norm) and the three operators alone. One JSON line per variant, with the
-spike rate of the spiking projections. Energy is not counted here; ``pipelines/research-full-spike`` measures
-the steps with recovery and energy.
+spike rate of the spiking projections, and the estimated energy of the whole model against the teacher's
+(``evaluation/energy.py`` on the first test block, the replaced softmax and shift norm priced as
+``research/full_spike.py`` prices them; null for the fixed-scale norm, which is not priced, and for a
+replaced operator on a model with no spiking site). The first line gives the teacher's LM head share of its
+own energy. ``pipelines/research-full-spike`` measures the steps with recovery.
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ from snn_research.models.hybrid_transformer import (
     site_key,
     spiking_units,
 )
+from snn_research.evaluation.energy import measure_energy
+from snn_research.research.full_spike import ResearchStep, price_operators, spike_rates
 from snn_research.research.operators import calibrate_norm_scales, replace_norms, use_attention
 from snn_research.teacher import load_teacher
 
@@ -73,6 +78,24 @@ def apply(model, variant: str, calib) -> list:
     return [unit for unit in spiking_units(model) if isinstance(unit, SpikingSite)]
 
 
+def energy_ratio(model, variant: str, block) -> tuple[float | None, dict[str, float]]:
+    """(model energy ratio against the teacher, the teacher's energy share per component) on ``block``."""
+    parts = [] if variant == "none" else variant.split("+")
+    report = measure_energy(model, block)
+    teacher_pj = report.teacher_energy_pj
+    shares = {name: (macs * report.e_mac_pj + acs * report.e_ac_pj) / teacher_pj
+              for name, (macs, acs) in report.teacher_ops.items()}
+    replaced = "softmax" in parts or "shift_norm" in parts
+    sites = list(spike_rates(report, model))
+    if "fixed_norm" in parts or (replaced and not sites):
+        return None, shares
+    if replaced:
+        step = ResearchStep(name=variant, sites=sites, softmax="power_of_two" if "softmax" in parts else "analog",
+                            norm="shift" if "shift_norm" in parts else "analog")
+        report = price_operators(report, model.config, step)
+    return report.model_energy_ratio, shares
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("model", help="hybrid or teacher folder")
@@ -89,19 +112,23 @@ def main() -> None:
     test = spread(load_blocks(args.splits, "test"), args.blocks).input_ids
     calib = spread(load_blocks(args.splits, "calib"), 8).input_ids
     teacher_nll, _, _ = _score(teacher, teacher, test)
-    print(json.dumps({"teacher_ppl": round(math.exp(teacher_nll), 3), "blocks": args.blocks}), flush=True)
+    _, shares = energy_ratio(teacher, "none", test[:1])
+    print(json.dumps({"teacher_ppl": round(math.exp(teacher_nll), 3), "blocks": args.blocks,
+                      "teacher_lm_head_energy_share": round(shares.get("lm_head", 0.0), 4)}), flush=True)
     for variant in variants:
         started = time.perf_counter()
         model, _, kind = load_model_folder(args.model)
         wrapped = apply(model, variant, calib)
         with SpikeRecorder(model) as recorder:  # the test blocks' spikes only
             nll, agreement, kl = _score(model, teacher, test)
+        energy, _ = energy_ratio(model, variant, test[:1])
         keys = [site_key(unit.path, unit.site) for unit in wrapped]
         rate = (sum(recorder.spikes[k] for k in keys) / sum(recorder.neuron_steps[k] for k in keys)) if keys else None
         print(json.dumps({"model": args.model, "kind": kind, "variant": variant,
                           "ppl_ratio": round(math.exp(nll - teacher_nll), 4), "agreement_top1": round(agreement, 4),
                           "kl_full_to_teacher": round(kl, 4),
                           "projection_spike_rate": round(rate, 4) if rate is not None else None,
+                          "model_energy_ratio": round(energy, 4) if energy is not None else None,
                           "seconds": round(time.perf_counter() - started, 1)}),
               flush=True)
 

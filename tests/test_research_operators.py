@@ -101,3 +101,31 @@ def test_the_trial_applies_every_step_in_order_and_refuses_unknown_parts():
         assert torch.isfinite(model(input_ids=calib, use_cache=False).logits).all()
     with pytest.raises(ValueError, match="unknown parts"):
         apply(tiny_model("llama"), "attention+rotation", calib)
+
+
+def test_the_trial_prices_each_variant_with_the_research_rules():
+    from benchmarks.full_spike_trial import apply, energy_ratio
+
+    from snn_research.evaluation.energy import measure_energy
+    from snn_research.research.full_spike import ResearchStep, price_operators
+
+    calib = torch.randint(0, tiny_model("llama").config.vocab_size, (4, 12),
+                          generator=torch.Generator().manual_seed(5))
+    ratios = {}
+    for variant in ("none", "attention", "attention+lm_head+softmax", "fixed_norm"):
+        model = tiny_model("llama")
+        apply(model, variant, calib)
+        ratios[variant], shares = energy_ratio(model, variant, calib[:1])
+        assert sum(shares.values()) == pytest.approx(1.0)
+        if variant == "none":
+            assert 0 < shares["lm_head"] < 1
+    assert ratios["none"] == pytest.approx(1.0)  # a teacher: nothing spikes
+    assert ratios["attention"] < 1.0
+    assert ratios["fixed_norm"] is None  # not priced
+    model = tiny_model("llama")
+    apply(model, "attention+lm_head+softmax", calib)
+    report = measure_energy(model, calib[:1])
+    step = ResearchStep(name="x", sites=["qkv", "o", "head"], softmax="power_of_two")
+    assert ratios["attention+lm_head+softmax"] == pytest.approx(price_operators(report, model.config, step)
+                                                                .model_energy_ratio)
+    assert ratios["attention+lm_head+softmax"] != pytest.approx(report.model_energy_ratio)  # the softmax is priced
