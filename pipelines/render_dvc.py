@@ -1,6 +1,6 @@
 """Render dvc.yaml of the root pipeline and of every pipeline under pipelines/.
 
-The pipelines under pipelines/ (smoke, smollm2, gemma3-long) run the same
+The pipelines under pipelines/ (smoke, smollm2, gemma3-qkvo, gemma3-long) run the same
 commands as the root, from two folders down; only their params.yaml differ.
 pipelines/sweep-t runs them once per T (sweep.yaml) and adds the frontier.
 
@@ -30,6 +30,7 @@ MIRRORS = {
     "smoke": "The smoke pipeline: the same commands on a tiny random teacher and a slice of the corpus.\n"
              "# Run from this folder: `dvc repro` (CI runs it through `make test`).",
     "smollm2": "SmolLM2-135M-Instruct (Llama family) through the same stages: `dvc repro` in this folder.",
+    "gemma3-qkvo": "Gemma 3 270M with the FFNs and q/k/v/o spiking, through the same stages: `dvc repro` in this folder.",
     "gemma3-long": "Gemma 3 270M with the longer recovery schedule (GPU-sized; hours on a CPU). Never run yet: enable it\n"
                    "# with `python pipelines/render_dvc.py --enable gemma3-long`, then `dvc repro` in this folder.",
 }
