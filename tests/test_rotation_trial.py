@@ -7,7 +7,14 @@ import copy
 import pytest
 import torch
 
-from benchmarks.rotation_trial import block_hadamard, convert_ffns, fwht_additions, hadamard, rotate_hybrid, rotate_teacher
+from benchmarks.rotation_trial import (
+    block_hadamard,
+    convert_ffns,
+    fwht_additions,
+    hadamard,
+    rotate_hybrid,
+    rotate_teacher,
+)
 from conftest import tiny_model
 from snn_research.models.hybrid_transformer import HybridPlan, find_mlps
 
