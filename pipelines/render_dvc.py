@@ -1,6 +1,7 @@
 """Render dvc.yaml of the root pipeline and of every pipeline under pipelines/.
 
-The pipelines under pipelines/ (smoke, smollm2, gemma3-qkvo, gemma3-quality, gemma3-long)
+The pipelines under pipelines/ (smoke, smollm2, gemma3-qkvo, gemma3-quality,
+gemma3-anchored, gemma3-long)
 run the same commands as the root, from two folders down; only their params.yaml differ.
 pipelines/sweep-t runs them once per T (sweep.yaml) and adds the frontier.
 
@@ -33,6 +34,8 @@ MIRRORS = {
     "gemma3-qkvo": "Gemma 3 270M with the FFNs and q/k/v/o spiking, through the same stages: `dvc repro` in this folder.",
     "gemma3-quality": "Gemma 3 270M, quality first (weighted code at T = 8, channel-maximum thresholds), through the same\n"
                       "# stages: `dvc repro` in this folder.",
+    "gemma3-anchored": "Gemma 3 270M with fine-tuning anchored to the teacher, through the same stages: `dvc repro` in this\n"
+                       "# folder.",
     "gemma3-long": "Gemma 3 270M with the longer recovery schedule (GPU-sized; hours on a CPU). Never run yet: enable it\n"
                    "# with `python pipelines/render_dvc.py --enable gemma3-long`, then `dvc repro` in this folder.",
 }
