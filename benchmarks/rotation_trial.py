@@ -23,6 +23,7 @@ Calibration sees the rotated activations: the rotations are forward pre-hooks of
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import time
@@ -69,6 +70,7 @@ class Rotation:
         self.input, self.input_block = block_hadamard(hidden)
         self.product, self.product_block = block_hadamard(intermediate)
         self.additions = fwht_additions(hidden, self.input_block) + fwht_additions(intermediate, self.product_block)
+        self.product_hook_id: int | None = None  # the teacher's online product rotation on down_proj
 
     @staticmethod
     def apply(matrix: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -91,7 +93,9 @@ def rotate_teacher(teacher: nn.Module) -> dict[str, Rotation]:
         rotation = Rotation(mlp)
         rotation.fold(mlp)
         mlp.register_forward_pre_hook(lambda _m, args, r=rotation: (r.apply(r.input, args[0]), *args[1:]))
-        mlp.down_proj.register_forward_pre_hook(lambda _m, args, r=rotation: (r.apply(r.product, args[0]), *args[1:]))
+        handle = mlp.down_proj.register_forward_pre_hook(
+            lambda _m, args, r=rotation: (r.apply(r.product, args[0]), *args[1:]))
+        rotation.product_hook_id = handle.id
         rotations[location.path] = rotation
     return rotations
 
@@ -112,7 +116,7 @@ def rotate_hybrid(hybrid: nn.Module, rotations: dict[str, Rotation]) -> None:
         unit = hybrid.get_submodule(path)
         if not isinstance(unit, SpikingGatedMLP):
             raise SystemExit(f"{path}: expected a spiking gated FFN after conversion, got {type(unit).__name__}")
-        unit.down_proj._forward_pre_hooks.clear()  # the teacher's online rotation, copied by the conversion
+        del unit.down_proj._forward_pre_hooks[rotation.product_hook_id]  # copied with the teacher by the conversion
         object.__setattr__(unit, "rotation", rotation)
         unit.forward = types.MethodType(_rotated_forward, unit)
 
@@ -137,7 +141,7 @@ def main() -> None:
     parser.add_argument("--percentile", type=float, default=99.9)
     args = parser.parse_args()
     teacher, _ = load_teacher(args.teacher)
-    rotated, _ = load_teacher(args.teacher)
+    rotated = copy.deepcopy(teacher)
     rotations = rotate_teacher(rotated)
     test = spread(load_blocks(args.splits, "test"), 8).input_ids
     calib = spread(load_blocks(args.splits, "calib"), args.calib_blocks).input_ids

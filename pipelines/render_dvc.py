@@ -1,8 +1,7 @@
 """Render dvc.yaml of the root pipeline and of every pipeline under pipelines/.
 
-The pipelines under pipelines/ (smoke, smollm2, gemma3-qkvo, gemma3-quality,
-gemma3-anchored, gemma3-long)
-run the same commands as the root, from two folders down; only their params.yaml differ.
+The pipelines under pipelines/ (smoke, smollm2, gemma3-qkvo, gemma3-quality, gemma3-anchored,
+gemma3-long) run the same commands as the root, from two folders down; only their params.yaml differ.
 pipelines/sweep-t runs them once per T (sweep.yaml) and adds the frontier.
 
 Each stage's code deps are the static import closure of its module
