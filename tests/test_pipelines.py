@@ -10,7 +10,7 @@ from snn_research.config import load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTINUAL = ROOT / "pipelines" / "continual"
-# sweep-t runs the stages once per T, continual runs adapt and research-full-spike its research steps after
+# sweep-t runs sweep points, continual runs adapt and research-full-spike its research steps after
 # the shared first stages: none mirrors the root
 MIRRORS = sorted(p for pattern in ("*/dvc.yaml", "*/dvc.template.yaml") for p in (ROOT / "pipelines").glob(pattern)
                  if p.parent.name not in ("sweep-t", "continual", "research-full-spike"))

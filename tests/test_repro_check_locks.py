@@ -48,7 +48,7 @@ def test_a_template_pipeline_is_enabled_by_writing_its_dvc_yaml(tmp_path, monkey
     from pipelines import render_dvc
 
     monkeypatch.setattr(render_dvc, "ROOT", tmp_path)
-    assert render_dvc.main(["--enable", "sweep-t"]) == 0
-    written = (tmp_path / "pipelines" / "sweep-t" / "dvc.yaml").read_text()
-    assert written == render_dvc.rendered()[tmp_path / "pipelines" / "sweep-t" / render_dvc.TEMPLATE]
+    assert render_dvc.main(["--enable", "gemma3-long"]) == 0
+    written = (tmp_path / "pipelines" / "gemma3-long" / "dvc.yaml").read_text()
+    assert written == render_dvc.rendered()[tmp_path / "pipelines" / "gemma3-long" / render_dvc.TEMPLATE]
     assert render_dvc.main(["--enable", "smoke"]) == 2  # not a template: it is live already

@@ -97,7 +97,7 @@ def test_missing_module_is_named():
         render_dvc.import_closure("snn_research.stages.nowhere")
 
 
-# the pipelines that run the root's stages (sweep-t once per T, continual runs adapt, research-full-spike
+# the pipelines that run the root's stages (sweep-t runs sweep points, continual runs adapt, research-full-spike
 # its research steps: each has its own test)
 STAGE_PIPELINES = [p for p in PIPELINES if p.parent.name not in ("sweep-t", "continual", "research-full-spike")]
 

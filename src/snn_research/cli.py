@@ -125,23 +125,73 @@ for _stage in STAGES:
     _register(_stage)
 
 
+def _sweep_command(name: str, params: Path, overrides: list[str] | None, run) -> None:
+    """Run one sweep point under MLflow like a stage: bad params exit 2, a bad input or failed run 1."""
+    from snn_research.stages.common import StageContext
+    from snn_research.tracking import Tracker
+
+    try:
+        loaded = load_params(params, overrides)
+    except ParamsError as error:
+        console.print(f"[red]error:[/] {escape(str(error))}", markup=True)
+        raise typer.Exit(2) from None
+    dump = loaded.model_dump(mode="json")
+    sections = ("calibrate", "convert", "evaluate", "energy", "seed")
+    tracker = Tracker(loaded, params, name, {k: dump[k] for k in sections})
+    context = StageContext(params=loaded, params_path=params, tracker=tracker)
+
+    def work():
+        _ = context.device  # an unavailable device is refused before any input is read
+        return run(context)
+
+    tracked_run(name, tracker, loaded.tracking.strict, work, lambda _: f"{name}: done in {context.elapsed():.1f} s")
+
+
+@app.command(name="sweep-point")
+def sweep_point_command(
+    out: Path = typer.Option(..., "--out", help="the point's JSON file"),
+    params: Path = ParamsOption,
+    overrides: list[str] = SetOption,
+) -> None:
+    """Sweep: convert the teacher with the params' coding and T (no training) and score it -> one JSON point."""
+    from snn_research.stages.sweep import run_point
+
+    _sweep_command("sweep-point", params, overrides, lambda context: run_point(context, out))
+
+
+@app.command(name="sweep-peer")
+def sweep_peer_command(
+    time_steps: int = typer.Option(..., "--time-steps", min=1, help="T of the peer's signed encoders"),
+    out: Path = typer.Option(..., "--out", help="the point's JSON file"),
+    levels: int = typer.Option(None, "--levels", min=1, help="calibration levels (default T/2, at least 1)"),
+    quantile: float = typer.Option(1.0, "--quantile", help="per-channel calibration quantile of |activation|"),
+    params: Path = ParamsOption,
+    overrides: list[str] = SetOption,
+) -> None:
+    """Sweep: SpikingJelly 2.0's Qwen2 recipe at T on the same teacher and text -> one JSON point."""
+    from snn_research.stages.sweep import run_peer
+
+    _sweep_command("sweep-peer", params, overrides,
+                   lambda context: run_peer(context, out, time_steps, levels, quantile))
+
+
 @app.command()
 def frontier(
-    metrics: list[Path] = typer.Argument(..., help="metrics.json files, one per T"),
+    points: list[Path] = typer.Argument(..., help="sweep point files (sweep-point, sweep-peer)"),
     csv_path: Path = typer.Option(Path("reports/frontier.csv"), "--csv", help="CSV for DVC plots"),
     plot_path: Path = typer.Option(Path("reports/frontier.png"), "--plot", help="PNG of ppl against FFN energy"),
 ) -> None:
-    """Quality/energy frontier of a T sweep: perplexity against FFN energy ratio."""
-    from snn_research.stages.frontier import write_frontier
+    """Quality/energy frontier of a sweep: one row per point, perplexity against FFN energy ratio."""
+    from snn_research.evaluation.frontier import write_frontier
 
     try:
-        points = write_frontier(metrics, csv_path, plot_path)
+        rows = write_frontier(points, csv_path, plot_path)
     except ValueError as error:
         console.print(f"[red]error in frontier:[/] {escape(str(error))}", markup=True)
         raise typer.Exit(1) from None
-    for point in points:
-        typer.echo(f"{point['model']:9s} T={point['time_steps']:3d}  ppl {point['ppl']:.3f}  "
-                   f"FFN energy {point['ffn_energy_ratio']:.3f}")
+    for row in rows:
+        typer.echo(f"{row['series']:18s} T={row['time_steps']:3d}  ppl {row['ppl_ratio']:8.3f}x  agreement "
+                   f"{row['agreement_top1']:.3f}  FFN energy {row['ffn_energy_ratio']:.3f}")
 
 
 @app.command(name="generate")
