@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(BIN)/pip install --quiet -c $(LOCK) --upgrade pip
 	# the CPU build of torch first, so nothing pulls a multi-GB CUDA build
 	$(BIN)/pip install --quiet -c $(LOCK) torch==2.13.0
-	$(BIN)/pip install --quiet -c $(LOCK) -e ".[data,test]"
+	$(BIN)/pip install --quiet -c $(LOCK) -e ".[data,test,harness]"
 	$(BIN)/pip install --quiet -c $(LOCK) --no-deps $(NO_DEPS)
 	touch $(STAMP)
 
@@ -28,7 +28,7 @@ lock:
 	$(PYTHON) -m venv $(LOCK_VENV)
 	$(LOCK_VENV)/bin/pip install --quiet --upgrade pip
 	$(LOCK_VENV)/bin/pip install --quiet torch==2.13.0
-	$(LOCK_VENV)/bin/pip install --quiet -e ".[data,test]"
+	$(LOCK_VENV)/bin/pip install --quiet -e ".[data,test,harness]"
 	$(LOCK_VENV)/bin/pip install --quiet --no-deps $(NO_DEPS)
 	{ sed -n '/^#/p' $(LOCK); $(LOCK_VENV)/bin/pip freeze --all --exclude-editable | LC_ALL=C sort -f; } > $(LOCK).new
 	mv $(LOCK).new $(LOCK)

@@ -506,7 +506,14 @@ SWEEP_HEADER = """# Training-free frontier of the spike codings on SmolLM2-135M:
 """
 
 
-CONTINUAL_SETTINGS = ("none", "replay", "meta", "both", "ann")
+CONTINUAL_SETTINGS = ("none", "replay", "meta", "both", "control", "ann")
+CONTINUAL_REFERENCE = "ann"  # adapts ../../models/teacher_finetuned; every other setting the hybrid
+CONTINUAL_SEEDS = (0, 1, 2)  # each seed orders the stream and draws the reservoir and replay anew
+
+
+def continual_runs() -> list[tuple[str, str, int]]:
+    """(run name, setting, seed) of every adapt stage: each setting under each seed."""
+    return [(f"{setting}-s{seed}", setting, seed) for setting in CONTINUAL_SETTINGS for seed in CONTINUAL_SEEDS]
 
 
 def module_deps(module: str, src: str, indent: str) -> str:
@@ -515,30 +522,32 @@ def module_deps(module: str, src: str, indent: str) -> str:
 
 
 def continual_stages(src: str) -> str:
-    """pipelines/continual: one adapt per setting (its model input differs for the ANN), then the summary."""
+    """pipelines/continual: one adapt per setting and seed (the ANN reference reads the fine-tuned teacher),
+    then the summary."""
     adapt_code = module_deps(command_module("adapt"), src, " " * 8)
     report_code = module_deps(command_module("continual-report"), src, " " * 6)
-    curves = " ".join(f"reports/curves/{s}.csv" for s in CONTINUAL_SETTINGS)
-    curve_deps = "\n".join(f"      - reports/curves/{s}.csv" for s in CONTINUAL_SETTINGS)
+    runs = continual_runs()
+    items = "\n".join(
+        f"      {name}: {{setting: {setting}, seed: {seed}, model: ../../models/"
+        f"{'teacher_finetuned' if setting == CONTINUAL_REFERENCE else 'finetuned'}}}" for name, setting, seed in runs)
+    curves = " ".join(f"reports/curves/{name}.csv" for name, _, _ in runs)
+    curve_deps = "\n".join(f"      - reports/curves/{name}.csv" for name, _, _ in runs)
     return f"""stages:
   adapt:
     foreach:
-      none: ../../models/finetuned
-      replay: ../../models/finetuned
-      meta: ../../models/finetuned
-      both: ../../models/finetuned
-      ann: ../../models/teacher_finetuned
+{items}
     do:
-      cmd: snn-research adapt --setting ${{key}} --timings reports/timings/${{key}}.json
+      cmd: >-
+        snn-research adapt --setting ${{item.setting}} -S seed=${{item.seed}} -S adapt.output=models/${{key}}
+        -S adapt.curves=reports/curves/${{key}}.csv --timings reports/timings/${{key}}.json
       deps:
 {adapt_code}
-        - ${{item}}
+        - ${{item.model}}
         - ../../data/splits
       params:
-        - seed
         - energy
         - adapt
-        - settings.${{key}}
+        - settings.${{item.setting}}
       outs:
         - models/${{key}}
         - reports/curves/${{key}}.csv:
@@ -546,12 +555,15 @@ def continual_stages(src: str) -> str:
   report:
     cmd: >-
       snn-research continual-report {curves}
-      --csv reports/continual.csv --plot reports/continual.png --table reports/continual.md --timings reports/timings
+      --reference {CONTINUAL_REFERENCE} --csv reports/continual.csv --summary reports/continual_summary.csv
+      --plot reports/continual.png --table reports/continual.md --timings reports/timings
     deps:
 {report_code}
 {curve_deps}
     outs:
       - reports/continual.csv:
+          cache: false
+      - reports/continual_summary.csv:
           cache: false
       - reports/continual.png:
           cache: false
@@ -562,13 +574,14 @@ plots:
   - reports/continual.csv:
       x: chunk
       y: [new_ppl, old_ppl]
-      title: new- and old-domain perplexity per chunk, every setting
+      title: new- and old-domain perplexity per chunk, every run
   - reports/continual.png
 """
 
 
 CONTINUAL_HEADER = """# Continual learning of the default hybrid's spiking FFNs on a new domain: `dvc repro` in this folder,
 # after the root pipeline (it reads ../../models/finetuned, ../../models/teacher_finetuned, ../../data/splits).
+# Every setting runs under three seeds (stream order, reservoir and replay draws); the summary gives means and spreads.
 # Seconds per chunk go to reports/timings/ (not a DVC output: DVC outputs hold no timings) and MLflow.
 # Rendered by pipelines/render_dvc.py: edit that, not this file.
 """

@@ -145,3 +145,29 @@ def save_tiny_model_folder(folder: Path, family: str = "llama", seed: int = 0) -
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return Path(folder)
+
+
+@contextlib.contextmanager
+def saved_figures() -> Iterator[list[dict]]:
+    """Every matplotlib figure saved inside the block, as it was plotted: its axes' lines (label, x, y), the
+    texts written on them (annotations), and the size in pixels it was saved at."""
+    import pytest
+    from matplotlib.figure import Figure
+
+    figures: list[dict] = []
+    original = Figure.savefig
+
+    def spy(figure, fname, *args, **kwargs):
+        dpi = kwargs.get("dpi") or figure.dpi
+        width, height = figure.get_size_inches() * dpi
+        figures.append({
+            "lines": [(line.get_label(), [float(x) for x in line.get_xdata()], [float(y) for y in line.get_ydata()])
+                      for axis in figure.axes for line in axis.get_lines()],
+            "texts": [text.get_text() for axis in figure.axes for text in axis.texts],
+            "pixels": (round(height), round(width)),
+        })
+        return original(figure, fname, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Figure, "savefig", spy)
+        yield figures

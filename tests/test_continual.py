@@ -231,36 +231,122 @@ def test_a_killed_continuation_resumes_to_the_same_weights(work):
     assert reference.history == resumed.history
 
 
-def test_scores_follow_their_definitions(work):
-    from snn_research.data import load_blocks, spread
+def _mean_nll(folder: Path, blocks: torch.Tensor) -> float:
+    """The mean next-token loss per block of the model in ``folder``: written here, not adapt's scorer."""
     from snn_research.generate import load_model_folder
-    from snn_research.training.losses import next_token_nll
 
-    result = run_adapt(continual_params(stream__max_chunks=3))
-    rows = result.history
-    assert rows[0]["bwt"] == 0.0 and rows[0]["forgetting"] == 0.0 and rows[0]["new_gain"] == 0.0
-    for row in rows[1:]:
-        assert row["forgetting"] == pytest.approx(row["old_ppl"] / rows[0]["old_ppl"] - 1)
-        assert row["new_gain"] == pytest.approx(1 - row["new_ppl"] / rows[0]["new_ppl"])
-    # BWT after the last chunk, recomputed: (loss right after learning - loss now), over the old domain and chunks 1, 2
-    state, _ = read_state(work / "models/adapted" / STATE_DIR)
-    model, tokenizer, _ = load_model_folder(work / "models/adapted")
+    model, _, _ = load_model_folder(folder)
+    model.eval()
+    losses = []
+    with torch.no_grad():
+        for block in blocks:
+            logits = model(input_ids=block[None], use_cache=False).logits[0, :-1].double()
+            losses.append(float(torch.nn.functional.cross_entropy(logits, block[1:])))
+    return sum(losses) / len(losses)
+
+
+def test_scores_follow_gems_definitions_measured_from_the_models(work):
+    """BWT, forgetting and gain recomputed from the models each chunk left, not from adapt's stored numbers:
+    a chain of one-chunk continuations gives the model after each chunk (equal to one run: tested above)."""
     from snn_research.continual.params import StreamParams
     from snn_research.continual.stream import build_stream
+    from snn_research.data import load_blocks, spread
+    from snn_research.generate import load_model_folder
 
+    result = run_adapt(continual_params(output="models/whole", stream__max_chunks=3))
+    previous = "models/converted"
+    for index in range(1, 4):
+        run_adapt(continual_params(model=previous, output=f"models/after{index}", stream__max_chunks=1))
+        previous = f"models/after{index}"
+    _, tokenizer, _ = load_model_folder(work / "models/converted")
     stream = build_stream(StreamParams(source="path:stream/*.txt", block_length=32, chunk_blocks=4, heldout_every=3),
                           tokenizer, 2)
-
-    def nll(blocks):
-        with torch.no_grad():
-            return sum(float(next_token_nll(model(input_ids=b[None], use_cache=False).logits, b[None]))
-                       for b in blocks) / len(blocks)
-
+    probes = [chunk[-1:] for chunk in stream.chunks[:3]]  # the last block of each chunk is its probe
     old = spread(load_blocks(work / "data/splits", "test"), 2).input_ids
-    now = {"old": nll(old), "chunk1": nll(stream.chunks[0][:1]), "chunk2": nll(stream.chunks[1][:1])}
-    expected = sum(state.learned_nll[k] - now[k] for k in now) / 3
-    assert rows[-1]["bwt"] == pytest.approx(expected, rel=1e-4, abs=1e-6)
-    assert math.exp(now["old"]) == pytest.approx(rows[-1]["old_ppl"], rel=1e-5)
+    learned = {"old": _mean_nll(work / "models/converted", old),
+               "chunk1": _mean_nll(work / "models/after1", probes[0]),
+               "chunk2": _mean_nll(work / "models/after2", probes[1])}
+    now = {"old": _mean_nll(work / "models/after3", old), "chunk1": _mean_nll(work / "models/after3", probes[0]),
+           "chunk2": _mean_nll(work / "models/after3", probes[1])}
+    last, first = result.history[-1], result.history[0]
+    gaps = {task: learned[task] - now[task] for task in learned}
+    assert last["bwt"] == pytest.approx(sum(gaps.values()) / 3, rel=1e-4, abs=1e-6)
+    assert last["bwt_old"] == pytest.approx(gaps["old"], rel=1e-4, abs=1e-6)
+    assert last["bwt_stream"] == pytest.approx((gaps["chunk1"] + gaps["chunk2"]) / 2, rel=1e-4, abs=1e-6)
+    assert first["old_ppl"] == pytest.approx(math.exp(learned["old"]), rel=1e-5)
+    assert last["forgetting"] == pytest.approx(math.exp(now["old"] - learned["old"]) - 1, rel=1e-4, abs=1e-6)
+    new_start = _mean_nll(work / "models/converted", stream.heldout)
+    new_end = _mean_nll(work / "models/after3", stream.heldout)
+    assert last["new_gain"] == pytest.approx(1 - math.exp(new_end - new_start), rel=1e-4, abs=1e-6)
+
+
+def _recorded_updates(monkeypatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    import snn_research.continual.adapt as adapt_module
+
+    seen = []
+    original = adapt_module._update
+
+    def record(run, optimizer, new, replay, params):
+        seen.append((new.clone(), replay.clone()))
+        return original(run, optimizer, new, replay, params)
+
+    monkeypatch.setattr(adapt_module, "_update", record)
+    return seen
+
+
+def test_a_chunks_probe_blocks_are_never_trained_on(work, monkeypatch):
+    from snn_research.continual.params import StreamParams
+    from snn_research.continual.stream import build_stream
+    from snn_research.generate import load_model_folder
+
+    seen = _recorded_updates(monkeypatch)
+    run_adapt(continual_params(stream__max_chunks=3))
+    _, tokenizer, _ = load_model_folder(work / "models/converted")
+    stream = build_stream(StreamParams(source="path:stream/*.txt", block_length=32, chunk_blocks=4, heldout_every=3),
+                          tokenizer, 2)
+    trained = torch.cat([new for new, _ in seen])
+    assert torch.equal(trained, torch.cat([chunk[:-1] for chunk in stream.chunks[:3]]))  # 3 of 4 blocks, in order
+    for chunk in stream.chunks[:3]:
+        assert not (trained == chunk[-1]).all(dim=1).any(), "a probe block was trained on"
+
+
+def test_the_replay_control_trains_on_the_same_replay_draws_alone(work, monkeypatch):
+    seen = _recorded_updates(monkeypatch)
+    run_adapt(continual_params(output="models/with_new", stream__max_chunks=2, replay__ratio=1.0))
+    with_new = list(seen)
+    seen.clear()
+    run_adapt(continual_params(output="models/control", stream__max_chunks=2, replay__ratio=1.0, train_new=False))
+    assert len(seen) == len(with_new) == 4
+    for (new, replay), (new_ref, replay_ref) in zip(seen, with_new):
+        assert new.shape[0] == 0 and new_ref.shape[0] > 0
+        assert torch.equal(replay, replay_ref) and replay.shape[0] == new_ref.shape[0]
+
+
+def test_the_replay_control_without_replay_is_refused(work):
+    raw = continual_params(train_new=False, replay__ratio=0.0)
+    Path("continual.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    result = invoke("adapt", "-p", "continual.yaml")
+    assert_clean_failure(result, 2)
+    assert "adapt.train_new" in result.output and "train on nothing" in result.output
+
+
+def test_a_seeded_stream_order_differs_by_seed_and_keeps_the_held_out_set(work):
+    from snn_research.continual.params import StreamParams
+    from snn_research.continual.stream import build_stream
+    from snn_research.generate import load_model_folder
+
+    _, tokenizer, _ = load_model_folder(work / "models/converted")
+    for index, text in enumerate(STREAM_TEXT):  # 12 documents, so that orders can differ in many ways
+        (work / "stream" / f"more{index}.txt").write_text(text[::-1] * 2)
+    params = StreamParams(source="path:stream/*.txt", block_length=32, chunk_blocks=2, heldout_every=3,
+                          order="seeded")
+    zero, one, again = (build_stream(params, tokenizer, 4, seed) for seed in (0, 1, 0))
+    named = [build_stream(params.model_copy(update={"order": "name"}), tokenizer, 4, seed) for seed in (0, 1)]
+    assert zero.chunk_sha256 == again.chunk_sha256  # a seed gives one order
+    assert zero.chunk_sha256 != one.chunk_sha256  # another seed another
+    assert named[0].chunk_sha256 == named[1].chunk_sha256  # name order ignores the seed
+    assert named[0].chunk_sha256 not in (zero.chunk_sha256, one.chunk_sha256)
+    assert all(torch.equal(s.heldout, named[0].heldout) for s in (zero, one, again))  # one yardstick for all
 
 
 def test_a_fractional_replay_ratio_spreads_over_updates(work, monkeypatch):
@@ -273,7 +359,7 @@ def test_a_fractional_replay_ratio_spreads_over_updates(work, monkeypatch):
 
     monkeypatch.setattr(ReservoirBuffer, "draw", record)
     run_adapt(continual_params(batch_blocks=1, replay__ratio=0.5, stream__max_chunks=1))
-    assert drawn == [0, 1, 0, 1]  # 4 new blocks, 2 replayed
+    assert drawn == [0, 1, 0]  # 3 trained blocks (the fourth is the chunk's probe), 1 replayed
 
 
 def test_a_setting_changes_fields_not_whole_sections(work):
@@ -357,23 +443,110 @@ def test_a_hybrid_whose_files_do_not_match_its_manifest_is_refused(work):
     assert not (work / "models/adapted").exists()
 
 
-def test_continual_report_combines_the_settings(work):
-    run_adapt(continual_params(output="models/a", curves="reports/both.csv", stream__max_chunks=1))
-    run_adapt(continual_params(output="models/b", curves="reports/none.csv", stream__max_chunks=1), setting="none")
+def test_continual_report_gives_means_spreads_and_ratios_to_the_reference(work):
+    import pandas as pd
+
+    from snn_research.continual.adapt import CURVE_COLUMNS
+    from snn_research.continual.report import plot, read_curves
+
+    reports = work / "reports" / "curves"
+    reports.mkdir(parents=True)
+    # hand-made curves: two settings x two seeds, two rows each (start, end)
+    ends = {("meta", 0): (20.0, 66.0, 0.30), ("meta", 1): (22.0, 64.0, 0.50),
+            ("ann", 0): (10.0, 60.0, 0.10), ("ann", 1): (11.0, 62.0, 0.20)}
+    starts = {"meta": (30.0, 64.0), "ann": (15.0, 60.0)}
+    for (setting, seed), (new, old, bwt) in ends.items():
+        rows = [dict.fromkeys(CURVE_COLUMNS, 0.0) for _ in range(2)]
+        rows[0].update(chunk=0, new_ppl=starts[setting][0], old_ppl=starts[setting][1])
+        rows[1].update(chunk=6, new_ppl=new, old_ppl=old, bwt_stream=bwt,
+                       forgetting=old / starts[setting][1] - 1, new_gain=1 - new / starts[setting][0])
+        pd.DataFrame(rows, columns=CURVE_COLUMNS).to_csv(reports / f"{setting}-s{seed}.csv", index=False)
     (work / "timings").mkdir()
-    (work / "timings" / "both.json").write_text(json.dumps({"seconds_per_chunk": [50.0, 300.0, 40.0]}))
-    result = invoke("continual-report", "reports/both.csv", "reports/none.csv", "--csv", "reports/all.csv",
-                    "--plot", "reports/all.png", "--table", "reports/all.md", "--timings", "timings")
+    (work / "timings" / "meta-s0.json").write_text(json.dumps({"seconds_per_chunk": [50.0, 300.0, 40.0]}))
+    (work / "timings" / "meta-s1.json").write_text(json.dumps({"seconds_per_chunk": [45.0, 60.0]}))
+    paths = [str(reports / f"{s}-s{k}.csv") for s, k in ends]
+    result = invoke("continual-report", *paths, "--csv", "reports/all.csv", "--plot", "reports/all.png",
+                    "--table", "reports/all.md", "--timings", "timings", "--reference", "ann",
+                    "--summary", "reports/summary.csv")
     assert result.exit_code == 0, result.output
-    printed = [line for line in result.output.splitlines() if line.startswith("| both")]
-    assert printed and printed[0].endswith("| 50 |")  # the median: one slow chunk does not set it
-    assert [line for line in result.output.splitlines() if line.startswith("| none")][0].endswith("| - |")
+    summary = pd.read_csv(work / "reports/summary.csv").set_index("setting")
+    assert summary.loc["meta", "seeds"] == 2 and summary.loc["meta", "chunks"] == 6
+    assert summary.loc["meta", "new_ppl_mean"] == pytest.approx(21.0)
+    assert (summary.loc["meta", "new_ppl_min"], summary.loc["meta", "new_ppl_max"]) == (20.0, 22.0)
+    assert summary.loc["meta", "bwt_stream_mean"] == pytest.approx(0.4)
+    # each run over the reference run with its own seed: 20 / 10 and 22 / 11 at the end, 30 / 15 at the start
+    assert summary.loc["meta", "new_vs_reference_mean"] == pytest.approx(2.0)
+    assert summary.loc["meta", "new_vs_reference_start_mean"] == pytest.approx(2.0)
+    assert summary.loc["meta", "old_vs_reference_mean"] == pytest.approx((66 / 60 + 64 / 62) / 2)
+    assert summary.loc["ann", "new_vs_reference_max"] == pytest.approx(1.0)
     table = (work / "reports/all.md").read_text()
+    meta_row = [line for line in table.splitlines() if line.startswith("| meta")][0]
+    assert "| 2 | 6 |" in meta_row and "21.00 (20.00 ... 22.00)" in meta_row
     assert "s / chunk" not in table  # the DVC output holds no timings
-    assert table.count("\n") == 4 and "| both | 1 |" in table and "| none | 1 |" in table
-    rows = (work / "reports/all.csv").read_text().splitlines()
-    assert rows[0].startswith("setting,chunk") and len(rows) == 5
-    assert (work / "reports/all.png").stat().st_size > 1000
+    printed = [line for line in result.output.splitlines() if line.startswith("| meta")][0]
+    assert printed.endswith("| 50 |")  # the median over both runs' chunks: one slow chunk does not set it
+    curves = pd.read_csv(work / "reports/all.csv")
+    assert len(curves) == 8 and set(curves["seed"]) == {0, 1}
+    lines = plot(read_curves([Path(p) for p in paths]), work / "reports/again.png")
+    assert lines[("meta", "new_ppl")] == ([0.0, 6.0], [30.0, 21.0])  # the mean over seeds, chunk by chunk
+    assert lines[("ann", "old_ppl")] == ([0.0, 6.0], [60.0, 61.0])
+
+
+def test_continual_report_refuses_a_reference_without_every_seed(work):
+    import pandas as pd
+
+    from snn_research.continual.adapt import CURVE_COLUMNS
+
+    for name in ("meta-s0", "meta-s1", "ann-s0"):
+        pd.DataFrame([dict.fromkeys(CURVE_COLUMNS, 1.0)], columns=CURVE_COLUMNS).to_csv(f"{name}.csv", index=False)
+    result = invoke("continual-report", "meta-s0.csv", "meta-s1.csv", "ann-s0.csv", "--reference", "ann",
+                    "--csv", "all.csv", "--plot", "all.png", "--table", "all.md")
+    assert result.exit_code == 1 and "seed(s) [1]" in result.output
+    assert not Path("all.csv").exists()
+
+
+def test_fisher_importance_is_the_mean_squared_gradient_normalised_per_group():
+    from snn_research.continual.plasticity import fisher_importance
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.tensor([1.0, 2.0, 3.0]))
+            self.log_threshold = torch.nn.Parameter(torch.tensor([0.5]))
+
+    model = Tiny()
+    blocks = torch.tensor([[1.0, 2.0, 0.0], [3.0, 0.0, 1.0]])
+
+    def loss(m, block):  # d/dweight = block; d/dlog_threshold = 10 * sum(block)
+        return (m.weight * block[0]).sum() + 10.0 * m.log_threshold.sum() * block[0].sum()
+
+    importance = fisher_importance(model, {"weights": {"weight": model.weight},
+                                           "dynamics": {"log_threshold": model.log_threshold}}, blocks, loss)
+    squared = torch.tensor([(1 + 9) / 2, (4 + 0) / 2, (0 + 1) / 2])  # mean over blocks of grad^2
+    assert torch.allclose(importance["weight"], squared / squared.mean())
+    assert torch.allclose(importance["log_threshold"], torch.tensor([1.0]))  # its own group's mean
+    with pytest.raises(ValueError, match="'dynamics'"):
+        fisher_importance(model, {"weights": {"weight": model.weight},
+                                  "dynamics": {"log_threshold": model.log_threshold}}, blocks,
+                          lambda m, b: (m.weight * b[0]).sum())
+
+
+def test_meta_plasticity_reduces_the_drift_of_important_weights_inside_adapt(work):
+    from snn_research.continual.adapt import read_state
+
+    raw = continual_params(stream__max_chunks=3, replay__ratio=0.0, meta__strength=0.0, output="models/free")
+    run_adapt(raw)
+    run_adapt(continual_params(stream__max_chunks=3, replay__ratio=0.0, meta__strength=3.0, output="models/meta"))
+    state, _ = read_state(work / "models/meta" / STATE_DIR)
+    start, free, meta = (state_tensors(work / f"models/{name}") for name in ("converted", "free", "meta"))
+    weighted = {"free": 0.0, "meta": 0.0}
+    for name, importance in state.importance.items():
+        if name not in start:
+            continue
+        for label, after in (("free", free), ("meta", meta)):
+            weighted[label] += float((importance * (after[name] - start[name]).double().square()).sum())
+    assert weighted["free"] > 0
+    assert weighted["meta"] < 0.5 * weighted["free"], weighted
 
 
 def test_the_adapt_schema_documents_every_field():

@@ -42,14 +42,20 @@ def test_every_params_file_validates(params):
     load_params(params)
 
 
-def test_the_continual_params_validate_for_every_setting_its_pipeline_runs():
+def test_the_continual_params_validate_for_every_run_its_pipeline_runs():
+    import shlex
+
     from snn_research.continual.params import load_adapt_params
 
     stages = yaml.safe_load((CONTINUAL / "dvc.yaml").read_text())["stages"]
-    settings = stages["adapt"]["foreach"]
-    for name, model in settings.items():
-        _, params = load_adapt_params(CONTINUAL / "params.yaml", name)
-        assert params.model == model, name  # the dep DVC tracks is the model the setting adapts
+    command = stages["adapt"]["do"]["cmd"]
+    for name, run in stages["adapt"]["foreach"].items():
+        words = shlex.split(command.replace("${key}", name).replace("${item.setting}", run["setting"])
+                            .replace("${item.seed}", str(run["seed"])))
+        overrides = [words[i + 1] for i, word in enumerate(words) if word == "-S"]
+        shared, params = load_adapt_params(CONTINUAL / "params.yaml", run["setting"], overrides)
+        assert params.model == run["model"], name  # the dep DVC tracks is the model the run adapts
+        assert shared.seed == run["seed"], name
         assert params.output == f"models/{name}" and params.curves == f"reports/curves/{name}.csv", name
 
 

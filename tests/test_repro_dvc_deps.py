@@ -126,11 +126,19 @@ def test_stages_list_the_params_and_data_they_read(dvc_file):
 def test_continual_adapt_lists_the_params_and_the_model_each_setting_reads():
     stages = yaml.safe_load((ROOT / "pipelines" / "continual" / "dvc.yaml").read_text())["stages"]
     adapt = stages["adapt"]
-    assert adapt["do"]["params"] == ["seed", "energy", "adapt", "settings.${key}"]
-    assert {"${item}", "../../data/splits"} <= set(adapt["do"]["deps"])  # the setting's model and the old domain
-    assert adapt["foreach"]["ann"] == "../../models/teacher_finetuned"
-    curves = {f"reports/curves/{name}.csv" for name in adapt["foreach"]}
+    assert adapt["do"]["params"] == ["energy", "adapt", "settings.${item.setting}"]  # the seed is in the command
+    assert "-S seed=${item.seed}" in adapt["do"]["cmd"]
+    assert {"${item.model}", "../../data/splits"} <= set(adapt["do"]["deps"])  # the setting's model and the old domain
+    runs = adapt["foreach"]
+    assert runs["ann-s1"] == {"setting": "ann", "seed": 1, "model": "../../models/teacher_finetuned"}
+    assert runs["control-s2"] == {"setting": "control", "seed": 2, "model": "../../models/finetuned"}
+    settings = yaml.safe_load((ROOT / "pipelines" / "continual" / "params.yaml").read_text())["settings"]
+    for setting in settings:  # every setting under at least three seeds
+        assert len({run["seed"] for run in runs.values() if run["setting"] == setting}) >= 3, setting
+    assert {run["setting"] for run in runs.values()} == set(settings)
+    curves = {f"reports/curves/{name}.csv" for name in runs}
     assert curves <= set(stages["report"]["deps"])
+    assert "--reference ann" in stages["report"]["cmd"]
 
 
 @pytest.mark.parametrize("dvc_file", STAGE_PIPELINES,

@@ -10,11 +10,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
+from matplotlib.image import imread
 from conftest import calibration_batches, tiny_model
 from test_generate import TOKENIZER, teacher_and_hybrid
-from pipeline_support import assert_clean_failure, inside, invoke, run_stages, tiny_params, write_params
+from pipeline_support import assert_clean_failure, inside, invoke, run_stages, saved_figures, tiny_params, write_params
 
 from snn_research.config import Params
+from snn_research.data import load_blocks
 from snn_research.evaluation.energy import measure_energy
 from snn_research.research import full_spike
 from snn_research.research.full_spike import (
@@ -25,6 +27,7 @@ from snn_research.research.full_spike import (
     softmax_scores_per_token,
 )
 from snn_research.research.operators import ShiftNorm
+from snn_research.teacher import load_teacher
 
 STEPS = [
     {"name": "FFN", "sites": ["ffn"]},
@@ -58,7 +61,7 @@ def stepped(tmp_path_factory) -> Path:
 def test_every_step_is_measured_and_the_report_tabulates_them(stepped):
     rows = list(csv.DictReader((stepped / "reports/research/steps.csv").open()))
     assert [row["name"] for row in rows] == [step["name"] for step in STEPS]
-    assert (stepped / "reports/research/steps.png").stat().st_size > 1000
+    assert imread(stepped / "reports/research/steps.png").shape == (504, 768, 4)  # 6.4 x 4.2 in at 120 dpi
     table = (stepped / "reports/research/steps.md").read_text()
     assert table.count("\n| ") == 1 + len(STEPS)
     results = [json.loads((stepped / f"reports/research/step_{i}.json").read_text()) for i in range(len(STEPS))]
@@ -69,13 +72,56 @@ def test_every_step_is_measured_and_the_report_tabulates_them(stepped):
     assert results[0]["teacher_ppl"] == results[4]["teacher_ppl"]  # one teacher, the same test blocks
     assert rows[1]["spike_rate_new"] and not rows[3]["spike_rate_new"]  # step 3 adds no site
     assert all(isinstance(r["layerwise_kept"], bool) for r in results)  # layer-wise is on in these params
+    for row, result in zip(rows, results, strict=True):  # the table holds each step's figures (6 digits)
+        for key in ("ppl", "ppl_ratio_to_teacher", "model_energy_ratio", "ffn_energy_ratio", "val_kl_after"):
+            assert float(row[key]) == pytest.approx(result[key], rel=1e-5), (row["name"], key)
+
+
+def teacher_energy_shares(stepped: Path) -> dict[str, float]:
+    """Each component's share of the teacher's energy per token, on the steps' test blocks (its operation
+    counts depend on the sequence length only)."""
+    teacher, _ = load_teacher(stepped / "models/teacher")
+    report = measure_energy(teacher, load_blocks(stepped / "data/splits", "test").input_ids[:1])
+    shares = {name: (macs * report.e_mac_pj + acs * report.e_ac_pj) / report.teacher_energy_pj
+              for name, (macs, acs) in report.teacher_ops.items()}
+    assert sum(shares.values()) == pytest.approx(1.0)
+    return shares
 
 
 def test_a_step_that_spikes_more_saves_more_of_the_model(stepped):
     results = [json.loads((stepped / f"reports/research/step_{i}.json").read_text()) for i in range(3)]
-    assert results[0]["ffn_energy_ratio"] < 1.0
-    energies = [r["model_energy_ratio"] for r in results]
-    assert energies[0] != energies[1] != energies[2]
+    model = [r["model_energy_ratio"] for r in results]
+    ffn = [r["ffn_energy_ratio"] for r in results]
+    assert model[0] > model[1] > model[2]  # each step that adds spiking sites costs less of the teacher
+    shares = teacher_energy_shares(stepped)
+    ffn_share = sum(share for name, share in shares.items() if name.startswith("ffn"))
+    # step 0 replaces the FFNs only: all of its saving is theirs
+    assert 0 < ffn[0] < 1
+    assert model[0] == pytest.approx(1 - ffn_share * (1 - ffn[0]), rel=1e-9)
+    # a later step's saving, less what the FFNs' own change gives, is the new sites' against the analog
+    # layers they replace: more than nothing, and less than those layers cost in the teacher
+    for step, replaced in ((1, "attention_projections"), (2, "lm_head")):
+        new_sites = model[step - 1] - model[step] - (ffn[step - 1] - ffn[step]) * ffn_share
+        assert 0 < new_sites < shares[replaced], (results[step]["step"]["name"], new_sites, shares[replaced])
+
+
+def test_the_plot_draws_each_steps_energy_against_its_perplexity(stepped, tmp_path):
+    with inside(tmp_path), saved_figures() as figures:
+        Path("reports/research").mkdir(parents=True)
+        for i in range(len(STEPS)):
+            (Path("reports/research") / f"step_{i}.json").write_text(
+                (stepped / f"reports/research/step_{i}.json").read_text())
+        Path("research.yaml").write_text((stepped / "research.yaml").read_text())
+        result = invoke("research-report")
+    assert result.exit_code == 0, result.output
+    results = [json.loads((stepped / f"reports/research/step_{i}.json").read_text()) for i in range(len(STEPS))]
+    [figure] = figures
+    (_, xs, ys), (_, _, reference) = figure["lines"]  # the steps, and the teacher's level
+    assert xs == [r["model_energy_ratio"] for r in results]
+    assert ys == [r["ppl_ratio_to_teacher"] for r in results]
+    assert reference == [1.0, 1.0]
+    assert figure["texts"] == [f"{i}: {step['name']}" for i, step in enumerate(STEPS)]
+    assert imread(tmp_path / "reports/research/steps.png").shape == (*figure["pixels"], 4)
 
 
 @pytest.mark.parametrize("damage", [True, False])

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from pipeline_support import assert_clean_failure, inside, invoke, run_stages, tiny_params, write_params
+from matplotlib.image import imread
+from pipeline_support import assert_clean_failure, inside, invoke, run_stages, saved_figures, tiny_params, write_params
 
 from snn_research.evaluation.baselines import Prices
 from snn_research.evaluation.frontier import frontier_table
@@ -105,15 +106,24 @@ def test_frontier_writes_one_row_per_point_sorted_by_series_and_t(tmp_path):
     for series, t, ppl in (("weighted", 8, 71.0), ("if", 8, 90.0), ("if", 2, 300.0), ("spikingjelly-qwen2", 4, 120.0)):
         files.append(tmp_path / f"{series}-{t}.json")
         write_point(point(series, t, ppl, energy=0.05 * t), files[-1])
-    result = invoke("frontier", *map(str, files), "--csv", str(tmp_path / "f.csv"), "--plot", str(tmp_path / "f.png"))
+    with saved_figures() as figures:
+        result = invoke("frontier", *map(str, files), "--csv", str(tmp_path / "f.csv"), "--plot",
+                        str(tmp_path / "f.png"))
     assert result.exit_code == 0, result.output
     with open(tmp_path / "f.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert [(r["series"], int(r["time_steps"])) for r in rows] == [
         ("if", 2), ("if", 8), ("spikingjelly-qwen2", 4), ("weighted", 8)]
     assert [float(r["ppl"]) for r in rows] == [300.0, 90.0, 120.0, 71.0]
+    assert [float(r["ffn_energy_ratio"]) for r in rows] == [0.1, 0.4, 0.2, 0.4]
     assert list(rows[0]) == list(SweepPoint.model_fields)
-    assert (tmp_path / "f.png").stat().st_size > 1000
+    # the plot: one line per series, perplexity against FFN energy in order of energy, and the teacher's level
+    [figure] = figures
+    lines = {label: (xs, ys) for label, xs, ys in figure["lines"]}
+    assert lines == {"if": ([0.1, 0.4], [300.0, 90.0]), "spikingjelly-qwen2": ([0.2], [120.0]),
+                     "weighted": ([0.4], [71.0]), "teacher": ([0.0, 1.0], [70.0, 70.0])}
+    assert sorted(figure["texts"]) == ["T=2", "T=4", "T=8", "T=8"]
+    assert imread(tmp_path / "f.png").shape == (*figure["pixels"], 4) == (440, 660, 4)  # 6 x 4 in at 110 dpi
     assert "weighted" in result.output and "1.014x" in result.output
 
 

@@ -263,21 +263,53 @@ def adapt_command(
 
 @app.command(name="continual-report")
 def continual_report_command(
-    curves: list[Path] = typer.Argument(..., help="per-setting curves CSVs written by adapt (name = file stem)"),
+    curves: list[Path] = typer.Argument(..., help="per-run curves CSVs written by adapt, named <setting>-s<seed>.csv "
+                                        "(<setting>.csv: seed 0)"),
     csv_path: Path = typer.Option(Path("reports/continual.csv"), "--csv", help="all settings' curves, one CSV"),
     plot_path: Path = typer.Option(Path("reports/continual.png"), "--plot", help="PNG of every setting's curves"),
     table_path: Path = typer.Option(Path("reports/continual.md"), "--table", help="markdown table of the last chunk"),
-    timings: Path = typer.Option(None, "--timings", help="folder of per-setting timings JSON (optional)"),
+    timings: Path = typer.Option(None, "--timings", help="folder of per-run timings JSON (optional)"),
+    reference: str = typer.Option(None, "--reference", help="the setting every run's ppl is divided by, seed by seed "
+                                  "(the ANN adapted the same way)"),
+    summary_path: Path = typer.Option(None, "--summary", help="CSV of the per-setting means and spreads (optional)"),
 ) -> None:
-    """Combine the continual settings' curves into one CSV, one plot and a table."""
+    """Combine the continual runs' curves into one CSV, one plot and a table (mean and spread over seeds)."""
     from snn_research.continual.report import write_report
 
     try:
-        table = write_report(curves, csv_path, plot_path, table_path, timings)
+        table = write_report(curves, csv_path, plot_path, table_path, timings, reference, summary_path)
     except (ValueError, OSError) as error:
         console.print(f"[red]error in continual-report:[/] {escape(str(error))}", markup=True)
         raise typer.Exit(1) from None
     typer.echo(table)
+
+
+@app.command(name="lm-eval")
+def lm_eval_command(
+    model: Path = typer.Argument(..., help="a teacher or hybrid folder"),
+    tasks: str = typer.Option(..., "--tasks", help="comma-separated lm-evaluation-harness task names"),
+    include_path: Path = typer.Option(None, "--include-path", help="a folder of task YAMLs (local data)"),
+    limit: int = typer.Option(None, "--limit", help="at most this many documents per task"),
+    max_length: int = typer.Option(None, "--max-length", help="tokens scored per window (default: the model's "
+                                   "max_position_embeddings - 1, at most 2048)"),
+    num_fewshot: int = typer.Option(None, "--num-fewshot", help="few-shot examples per prompt (task default: 0)"),
+    output: Path = typer.Option(None, "--output", help="write the results as JSON here"),
+) -> None:
+    """Score a folder on lm-evaluation-harness tasks (the optional extra `harness`): zero-shot tasks, WikiText."""
+    from snn_research.evaluation.harness import evaluate_tasks
+    from snn_research.io import atomic_write_text
+
+    names = [task.strip() for task in tasks.split(",") if task.strip()]
+    try:
+        results = evaluate_tasks(model, names, include_path, limit, max_length, num_fewshot)
+    except (ImportError, ValueError, OSError) as error:
+        console.print(f"[red]error in lm-eval:[/] {escape(str(error))}", markup=True)
+        raise typer.Exit(1) from None
+    text = json.dumps(results, indent=2, sort_keys=True, default=str)
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(output, text + "\n")
+    typer.echo(text)
 
 
 @app.command(name="research-step")

@@ -5,26 +5,31 @@ the spike-consuming linears (at ``lr``) and the learnable log-thresholds and lea
 weights of its FFN linears. Everything else (attention, norms, embeddings, the LM head) is frozen and
 bit-equal before and after.
 
-An update: ``batch_blocks`` consecutive new-domain blocks of the current chunk, plus old-domain blocks
-drawn from the reservoir buffer, ``replay.ratio`` per new block (after n new blocks in all,
-floor(n x ratio) replayed: a fractional ratio is spread over the updates exactly); the loss is the mean of
-the blocks' next-token cross-entropies (each block weighs the same); AdamW at a constant learning rate (an online stream has no end
-to schedule toward), gradient-norm clipping, then the meta-plasticity rule (``continual/plasticity.py``)
-rescales the step when ``meta.strength`` > 0.
+A chunk is ``stream.chunk_blocks`` blocks; its last ``evaluate.probe_blocks`` are its probe, never trained
+on. An update: ``batch_blocks`` consecutive new-domain blocks of the current chunk's trained blocks, plus
+old-domain blocks drawn from the reservoir buffer, ``replay.ratio`` per new block (after n new blocks in
+all, floor(n x ratio) replayed: a fractional ratio is spread over the updates exactly); the loss is the
+mean of the blocks' next-token cross-entropies (each block weighs the same); AdamW at a constant learning
+rate (an online stream has no end to schedule toward), gradient-norm clipping, then the meta-plasticity
+rule (``continual/plasticity.py``) rescales the step when ``meta.strength`` > 0. With ``train_new: false``
+(the replay control) every update keeps its replayed blocks and leaves the new ones out.
 
 State: the adapted folder carries ``adapt_state/`` (stream position and chunk hashes, the held-out test
 blocks, replay buffer, consolidated weights and importances, optimizer moments, per-chunk history). A later
 run whose ``model`` is that folder continues the stream where it stopped, documents appended to the stream
 since (sorting after the others) included; it scores on the first run's held-out blocks, and refuses a
-different rule, other old-domain splits or a stream whose first chunks differ. Within a run a checkpoint is written after every chunk, so a killed run
-loses at most the chunk in flight, and rerunning it resumes from the checkpoint with the same result as
-an uninterrupted run: every draw is seeded by its position, never by a global generator.
+different rule, other old-domain splits or a stream whose first chunks differ. Within a run a checkpoint
+is written after every chunk, so a killed run loses at most the chunk in flight, and rerunning it resumes
+from the checkpoint with the same result as an uninterrupted run: every draw is seeded by its position,
+never by a global generator.
 
-After every chunk (and once before the first) the run scores: new-domain ppl on held-out documents,
-old-domain ppl on the old test split, forgetting (old ppl / start - 1), backward transfer (GEM's BWT on
-next-token loss: old domain and each earlier chunk's first ``probe_blocks`` blocks, loss right after it
-was learned minus loss now, averaged; negative is forgetting), spike rate and the estimated FFN energy
-ratio. Seconds per chunk go to MLflow and the timings file only: DVC outputs hold no timings.
+Scores: right after every chunk, its probe's loss (GEM's R_{i,i}). Before the first chunk, every
+``evaluate.every`` chunks and after the run's last: new-domain ppl on held-out documents, old-domain ppl on
+the old test split, forgetting (old ppl / start - 1), backward transfer (GEM's BWT on next-token loss: for
+the old domain and each earlier chunk's probe, loss right after it was learned minus loss now, averaged;
+negative is forgetting), the same for the old domain alone (``bwt_old``) and the earlier chunks alone
+(``bwt_stream``), spike rate and the estimated FFN energy ratio. Seconds per chunk go to MLflow and the
+timings file only: DVC outputs hold no timings.
 """
 
 from __future__ import annotations
@@ -223,15 +228,15 @@ def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 @dataclass
 class Probe:
-    """What one evaluation scores: held-out new blocks, old test blocks, and each learned chunk's probes."""
+    """What an evaluation scores: held-out new blocks, old test blocks, and each chunk's held-out probe blocks."""
 
     new: torch.Tensor
     old: torch.Tensor
     chunk_probes: list[torch.Tensor]
 
 
-def _nll(model: torch.nn.Module, blocks: torch.Tensor, recorder: SpikeRecorder | None = None,
-         energy: list | None = None, budget=None) -> float:
+def _nll(model: torch.nn.Module, blocks: torch.Tensor, energy: list | None = None, budget=None) -> float:
+    """Mean next-token loss per block (each block weighs the same), one block at a time."""
     total = 0.0
     with torch.no_grad():
         for block in blocks.split(1):
@@ -246,9 +251,29 @@ def _nll(model: torch.nn.Module, blocks: torch.Tensor, recorder: SpikeRecorder |
     return total / max(blocks.shape[0], 1)
 
 
+def learn_probe(model: torch.nn.Module, probe: Probe, chunk: int, state: AdaptState) -> None:
+    """Right after chunk ``chunk`` (1-based) is learned: its probe's loss, the R_{i,i} of GEM's BWT."""
+    blocks = probe.chunk_probes[chunk - 1]
+    if blocks.numel():
+        model.eval()
+        state.learned_nll[f"chunk{chunk}"] = _nll(model, blocks)
+
+
+def backward_transfer(learned: dict[str, float], now: dict[str, float]) -> tuple[float, float, float]:
+    """(all tasks, old domain alone, earlier chunks alone): GEM's BWT on next-token loss, the mean over the
+    tasks learned before the current one of (loss right after it was learned - loss now); negative is
+    forgetting. A part with no task is 0."""
+    def mean(names: list[str]) -> float:
+        return sum(learned[n] - now[n] for n in names) / len(names) if names else 0.0
+
+    chunks = [name for name in now if name != "old"]
+    return mean(["old", *chunks] if "old" in now else chunks), mean(["old"] if "old" in now else []), mean(chunks)
+
+
 def evaluate_point(model: torch.nn.Module, probe: Probe, chunk: int, state: AdaptState, kind: str,
                    energy_constants: tuple[float, float], trainable_count: int, tokens_seen: int) -> dict[str, float]:
-    """One row of the history: the scores after ``chunk`` chunks (0: before the first)."""
+    """One row of the history: the scores after ``chunk`` chunks (0: before the first). Call ``learn_probe``
+    for ``chunk`` first: the current chunk is not a past task of its own BWT."""
     from snn_research.training.energy_budget import EnergyBudget
 
     model.eval()
@@ -258,16 +283,13 @@ def evaluate_point(model: torch.nn.Module, probe: Probe, chunk: int, state: Adap
         new_nll = _nll(model, probe.new, energy=ratios, budget=budget)
         old_nll = _nll(model, probe.old, energy=ratios, budget=budget)
     spikes, neuron_steps = sum(recorder.spikes.values()), sum(recorder.neuron_steps.values())
-    tasks = {"old": old_nll}
-    for index, blocks in enumerate(probe.chunk_probes[:chunk], start=1):
-        tasks[f"chunk{index}"] = _nll(model, blocks)
     if chunk == 0:
         state.learned_nll["old"] = old_nll
-    elif probe.chunk_probes and probe.chunk_probes[chunk - 1].numel():
-        state.learned_nll[f"chunk{chunk}"] = tasks[f"chunk{chunk}"]
-    past = [name for name in tasks if name in state.learned_nll and name != f"chunk{chunk}"
-            and (chunk > 0 or name != "old")]
-    bwt = sum(state.learned_nll[name] - tasks[name] for name in past) / len(past) if past else 0.0
+    now = {"old": old_nll} if chunk > 0 else {}
+    for index in range(1, chunk):
+        if f"chunk{index}" in state.learned_nll:
+            now[f"chunk{index}"] = _nll(model, probe.chunk_probes[index - 1])
+    bwt, bwt_old, bwt_stream = backward_transfer(state.learned_nll, now)
     start = state.history[0] if state.history else None
     new_ppl, old_ppl = math.exp(new_nll), math.exp(old_nll)
     return {
@@ -278,6 +300,8 @@ def evaluate_point(model: torch.nn.Module, probe: Probe, chunk: int, state: Adap
         "new_gain": 0.0 if start is None else 1.0 - new_ppl / start["new_ppl"],
         "forgetting": 0.0 if start is None else old_ppl / start["old_ppl"] - 1.0,
         "bwt": bwt,
+        "bwt_old": bwt_old,
+        "bwt_stream": bwt_stream,
         "spike_rate": spikes / neuron_steps if neuron_steps else float("nan"),
         "ffn_energy_ratio": sum(ratios) / len(ratios) if ratios else 1.0,
         "trainable_parameters": float(trainable_count),
@@ -324,11 +348,61 @@ def _check_vocab(blocks: torch.Tensor, vocab: int, where: str) -> None:
                          "the split was made with another tokenizer")
 
 
+@dataclass
+class Run:
+    """One adapt run once opened: the model, what trains, the data and the state it starts from."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    kind: str
+    trainable: Trainable
+    digest: str  # the input folder's manifest sha256
+    data: dict[str, str]  # what the scores depend on: old splits' manifest, held-out blocks
+    old_train: torch.Tensor
+    stream: Stream
+    probe: Probe
+    state: AdaptState
+    checkpoint: Path
+    fingerprint: str
+    resumed_from: int | None = None
+
+
 def adapt(params: AdaptParams, shared: ContinualFile, log_metrics: Callable[[dict, int], None] | None = None,
           on_update: Callable[[int, int], None] | None = None, echo: Callable[[str], None] = print,
           timings: Path | None = None) -> AdaptResult:
     """Run one adaptation as ``params`` says; returns what it did. ``on_update(chunk, update)`` runs after every
     update (tests use it to kill a run mid-chunk)."""
+    run = open_run(params, shared, echo)
+    optimizer = prepare_rule(run, params, shared)
+    log = log_metrics or (lambda row, step: None)
+    if not run.state.history:
+        row = score(run, params, shared, 0)
+        log(row, 0)
+        echo(f"adapt: start  new ppl {row['new_ppl']:.2f}  old ppl {row['old_ppl']:.2f}")
+    seconds: list[float] = []
+    ran: list[int] = []  # chunks this process adapted on (a resumed run starts at its checkpoint)
+    for chunk_index in range(run.state.position, run.state.run_end):
+        started = time.perf_counter()
+        adapt_chunk(run, optimizer, params, shared, chunk_index, on_update)
+        learn_probe(run.model, run.probe, run.state.position, run.state)
+        row = None
+        if run.state.position % params.evaluate.every == 0 or run.state.position == run.state.run_end:
+            row = score(run, params, shared, run.state.position)
+        _write_checkpoint(run.checkpoint, run.fingerprint, run.state, run.trainable)
+        seconds.append(time.perf_counter() - started)
+        ran.append(run.state.position)
+        log({**(row or {}), "seconds_per_chunk": seconds[-1]}, run.state.position)
+        scores = "" if row is None else (f"  new ppl {row['new_ppl']:.2f}  old ppl {row['old_ppl']:.2f}  "
+                                         f"forgetting {row['forgetting']:+.3f}  bwt {row['bwt']:+.4f}")
+        echo(f"adapt: chunk {run.state.position}/{run.state.run_end}{scores}  ({seconds[-1]:.0f} s)")
+    finish(run, optimizer, params, shared, seconds, ran, timings)
+    return AdaptResult(Path(params.output), run.state.history, run.state.run_end - run.state.run_start, seconds,
+                       run.resumed_from)
+
+
+def open_run(params: AdaptParams, shared: ContinualFile, echo: Callable[[str], None]) -> Run:
+    """Load the model and the data, then start a state, continue the input folder's, or resume a checkpoint."""
+    from snn_research.artifacts import verify_folder
     from snn_research.generate import load_model_folder
 
     source, output = Path(params.model), Path(params.output)
@@ -344,8 +418,6 @@ def adapt(params: AdaptParams, shared: ContinualFile, log_metrics: Callable[[dic
     trainable = trainable_parameters(model, kind)
     vocab = int(model.get_input_embeddings().weight.shape[0])
 
-    from snn_research.artifacts import verify_folder
-
     data = {"old_splits": verify_folder(Path(params.old_splits))[1]}
     old_train = load_blocks(Path(params.old_splits), "train").input_ids
     old_test = spread(load_blocks(Path(params.old_splits), "test"), params.evaluate.old_blocks).input_ids
@@ -353,140 +425,151 @@ def adapt(params: AdaptParams, shared: ContinualFile, log_metrics: Callable[[dic
     _check_vocab(old_test, vocab, f"{params.old_splits}/test.safetensors")
     if old_train.shape[0] == 0:
         raise ValueError(f"{params.old_splits}/train.safetensors: no old-domain blocks to replay")
-    stream = build_stream(params.stream, tokenizer, params.evaluate.new_blocks)
-    settings = params.state_settings()
-
-    continued = (source / STATE_DIR / "state.json").is_file()
-    if continued:
-        state, _ = read_state(source / STATE_DIR)
-        changed = _differences(state.settings, json.loads(json.dumps(settings)))
-        if state.seed != shared.seed:
-            changed.append(f"seed: {state.seed} -> {shared.seed}")
-        if changed:
-            raise ParamsError(f"{source}: its adapt state was made with other settings, and a continuation must "
-                              f"keep them: {'; '.join(changed)}")
-        if state.kind != kind:
-            raise ValueError(f"{source}: adapt state says a {state.kind}, the folder holds a {kind}")
-        if state.data.get("old_splits") != data["old_splits"]:
-            raise ValueError(f"{source}: the old-domain splits ({params.old_splits}) differ from those its adapt "
-                             "state was scored on; a continuation must keep them, or forgetting would compare "
-                             "different data")
-    else:
-        # the new-domain test blocks are fixed by the first run: documents appended to the stream later
-        # (some of which fall in the held-out share) never move the yardstick of a continuation
-        state = AdaptState(settings=json.loads(json.dumps(settings)), seed=shared.seed, kind=kind, origin=digest,
-                           data={**data, "heldout": chunk_sha256(stream.heldout)}, heldout=stream.heldout.clone())
+    stream = build_stream(params.stream, tokenizer, params.evaluate.new_blocks, shared.seed)
+    state = _start_or_continue(params, shared, source, kind, digest, data, stream)
     data["heldout"] = state.data["heldout"]
     _check_stream_prefix(state, stream, source)
     state.run_start = state.position
     state.run_end = len(stream.chunks) if params.stream.max_chunks is None else \
         min(len(stream.chunks), state.position + params.stream.max_chunks)
+    if state.position >= len(stream.chunks):
+        raise ValueError(f"{source}: already adapted on all {len(stream.chunks)} chunks of {params.stream.source!r}; "
+                         "nothing left to learn (give a longer stream)")
 
     checkpoint = Path(params.checkpoints) / f"adapt-{hashlib.sha256(str(output.resolve()).encode()).hexdigest()[:16]}"
-    fingerprint = _fingerprint(params, shared.seed, digest, data, stream.chunk_sha256)
-    resumed_from = None
-    found = _readable_checkpoint(checkpoint)
-    if found is not None and (found / "fingerprint").read_text() == fingerprint:
-        state, values = read_state(found / STATE_DIR)
-        if values is None or set(values) != set(trainable.all):
-            raise ValueError(f"{found}: the checkpoint's trainable tensors do not match the model's; delete it")
-        _check_stream_prefix(state, stream, found)
-        with torch.no_grad():
-            for name, p in trainable.all.items():
-                p.copy_(values[name])
-        resumed_from = state.position
-        echo(f"adapt: resuming from the checkpoint after chunk {state.position}")
-    else:
-        for stale in (checkpoint, checkpoint.with_name(f".{checkpoint.name}.old")):
-            shutil.rmtree(stale, ignore_errors=True)  # another run's: it must not be resumed
+    probes = params.evaluate.probe_blocks
+    run = Run(model, tokenizer, kind, trainable, digest, data, old_train, stream,
+              Probe(state.heldout, old_test, [chunk[chunk.shape[0] - probes:] for chunk in stream.chunks]),
+              state, checkpoint, _fingerprint(params, shared.seed, digest, data, stream.chunk_sha256))
+    _resume_checkpoint(run, echo)
+    return run
 
+
+def _start_or_continue(params: AdaptParams, shared: ContinualFile, source: Path, kind: str, digest: str,
+                       data: dict[str, str], stream: Stream) -> AdaptState:
+    """The input folder's adapt state, checked against this run's rule and data, or a new one."""
+    settings = json.loads(json.dumps(params.state_settings()))
+    if not (source / STATE_DIR / "state.json").is_file():
+        # the new-domain test blocks are fixed by the first run: documents appended to the stream later
+        # (some of which fall in the held-out share) never move the yardstick of a continuation
+        return AdaptState(settings=settings, seed=shared.seed, kind=kind, origin=digest,
+                          data={**data, "heldout": chunk_sha256(stream.heldout)}, heldout=stream.heldout.clone())
+    state, _ = read_state(source / STATE_DIR)
+    changed = _differences(state.settings, settings)
+    if state.seed != shared.seed:
+        changed.append(f"seed: {state.seed} -> {shared.seed}")
+    if changed:
+        raise ParamsError(f"{source}: its adapt state was made with other settings, and a continuation must "
+                          f"keep them: {'; '.join(changed)}")
+    if state.kind != kind:
+        raise ValueError(f"{source}: adapt state says a {state.kind}, the folder holds a {kind}")
+    if state.data.get("old_splits") != data["old_splits"]:
+        raise ValueError(f"{source}: the old-domain splits ({params.old_splits}) differ from those its adapt "
+                         "state was scored on; a continuation must keep them, or forgetting would compare "
+                         "different data")
+    return state
+
+
+def _resume_checkpoint(run: Run, echo: Callable[[str], None]) -> None:
+    """Continue from this run's checkpoint when its fingerprint matches; remove another run's."""
+    found = _readable_checkpoint(run.checkpoint)
+    if found is None or (found / "fingerprint").read_text() != run.fingerprint:
+        for stale in (run.checkpoint, run.checkpoint.with_name(f".{run.checkpoint.name}.old")):
+            shutil.rmtree(stale, ignore_errors=True)  # another run's: it must not be resumed
+        return
+    state, values = read_state(found / STATE_DIR)
+    if values is None or set(values) != set(run.trainable.all):
+        raise ValueError(f"{found}: the checkpoint's trainable tensors do not match the model's; delete it")
+    _check_stream_prefix(state, run.stream, found)
+    with torch.no_grad():
+        for name, p in run.trainable.all.items():
+            p.copy_(values[name])
+    run.state = state
+    run.resumed_from = state.position
+    echo(f"adapt: resuming from the checkpoint after chunk {state.position}")
+
+
+def prepare_rule(run: Run, params: AdaptParams, shared: ContinualFile) -> torch.optim.Optimizer:
+    """The replay buffer, the consolidated weights and importances (meta) and the optimizer, restored when the
+    state holds them."""
+    state = run.state
     if state.buffer is None:
-        state.buffer = ReservoirBuffer(params.replay.size, old_train.shape[1], shared.seed)
-        state.buffer.offer_all(old_train)
+        state.buffer = ReservoirBuffer(params.replay.size, run.old_train.shape[1], shared.seed)
+        state.buffer.offer_all(run.old_train)
     for field_name, needed in (("replay.size", math.ceil(params.replay.ratio * params.batch_blocks)),
                                ("meta.importance_blocks", params.meta.importance_blocks if params.meta.strength else 0)):
         if needed > state.buffer.filled:
             raise ParamsError(f"adapt.{field_name}: needs {needed} old-domain blocks, but the buffer holds "
                               f"{state.buffer.filled} (replay.size {params.replay.size}, "
-                              f"{old_train.shape[0]} train blocks)")
-    for name, p in trainable.all.items():
+                              f"{run.old_train.shape[0]} train blocks)")
+    for p in run.trainable.all.values():
         p.requires_grad_(True)
-    meta_on = params.meta.strength > 0
-    if meta_on and not state.consolidated:
-        state.consolidated = {name: p.detach().clone() for name, p in trainable.all.items()}
+    if params.meta.strength > 0 and not state.consolidated:
+        state.consolidated = {name: p.detach().clone() for name, p in run.trainable.all.items()}
         blocks = state.buffer.items[: params.meta.importance_blocks]
-        state.importance = fisher_importance(model, trainable.all, blocks,
-                                             lambda m, b: next_token_nll(m(input_ids=b, use_cache=False).logits, b))
-
-    groups = [{"params": list(trainable.weights.values()), "lr": params.lr, "weight_decay": params.weight_decay}]
-    if trainable.dynamics:
-        groups.append({"params": list(trainable.dynamics.values()), "lr": params.threshold_lr, "weight_decay": 0.0})
+        state.importance = fisher_importance(
+            run.model, {"weights": run.trainable.weights, "dynamics": run.trainable.dynamics}, blocks,
+            lambda m, b: next_token_nll(m(input_ids=b, use_cache=False).logits, b))
+    groups = [{"params": list(run.trainable.weights.values()), "lr": params.lr, "weight_decay": params.weight_decay}]
+    if run.trainable.dynamics:
+        groups.append({"params": list(run.trainable.dynamics.values()), "lr": params.threshold_lr,
+                       "weight_decay": 0.0})
     optimizer = torch.optim.AdamW(groups)
     if state.optimizer is not None:
         optimizer.load_state_dict(state.optimizer)
+    return optimizer
 
-    probe = Probe(state.heldout, old_test,
-                  [chunk[: params.evaluate.probe_blocks] for chunk in stream.chunks])
-    constants = (shared.energy.e_mac_pj, shared.energy.e_ac_pj)
-    block_tokens = params.stream.block_length
 
-    if not state.history:
-        row = evaluate_point(model, probe, 0, state, kind, constants, trainable.count, 0)
-        state.history.append(row)
-        if log_metrics:
-            log_metrics(row, 0)
-        echo(f"adapt: start  new ppl {row['new_ppl']:.2f}  old ppl {row['old_ppl']:.2f}")
-    end, first = state.run_end, state.run_start
-    if resumed_from is None and state.position >= len(stream.chunks):
-        raise ValueError(f"{source}: already adapted on all {len(stream.chunks)} chunks of {params.stream.source!r}; "
-                         "nothing left to learn (give a longer stream)")
-    seconds: list[float] = []
-    ran: list[int] = []  # chunks this process adapted on (a resumed run starts at its checkpoint)
-    chunk_blocks = params.stream.chunk_blocks
-    for chunk_index in range(state.position, end):
-        started = time.perf_counter()
-        chunk = stream.chunks[chunk_index]
-        for offset in range(0, chunk.shape[0], params.batch_blocks):
-            new = chunk[offset: offset + params.batch_blocks]
-            seen = chunk_index * chunk_blocks + offset  # new blocks before this update, over all runs
-            count = math.floor((seen + new.shape[0]) * params.replay.ratio) - math.floor(seen * params.replay.ratio)
-            replay = state.buffer.draw(count, shared.seed, state.updates)
-            _set_noise_step(model, state.updates + 1)  # a rate encoder's draws differ per update (0: evaluation)
-            _update(model, optimizer, trainable, new, replay, params, state, meta_on)
-            _set_noise_step(model, 0)
-            state.updates += 1
-            if on_update is not None:
-                on_update(chunk_index, state.updates)
-        state.position = chunk_index + 1
-        state.chunk_sha256.append(stream.chunk_sha256[chunk_index])
-        state.optimizer = optimizer.state_dict()
-        for p in trainable.all.values():
-            p.requires_grad_(False)
-        row = evaluate_point(model, probe, state.position, state, kind, constants, trainable.count,
-                             state.position * chunk_blocks * (block_tokens - 1))
-        for p in trainable.all.values():
-            p.requires_grad_(True)
-        state.history.append(row)
-        _write_checkpoint(checkpoint, fingerprint, state, trainable)
-        seconds.append(time.perf_counter() - started)
-        ran.append(state.position)
-        if log_metrics:
-            log_metrics({**row, "seconds_per_chunk": seconds[-1]}, state.position)
-        echo(f"adapt: chunk {state.position}/{end}  new ppl {row['new_ppl']:.2f}  old ppl {row['old_ppl']:.2f}  "
-             f"forgetting {row['forgetting']:+.3f}  bwt {row['bwt']:+.4f}  ({seconds[-1]:.0f} s)")
-
-    for p in trainable.all.values():
-        p.requires_grad_(False)
+def adapt_chunk(run: Run, optimizer: torch.optim.Optimizer, params: AdaptParams, shared: ContinualFile,
+                chunk_index: int, on_update: Callable[[int, int], None] | None) -> None:
+    """The updates of one chunk over its trained blocks (its probe blocks never train), then the position."""
+    state, chunk = run.state, run.stream.chunks[chunk_index]
+    trained = chunk[: chunk.shape[0] - params.evaluate.probe_blocks]
+    per_chunk = trained.shape[0]
+    for offset in range(0, per_chunk, params.batch_blocks):
+        new = trained[offset: offset + params.batch_blocks]
+        seen = chunk_index * per_chunk + offset  # new blocks before this update, over all runs
+        count = math.floor((seen + new.shape[0]) * params.replay.ratio) - math.floor(seen * params.replay.ratio)
+        replay = state.buffer.draw(count, shared.seed, state.updates)
+        _set_noise_step(run.model, state.updates + 1)  # a rate encoder's draws differ per update (0: evaluation)
+        _update(run, optimizer, new if params.train_new else new[:0], replay, params)
+        _set_noise_step(run.model, 0)
+        state.updates += 1
+        if on_update is not None:
+            on_update(chunk_index, state.updates)
+    state.position = chunk_index + 1
+    state.chunk_sha256.append(run.stream.chunk_sha256[chunk_index])
     state.optimizer = optimizer.state_dict()
-    _write_output(output, model, tokenizer, kind, state, params, shared, digest, stream)
+
+
+def score(run: Run, params: AdaptParams, shared: ContinualFile, chunk: int) -> dict[str, float]:
+    """Score the model after ``chunk`` chunks and append the row to the history."""
+    for p in run.trainable.all.values():
+        p.requires_grad_(False)
+    tokens = chunk * (params.stream.chunk_blocks - params.evaluate.probe_blocks) * (params.stream.block_length - 1)
+    row = evaluate_point(run.model, run.probe, chunk, run.state, run.kind,
+                         (shared.energy.e_mac_pj, shared.energy.e_ac_pj), run.trainable.count, tokens)
+    for p in run.trainable.all.values():
+        p.requires_grad_(True)
+    run.state.history.append(row)
+    return row
+
+
+def finish(run: Run, optimizer: torch.optim.Optimizer, params: AdaptParams, shared: ContinualFile,
+           seconds: list[float], ran: list[int], timings: Path | None) -> None:
+    """Write the adapted folder, the curves and the timings; the checkpoint is no longer needed."""
+    for p in run.trainable.all.values():
+        p.requires_grad_(False)
+    run.state.optimizer = optimizer.state_dict()
+    _write_output(Path(params.output), run.model, run.tokenizer, run.kind, run.state, params, shared, run.digest,
+                  run.stream)
     if params.curves:
-        write_curves(Path(params.curves), state.history)
+        write_curves(Path(params.curves), run.state.history)
     if timings is not None:
         timings.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(timings, json.dumps({"seconds_per_chunk": seconds, "chunks": ran,
-                                               "trainable_parameters": trainable.count}, indent=1))
-    shutil.rmtree(checkpoint, ignore_errors=True)
-    return AdaptResult(output, state.history, end - first, seconds, resumed_from)
+                                               "trainable_parameters": run.trainable.count}, indent=1))
+    shutil.rmtree(run.checkpoint, ignore_errors=True)
 
 
 def _readable_checkpoint(folder: Path) -> Path | None:
@@ -507,18 +590,25 @@ def _check_stream_prefix(state: AdaptState, stream: Stream, source: Path) -> Non
                              "a continuation must read the same stream (more documents may only be appended)")
 
 
-def _update(model, optimizer, trainable: Trainable, new: torch.Tensor, replay: torch.Tensor, params: AdaptParams,
-            state: AdaptState, meta_on: bool) -> None:
+def _update(run: Run, optimizer: torch.optim.Optimizer, new: torch.Tensor, replay: torch.Tensor,
+            params: AdaptParams) -> None:
+    """One step on the mean of the blocks' losses (each block weighs the same), then the meta rule."""
+    model, trainable, state = run.model, run.trainable, run.state
     optimizer.zero_grad(set_to_none=True)
     total = new.shape[0] + replay.shape[0]
-    loss = next_token_nll(model(input_ids=new, use_cache=False).logits, new) * (new.shape[0] / total)
-    if replay.shape[0]:
-        loss = loss + next_token_nll(model(input_ids=replay, use_cache=False).logits, replay) * (replay.shape[0] / total)
+    loss = None
+    for blocks in (new, replay):
+        if blocks.shape[0]:
+            part = next_token_nll(model(input_ids=blocks, use_cache=False).logits, blocks) * (blocks.shape[0] / total)
+            loss = part if loss is None else loss + part
+    if loss is None:
+        return
     if not torch.isfinite(loss):
         raise ValueError(f"update {state.updates}: the loss is {loss.item()}; stopped (the last checkpoint is kept)")
     loss.backward()
     if params.grad_clip is not None:
         torch.nn.utils.clip_grad_norm_(list(trainable.all.values()), params.grad_clip)
+    meta_on = params.meta.strength > 0
     before = {name: p.detach().clone() for name, p in trainable.all.items()} if meta_on else {}
     optimizer.step()
     if meta_on:
@@ -557,8 +647,8 @@ def _write_output(output: Path, model, tokenizer, kind: str, state: AdaptState, 
         atomic_write_text(tmp / MANIFEST, manifest.model_dump_json(indent=2))
 
 
-CURVE_COLUMNS = ["chunk", "tokens_seen", "new_ppl", "old_ppl", "new_gain", "forgetting", "bwt", "spike_rate",
-                 "ffn_energy_ratio", "trainable_parameters"]
+CURVE_COLUMNS = ["chunk", "tokens_seen", "new_ppl", "old_ppl", "new_gain", "forgetting", "bwt", "bwt_old",
+                 "bwt_stream", "spike_rate", "ffn_energy_ratio", "trainable_parameters"]
 
 
 def write_curves(path: Path, history: list[dict[str, float]]) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError, model_validator
@@ -43,6 +43,10 @@ class StreamParams(Strict):
                                "as the new-domain test set; the rest is the stream")
     max_chunks: int | None = Field(None, ge=1, description="chunks this run adapts on (null: to the end of the "
                                    "stream); a later run on the output continues where this one stopped")
+    order: Literal["name", "seeded"] = Field("name", description="order of the stream's documents: name (sorted "
+                                             "names; documents appended later sort after) or seeded (a permutation "
+                                             "drawn from the file's seed, so seeds differ in stream order). The "
+                                             "held-out documents are chosen in name order either way")
 
     @model_validator(mode="after")
     def _source_known(self) -> "StreamParams":
@@ -70,11 +74,14 @@ class MetaParams(Strict):
 
 
 class AdaptEvalParams(Strict):
-    """What is scored after every chunk (and once before the first)."""
+    """What is scored, and when: the new and old domain every ``every`` chunks, each chunk's probe after every chunk."""
 
     new_blocks: int = Field(8, ge=1, description="held-out new-domain blocks, spread over the held-out documents")
     old_blocks: int = Field(8, ge=1, description="old-domain blocks, spread over the old test split")
-    probe_blocks: int = Field(1, ge=0, description="first blocks of each chunk re-scored later, for backward transfer")
+    probe_blocks: int = Field(1, ge=0, description="last blocks of each chunk, never trained on: the chunk's own "
+                              "test blocks, scored right after it is learned and again later, for backward transfer")
+    every: int = Field(1, ge=1, description="the new and old domain are scored before the first chunk, every this "
+                      "many chunks and after the run's last chunk (probes are scored after every chunk either way)")
 
 
 class AdaptParams(Strict):
@@ -94,15 +101,25 @@ class AdaptParams(Strict):
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay")
     grad_clip: float | None = Field(1.0, gt=0.0, description="global gradient-norm clip (null: none)")
     batch_blocks: int = Field(2, ge=1, description="new-domain blocks per update")
+    train_new: bool = Field(True, description="false: the replay control. Every update draws its replayed "
+                            "old-domain blocks as with new data, and leaves the new blocks out: the same replay "
+                            "compute on old-domain blocks alone, so forgetting figures can be read against it")
     replay: ReplayParams = ReplayParams()
     meta: MetaParams = MetaParams()
     evaluate: AdaptEvalParams = AdaptEvalParams()
 
     @model_validator(mode="after")
     def _batch_fits_chunk(self) -> "AdaptParams":
-        if self.batch_blocks > self.stream.chunk_blocks:
-            raise FieldError("batch_blocks", self.batch_blocks, f"exceeds stream.chunk_blocks "
-                             f"({self.stream.chunk_blocks}): an update cannot span chunks")
+        trained = self.stream.chunk_blocks - self.evaluate.probe_blocks
+        if trained < 1:
+            raise FieldError("evaluate.probe_blocks", self.evaluate.probe_blocks, f"leaves no block of a chunk "
+                             f"(stream.chunk_blocks = {self.stream.chunk_blocks}) to train on")
+        if self.batch_blocks > trained:
+            raise FieldError("batch_blocks", self.batch_blocks, f"exceeds the {trained} trained blocks of a chunk "
+                             f"(stream.chunk_blocks {self.stream.chunk_blocks} - evaluate.probe_blocks "
+                             f"{self.evaluate.probe_blocks}): an update cannot span chunks")
+        if not self.train_new and self.replay.ratio == 0.0:
+            raise FieldError("train_new", self.train_new, "with replay.ratio 0 an update would train on nothing")
         return self
 
     def state_settings(self) -> dict[str, Any]:
@@ -110,7 +127,7 @@ class AdaptParams(Strict):
         return {
             "stream": self.stream.model_dump(exclude={"max_chunks"}),
             "lr": self.lr, "threshold_lr": self.threshold_lr, "weight_decay": self.weight_decay,
-            "grad_clip": self.grad_clip, "batch_blocks": self.batch_blocks,
+            "grad_clip": self.grad_clip, "batch_blocks": self.batch_blocks, "train_new": self.train_new,
             "replay": self.replay.model_dump(), "meta": self.meta.model_dump(),
             "evaluate": self.evaluate.model_dump(),
         }
@@ -119,7 +136,8 @@ class AdaptParams(Strict):
 class ContinualFile(Strict):
     """A continual params file: shared sections, the base ``adapt`` and the named settings."""
 
-    seed: int = Field(0, ge=0, description="seeds the reservoir, the replay draws and nothing else")
+    seed: int = Field(0, ge=0, description="seeds the reservoir, the replay draws and, with stream.order seeded, "
+                      "the stream's document order; nothing else")
     tracking: TrackingParams = TrackingParams()
     energy: EnergyParams = EnergyParams()
     adapt: dict[str, Any] = Field(..., description="the adapt fields every setting starts from")

@@ -1,5 +1,10 @@
 """Meta-plasticity for real-valued spiking weights: consolidated weights resist updates that undo them.
 
+What this is, plainly: an EWC-style gate on the optimizer's step. The consolidated values W* are the
+weights when adaptation began and the importances are measured once, then, on old-domain blocks; neither
+changes as the stream goes. It borrows the shape of Laborieux et al.'s factor, not their rule, in which
+consolidation grows with the hidden weight as learning goes on.
+
 Reference rule (Laborieux, Ernoult, Hirtzlin and Querlioz, "Synaptic metaplasticity in binarized neural
 networks", Nat. Commun. 12, 2549, 2021). A binarized network keeps a hidden real weight W_h whose sign is
 the binary weight; an update that pushes W_h toward a sign flip is scaled by
@@ -21,7 +26,9 @@ per weight i, for the update Delta_i the optimizer proposes:
 
 with I_i the weight's importance to the old domain in place of |W_h|: the diagonal Fisher information,
 the mean over old-domain blocks of the squared gradient of the next-token loss (the EWC importance,
-Kirkpatrick et al., PNAS 2017), divided by its mean over all adapted weights so that m is unitless. A free
+Kirkpatrick et al., PNAS 2017), divided by its mean over its parameter group (the weights; the
+log-thresholds), so that m is unitless in each and the thresholds' larger gradients do not set the
+weights' scale. A free
 weight (I = 0) moves as the optimizer says; an important one hardly moves away from W*. Unlike EWC's
 quadratic penalty, the rule adds no loss term and no gradient: it rescales the step, as the reference
 rule does, so its cost is one pass over the adapted weights per update.
@@ -51,10 +58,12 @@ def apply_meta(weight: torch.Tensor, before: torch.Tensor, consolidated: torch.T
     weight.copy_(result)
 
 
-def fisher_importance(model: nn.Module, parameters: dict[str, nn.Parameter], blocks: torch.Tensor,
+def fisher_importance(model: nn.Module, groups: dict[str, dict[str, nn.Parameter]], blocks: torch.Tensor,
                       loss_fn) -> dict[str, torch.Tensor]:
     """Mean squared gradient of ``loss_fn(model, block)`` per parameter over ``blocks`` (one at a time),
-    divided by the mean over all of them."""
+    divided by its mean over the parameter's group (``groups``: group name -> parameter name -> parameter).
+    An empty group is skipped; a group whose gradients are all zero is refused, naming it."""
+    parameters = {name: p for group in groups.values() for name, p in group.items()}
     totals = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in parameters.items()}
     for block in blocks:
         model.zero_grad(set_to_none=True)
@@ -64,8 +73,14 @@ def fisher_importance(model: nn.Module, parameters: dict[str, nn.Parameter], blo
                 totals[name] += p.grad.detach().float().square()
     model.zero_grad(set_to_none=True)
     count = max(len(blocks), 1)
-    elements = sum(t.numel() for t in totals.values())
-    mean = sum(float(t.sum()) for t in totals.values()) / count / max(elements, 1)
-    if mean == 0.0:
-        raise ValueError("every adapted weight has zero gradient on the old-domain blocks: no importance to weigh")
-    return {name: t / count / mean for name, t in totals.items()}
+    importance = {}
+    for group, members in groups.items():
+        if not members:
+            continue
+        elements = sum(totals[name].numel() for name in members)
+        mean = sum(float(totals[name].sum()) for name in members) / count / elements
+        if mean == 0.0:
+            raise ValueError(f"every parameter of group {group!r} has zero gradient on the old-domain blocks: "
+                             "no importance to weigh")
+        importance.update({name: totals[name] / count / mean for name in members})
+    return importance

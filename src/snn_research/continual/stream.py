@@ -6,8 +6,9 @@ English), so the default stream needs no download and is not Shakespeare. Anothe
 other texts: the stream then has other chunk hashes, and a continuation refuses it. ``path:<glob>`` reads
 any UTF-8 text files, in sorted path order.
 
-Every ``heldout_every``-th document is held out as the new-domain test set; the others, in order, are the
-stream. Each document is cut into blocks as the splits are (its last partial block is dropped); the
+Every ``heldout_every``-th document (in name order) is held out as the new-domain test set; the others are
+the stream, in name order or (``order: seeded``) in a permutation drawn from the seed, so that runs with
+different seeds see the same documents in different orders and are scored on the same held-out set. Each document is cut into blocks as the splits are (its last partial block is dropped); the
 stream's blocks are cut into chunks of ``chunk_blocks``, and a tail shorter than a chunk is not used (its
 size is reported). Each chunk has a sha256 over its token ids, so a continuation can check
 that it reads the same stream as the run it continues.
@@ -70,10 +71,13 @@ def chunk_sha256(chunk: torch.Tensor) -> str:
     return hashlib.sha256(chunk.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
 
 
-def build_stream(params: StreamParams, tokenizer, heldout_blocks: int) -> Stream:
+def build_stream(params: StreamParams, tokenizer, heldout_blocks: int, seed: int = 0) -> Stream:
     """Tokenize the source into the chunked stream and the held-out blocks (``heldout_blocks`` spread)."""
     documents = stream_documents(params.source)
     kept = [doc for i, doc in enumerate(documents) if i % params.heldout_every != 0]
+    if params.order == "seeded":
+        order = torch.randperm(len(kept), generator=torch.Generator().manual_seed(seed)).tolist()
+        kept = [kept[i] for i in order]
     heldout = [doc for i, doc in enumerate(documents) if i % params.heldout_every == 0]
     if not kept:
         raise ValueError(f"stream source {params.source!r}: {len(documents)} document(s), all held out "
