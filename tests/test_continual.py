@@ -492,7 +492,7 @@ def test_continual_report_gives_means_spreads_and_ratios_to_the_reference(work):
     assert lines[("ann", "old_ppl")] == ([0.0, 6.0], [60.0, 61.0])
 
 
-def test_continual_report_refuses_a_reference_without_every_seed(work):
+def test_continual_report_refuses_a_reference_without_every_seed_or_of_another_length(work):
     import pandas as pd
 
     from snn_research.continual.adapt import CURVE_COLUMNS
@@ -502,6 +502,12 @@ def test_continual_report_refuses_a_reference_without_every_seed(work):
     result = invoke("continual-report", "meta-s0.csv", "meta-s1.csv", "ann-s0.csv", "--reference", "ann",
                     "--csv", "all.csv", "--plot", "all.png", "--table", "all.md")
     assert result.exit_code == 1 and "seed(s) [1]" in result.output
+    assert not Path("all.csv").exists()
+    longer = pd.DataFrame([dict.fromkeys(CURVE_COLUMNS, 1.0)] * 2, columns=CURVE_COLUMNS).assign(chunk=[0, 3])
+    longer.to_csv("ann-s1.csv", index=False)
+    result = invoke("continual-report", "meta-s0.csv", "meta-s1.csv", "ann-s0.csv", "ann-s1.csv", "--reference",
+                    "ann", "--csv", "all.csv", "--plot", "all.png", "--table", "all.md")
+    assert result.exit_code == 1 and "run meta-s1 ends after chunk 1" in result.output and "chunk 3" in result.output
     assert not Path("all.csv").exists()
 
 

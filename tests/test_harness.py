@@ -89,13 +89,16 @@ def test_loglikelihood_scores_the_continuation_after_its_context(hybrid):
     assert greedy == (predicted == continuation_ids)
 
 
-def test_generate_until_cuts_the_greedy_text_at_the_first_stop(hybrid):
-    from snn_research.generate import GenerationOptions, _eos_ids, generate_ids
-
-    prompt = hybrid.prefix + hybrid._encode("All the world's a")
-    ids, _, _ = generate_ids(hybrid.model, prompt, GenerationOptions(max_new_tokens=12),
-                             _eos_ids(hybrid.model, hybrid.tokenizer))
-    text = hybrid.tokenizer.decode(ids, skip_special_tokens=True)
+def test_generate_until_is_greedy_decoding_cut_at_the_first_stop(hybrid):
+    ids = hybrid.prefix + hybrid._encode("All the world's a")
+    generated = []
+    with torch.no_grad():  # greedy decoding written here without a cache: one full forward per token
+        for _ in range(12):
+            token = int(hybrid.model(input_ids=torch.tensor([ids + generated]), use_cache=False).logits[0, -1].argmax())
+            generated.append(token)
+            if token == hybrid.tokenizer.eos_token_id:
+                break
+    text = hybrid.tokenizer.decode(generated, skip_special_tokens=True)
     (full,) = hybrid.generate_until([Request(("All the world's a", {"until": [], "max_gen_toks": 12}))])
     assert full == text
     stop = text[3:5]
@@ -103,6 +106,41 @@ def test_generate_until_cuts_the_greedy_text_at_the_first_stop(hybrid):
     assert cut == text[: text.index(stop)]
     with pytest.raises(ValueError, match="greedily"):
         hybrid.generate_until([Request(("x", {"do_sample": True}))])
+
+
+def _merging_tokenizer():
+    """A BPE tokenizer whose merge 'bc' straddles the boundary of context 'ab' and continuation 'cd'."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<bos>": 0, "a": 1, "b": 2, "c": 3, "d": 4, " ": 5, "bc": 6}
+    bpe = Tokenizer(models.BPE(vocab=vocab, merges=[("b", "c")]))
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<bos>")
+
+
+def test_a_pair_is_split_where_the_whole_texts_tokens_start():
+    from snn_research.evaluation.harness import encode_pair
+
+    tokenizer = _merging_tokenizer()
+    whole = tokenizer("abcd", add_special_tokens=False)["input_ids"]
+    assert whole == [1, 6, 4]  # 'bc' merges across the boundary
+    context_ids, continuation_ids = encode_pair(tokenizer, [0], "ab", "cd")
+    assert context_ids + continuation_ids == [0, *whole]  # the model sees the tokenizer's own split
+    assert continuation_ids == [4]  # the straddling token counts with the context
+    assert encode_pair(tokenizer, [0], "a ", "bd") == ([0, 1], [5, 2, 4])  # the space moves to the continuation
+    assert encode_pair(tokenizer, [0], "<bos>ab", "d") == ([0, 1, 2], [4])  # no second BOS
+    assert encode_pair(tokenizer, [0], "ab", "") == ([0, 1, 2], [])
+
+
+def test_an_empty_or_overlong_continuation_is_scored_not_refused(hybrid):
+    (empty,) = hybrid.loglikelihood([Request(("To be", ""))])
+    assert empty == (0.0, True)
+    long_continuation = " to be or not to be" * 4  # longer than the 31-token window
+    (score, _), = hybrid.loglikelihood([Request(("Hamlet:", long_continuation))])
+    _, continuation_ids = hybrid.encode_pair("Hamlet:", long_continuation)
+    (rolling,) = hybrid.loglikelihood_rolling([Request(("Hamlet:" + long_continuation,))])
+    assert len(continuation_ids) > hybrid.max_length and math.isfinite(score) and score < 0
+    assert score > rolling  # only the last window's tokens are scored
 
 
 def test_the_harness_runs_local_tasks_on_a_hybrid_folder_with_its_scores(pipeline, hybrid, monkeypatch, tmp_path):

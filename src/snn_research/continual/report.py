@@ -72,6 +72,12 @@ def last_rows(curves: pd.DataFrame, reference: str | None = None) -> pd.DataFram
         missing = sorted(set(runs["seed"]) - set(yardstick.index))
         if missing:
             raise ValueError(f"reference setting {reference!r} has no run with seed(s) {missing}")
+        unequal = runs[runs["chunks"] != runs["seed"].map(yardstick["chunks"])]
+        if not unequal.empty:
+            row = unequal.iloc[0]
+            raise ValueError(f"run {row['setting']}-s{row['seed']} ends after chunk {row['chunks']}, the reference's "
+                             f"run with its seed after chunk {yardstick.loc[row['seed'], 'chunks']}: the ratio "
+                             "would compare different amounts of adaptation")
         for domain in ("new", "old"):
             for suffix in ("_start", ""):
                 ref = runs["seed"].map(yardstick[f"{domain}_ppl{suffix}"])

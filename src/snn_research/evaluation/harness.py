@@ -3,10 +3,12 @@
 ``FolderLM`` answers the harness's three request types with the project's own loading and scoring:
 
 - ``loglikelihood(context, continuation)``: the continuation's summed log-probability after the context, and
-  whether greedy decoding would have produced it. The pair is encoded as the harness's Hugging Face model
-  encodes it: the whole text at once, the continuation's tokens being those past the context's (a space
-  that ends the context moves to the continuation first), and the tokenizer's BOS in front, as every block
-  of the project's own splits starts with it. A sequence longer than ``max_length`` keeps its last tokens.
+  whether greedy decoding would have produced it. The whole text is encoded once (a space that ends the
+  context moves to the continuation first, as the harness's Hugging Face model does) and fed as it is; the
+  continuation's tokens are those that start at or after the context's end. So the model never sees a
+  split the tokenizer would not make; a token that straddles the boundary counts with the context. The
+  tokenizer's BOS goes in front (unless the text starts with it), as every block of the project's splits
+  starts with it. A sequence longer than ``max_length`` keeps its last tokens.
 - ``loglikelihood_rolling(text)``: the text's summed log-probability in windows of ``max_length`` tokens, each
   token predicted once, the first window after BOS, every later one with as much preceding text as fits
   (the harness's documented windowing). Text that fits in one window is scored exactly as the project's
@@ -16,7 +18,9 @@
 
 The harness itself is an optional extra (``pip install -e ".[harness]"``): this module imports it only in
 ``register`` and ``evaluate_tasks``, so the project needs it only to run benchmarks. ``snn-research lm-eval
-FOLDER --tasks ...`` runs tasks on a folder; ``--include-path`` adds a folder of task YAMLs (local data).
+FOLDER --tasks ...`` runs tasks on a folder; ``--include-path`` adds a folder of task YAMLs (local data). The
+``lm_eval`` command line does not import this module: from Python, ``register()`` makes the model known to
+the harness as ``snn-hybrid``.
 """
 
 from __future__ import annotations
@@ -27,6 +31,21 @@ from typing import Any
 import torch
 
 MODEL_NAME = "snn-hybrid"
+
+
+def encode_pair(tokenizer, prefix: list[int], context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(prefix + the context's tokens, the continuation's tokens) of the whole text encoded once: the
+    continuation's tokens are those starting at or after the context's end (after a space that ends the
+    context has moved to the continuation); an empty continuation gives no token."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    encoding = tokenizer(context + continuation, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = list(encoding["input_ids"]), encoding["offset_mapping"]
+    split = next((i for i, (start, _) in enumerate(offsets) if start >= len(context)), len(ids))
+    if ids and prefix and ids[0] == prefix[0]:
+        prefix = []  # the text starts with the BOS already
+    return prefix + ids[:split], ids[split:]
 
 
 class FolderLM:
@@ -41,49 +60,43 @@ class FolderLM:
         configured = getattr(self.model.config, "max_position_embeddings", None) or 2049
         self.max_length = int(max_length or min(configured, 2049) - 1)  # + 1 fed token whose logits go unused
         if self.max_length < 2:
-            raise ValueError(f"max_length must be >= 2 (got {self.max_length})")
+            raise ValueError(f"--max-length must be >= 2 (got {self.max_length})")
         self.max_gen_toks = int(max_gen_toks)
-        bos = self.tokenizer.bos_token_id
-        self.prefix = [bos] if bos is not None else [self.tokenizer.eos_token_id]
-        if self.prefix[0] is None:
-            raise ValueError(f"{path}: the tokenizer has neither a BOS nor an EOS token to start a sequence with")
+        if self.tokenizer.bos_token_id is None:
+            raise ValueError(f"{path}: the tokenizer has no BOS token to start a sequence with")
+        self.prefix = [self.tokenizer.bos_token_id]
 
     def _encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     @torch.no_grad()
-    def _log_probs(self, ids: list[int]) -> torch.Tensor:
-        """(len(ids) - 1, V) log-probabilities of ids[1:], each from the tokens before it, in float32. The whole
-        sequence is fed and the last position's logits dropped, as the project's scorer feeds a block: a
-        spiking site rounds to levels, so even the float noise of another sequence length could move a token."""
-        logits = self.model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, :-1].float()
-        return logits.log_softmax(-1)
+    def _log_probs(self, ids: list[int], scored: int) -> torch.Tensor:
+        """(scored, V) log-probabilities of the last ``scored`` tokens of ``ids``, each from the tokens before
+        it, in float32. The whole sequence is fed and the last position's logits dropped, as the project's
+        scorer feeds a block: a spiking site rounds to levels, so even the float noise of another sequence
+        length could move a token. Only the scored positions get a softmax (Gemma's vocabulary is 262k)."""
+        logits = self.model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, :-1]
+        return logits[-scored:].float().log_softmax(-1)
 
     def _score(self, ids: list[int], scored: int) -> tuple[float, bool]:
         """Summed log-probability of the last ``scored`` tokens of ``ids``, and whether each is the argmax."""
-        log_probs = self._log_probs(ids)[-scored:]
+        if scored == 0:
+            return 0.0, True
+        log_probs = self._log_probs(ids, scored)
         targets = torch.tensor(ids[-scored:])
         total = float(log_probs.gather(-1, targets[:, None]).sum())
         return total, bool((log_probs.argmax(-1) == targets).all())
 
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        """(context ids with the prefix, continuation ids), split as the harness's Hugging Face model splits."""
-        spaces = len(context) - len(context.rstrip())
-        if spaces:
-            context, continuation = context[:-spaces], context[-spaces:] + continuation
-        whole = self._encode(context + continuation)
-        context_ids = self._encode(context)
-        return self.prefix + context_ids, whole[len(context_ids):]
+        return encode_pair(self.tokenizer, self.prefix, context, continuation)
 
     def loglikelihood(self, requests: list[Any]) -> list[tuple[float, bool]]:
         results = []
         for request in requests:
-            context, continuation = request.args[0], request.args[1]
-            context_ids, continuation_ids = self.encode_pair(context, continuation)
-            if not continuation_ids:
-                raise ValueError(f"the continuation {continuation!r} encodes to no token")
+            context_ids, continuation_ids = self.encode_pair(request.args[0], request.args[1])
             ids = (context_ids + continuation_ids)[-(self.max_length + 1):]
-            results.append(self._score(ids, len(continuation_ids)))
+            # a continuation longer than the window keeps its last tokens
+            results.append(self._score(ids, min(len(continuation_ids), len(ids) - 1)))
         return results
 
     def rolling_windows(self, tokens: list[int]) -> list[tuple[list[int], int]]:
@@ -119,7 +132,9 @@ class FolderLM:
             max_new = int(kwargs.pop("max_gen_toks", self.max_gen_toks))
             if kwargs.get("do_sample"):
                 raise ValueError(f"{MODEL_NAME} decodes greedily; the task asks for sampling ({kwargs})")
-            prompt = (self.prefix + self._encode(context))[-self.max_length:]
+            if max_new >= self.max_length:
+                raise ValueError(f"max_gen_toks {max_new} leaves no room for a prompt in max_length {self.max_length}")
+            prompt = (self.prefix + self._encode(context))[-(self.max_length - max_new):]
             generated, _, _ = generate_ids(self.model, prompt, GenerationOptions(max_new_tokens=max_new),
                                            _eos_ids(self.model, self.tokenizer))
             text = self.tokenizer.decode(generated, skip_special_tokens=True)
@@ -129,8 +144,8 @@ class FolderLM:
 
 
 def register() -> type:
-    """The harness's model class for folders, registered as ``snn-hybrid`` (``lm_eval --model snn-hybrid
-    --model_args path=FOLDER`` once this module is imported); ImportError names the extra to install."""
+    """The harness's model class for folders, registered as ``snn-hybrid`` (model_args ``path=FOLDER``) for
+    ``lm_eval.simple_evaluate`` in this process; ImportError names the extra to install."""
     try:
         from lm_eval.api.model import LM
         from lm_eval.api.registry import MODEL_REGISTRY, register_model
