@@ -12,7 +12,7 @@ import safetensors.torch
 import torch
 import yaml
 
-from pipeline_support import assert_clean_failure, inside, invoke, prepare, tiny_params
+from pipeline_support import assert_clean_failure, inside, invoke, prepare, saved_figures, tiny_params
 from snn_research.continual.adapt import STATE_DIR, adapt, read_state
 from snn_research.continual.params import load_adapt_params
 from snn_research.continual.plasticity import apply_meta, meta_factor
@@ -487,9 +487,11 @@ def test_continual_report_gives_means_spreads_and_ratios_to_the_reference(work):
     assert printed.endswith("| 50 |")  # the median over both runs' chunks: one slow chunk does not set it
     curves = pd.read_csv(work / "reports/all.csv")
     assert len(curves) == 8 and set(curves["seed"]) == {0, 1}
-    lines = plot(read_curves([Path(p) for p in paths]), work / "reports/again.png")
-    assert lines[("meta", "new_ppl")] == ([0.0, 6.0], [30.0, 21.0])  # the mean over seeds, chunk by chunk
-    assert lines[("ann", "old_ppl")] == ([0.0, 6.0], [60.0, 61.0])
+    with saved_figures() as figures:
+        plot(read_curves([Path(p) for p in paths]), work / "reports/again.png")
+    [figure] = figures
+    assert ("meta", [0.0, 6.0], [30.0, 21.0]) in figure["lines"]  # the mean over seeds, chunk by chunk
+    assert ("ann", [0.0, 6.0], [60.0, 61.0]) in figure["lines"]
 
 
 def test_continual_report_refuses_a_reference_without_every_seed_or_of_another_length(work):

@@ -254,7 +254,7 @@ def adapt_command(
     except ParamsError as error:
         console.print(f"[red]error:[/] {escape(str(error))}", markup=True)
         raise typer.Exit(2) from None
-    name = f"adapt {setting or ''} seed {shared.seed}".replace("  ", " ")
+    name = " ".join(part for part in ("adapt", setting, f"seed {shared.seed}") if part)
     tracker = Tracker(shared, params, name, {"adapt": loaded.model_dump(mode="json"), "seed": shared.seed})
     tracked_run(name, tracker, shared.tracking.strict,
                 lambda: adapt(loaded, shared, log_metrics=tracker.log_metrics, echo=console.print, timings=timings),

@@ -153,16 +153,14 @@ def read_seconds(folder: Path | None, runs: pd.DataFrame) -> dict[str, float]:
     return {setting: statistics.median(v) for setting, v in values.items() if v}
 
 
-def plot(curves: pd.DataFrame, path: Path) -> dict[tuple[str, str], tuple[list[float], list[float]]]:
-    """Per panel, each setting's mean over seeds by chunk, with its min ... max band; returns the plotted
-    lines, (setting, column) -> (chunks, means), as the figure holds them."""
+def plot(curves: pd.DataFrame, path: Path) -> None:
+    """Per panel, each setting's mean over seeds by chunk, with its min ... max band."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, len(PANELS), figsize=(4.2 * len(PANELS), 3.6))
-    lines = {}
     for axis, (column, title) in zip(axes, PANELS):
         for setting, frame in curves.groupby("setting", sort=False):
             by_chunk = frame.groupby("chunk")[column]
@@ -171,7 +169,6 @@ def plot(curves: pd.DataFrame, path: Path) -> dict[tuple[str, str], tuple[list[f
                 (line,) = axis.plot(mean.index, mean.values, marker="o", markersize=3, label=setting)
                 axis.fill_between(mean.index, by_chunk.min().values, by_chunk.max().values, alpha=0.15,
                                   color=line.get_color(), linewidth=0)
-                lines[(setting, column)] = (list(map(float, line.get_xdata())), list(map(float, line.get_ydata())))
         axis.set_title(title, fontsize=9)
         axis.set_xlabel("chunk")
         axis.grid(alpha=0.3)
@@ -182,7 +179,6 @@ def plot(curves: pd.DataFrame, path: Path) -> dict[tuple[str, str], tuple[list[f
     figure.savefig(tmp, dpi=110, metadata={"Software": None})
     plt.close(figure)
     tmp.replace(path)
-    return lines
 
 
 def write_report(curve_paths: list[Path], csv_path: Path, plot_path: Path, table_path: Path,

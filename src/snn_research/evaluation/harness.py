@@ -102,10 +102,8 @@ class FolderLM:
     def rolling_windows(self, tokens: list[int]) -> list[tuple[list[int], int]]:
         """(window ids, scored tokens at its end) covering ``tokens`` once each: the first window after the
         prefix, each later one ending at its last scored token with up to ``max_length`` tokens of input."""
-        windows, done = [], 0
         first = tokens[: self.max_length]
-        windows.append((self.prefix + first, len(first)))
-        done = len(first)
+        windows, done = [(self.prefix + first, len(first))], len(first)
         while done < len(tokens):
             scored = min(self.max_length, len(tokens) - done)
             end = done + scored
@@ -117,8 +115,7 @@ class FolderLM:
         results = []
         for request in requests:
             tokens = self._encode(request.args[0])
-            results.append(sum(self._score(ids, scored)[0] for ids, scored in self.rolling_windows(tokens)
-                               if scored))
+            results.append(sum(self._score(ids, scored)[0] for ids, scored in self.rolling_windows(tokens)))
         return results
 
     def generate_until(self, requests: list[Any]) -> list[str]:
