@@ -1,10 +1,11 @@
 """How much the integer path's weight rounding costs on a real model, per consumer (no pipeline change).
 
-    python -m benchmarks.integer_trial [--teacher models/teacher] [--thresholds reports/thresholds.safetensors]
-                                       [--splits data/splits] [--blocks 2] [--time-steps 5]
+    python -m benchmarks.integer_trial [--teacher models/teacher] [--conversion reports] [--splits data/splits]
+                                       [--blocks 2]
 
 For every gated FFN of the teacher, on ``--blocks`` test blocks: the FFN's input and product are encoded
-with the weighted code at the conversion's thresholds (``reports/thresholds.safetensors``), and each
+with the weighted code at the conversion's thresholds and T (``reports/thresholds.safetensors`` and
+``reports/conversion_metadata.json``; the conversion must use the weighted encoder), and each
 consumer (gate and up on the input's levels, down on the product's levels) is computed in FP32 on the
 decoded levels and through ``snn_research.hybrid.integer`` with the thresholds folded into the weights,
 at 8 bits (one scale per output channel, and groups of 128) and at 4 bits (groups of 128 and 64). Beside
@@ -15,6 +16,7 @@ output error ||y - y_fp32|| / ||y_fp32|| per consumer, mean and worst over layer
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import torch
@@ -38,13 +40,17 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--teacher", type=Path, default=Path("models/teacher"))
-    parser.add_argument("--thresholds", type=Path, default=Path("reports/thresholds.safetensors"))
+    parser.add_argument("--conversion", type=Path, default=Path("reports"),
+                        help="folder of conversion_metadata.json and thresholds.safetensors")
     parser.add_argument("--splits", type=Path, default=Path("data/splits"))
     parser.add_argument("--blocks", type=int, default=2)
-    parser.add_argument("--time-steps", type=int, default=5)
     args = parser.parse_args(argv)
+    plan = json.loads((args.conversion / "conversion_metadata.json").read_text())["plan"]
+    if plan["encoder"] != "weighted":
+        parser.error(f"{args.conversion / 'conversion_metadata.json'}: encoder {plan['encoder']!r}; the integer "
+                     "path takes the weighted code's levels")
     model, _ = load_teacher(args.teacher)
-    thresholds = load_file(str(args.thresholds))
+    thresholds = load_file(str(args.conversion / "thresholds.safetensors"))
     ids = load_blocks(args.splits, "test").input_ids[:args.blocks]
     captured: dict[str, torch.Tensor] = {}
     mlps = find_mlps(model)
@@ -55,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         model(input_ids=ids, use_cache=False)
     for hook in hooks:
         hook.remove()
-    T = args.time_steps
+    T = int(plan["time_steps"])
     L = 2 ** T - 1
     errors: dict[str, dict[str, list[float]]] = {}
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import shutil
 import subprocess
@@ -102,7 +103,10 @@ def set_dotted(params: dict, values: dict) -> dict:
 
 
 def run_stage(folder: Path, stage: str) -> tuple[dict | None, str]:
-    """One stage as its own process; (its cost record, '') or (None, why it failed)."""
+    """One stage as its own process; (its cost record, '') or (None, why it failed). The stage's cost file
+    is removed first, so a record left by an earlier run is never read as this one's."""
+    record = folder / "reports" / "timings" / f"{stage}.json"
+    record.unlink(missing_ok=True)
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     env.pop("MLFLOW_TRACKING_URI", None)
     done = subprocess.run([sys.executable, "-m", "snn_research", stage, "-p", "params.yaml"], cwd=folder, env=env,
@@ -111,13 +115,22 @@ def run_stage(folder: Path, stage: str) -> tuple[dict | None, str]:
         killed = " (killed: out of memory?)" if done.returncode in (-9, 137) else ""
         tail = (done.stdout + done.stderr).strip().splitlines()[-3:]
         return None, f"exit {done.returncode}{killed}: {' | '.join(tail)}"
-    import json
+    if not record.is_file():
+        return None, "the stage succeeded but wrote no cost record (its output says why)"
+    return json.loads(record.read_text()), ""
 
-    return json.loads((folder / "reports" / "timings" / f"{stage}.json").read_text()), ""
+
+FIELDS = ("size", "params_m", "scale", "stage", "seconds", "peak_gib", "peak_over_fp32", "failure")
 
 
-def measure(sizes: list[str], scales: list[int], workdir: Path) -> list[dict]:
+def measure(sizes: list[str], scales: list[int], workdir: Path, progress: Path | None = None) -> list[dict]:
+    """Every stage at every size and scale; each row is also appended to ``progress`` (CSV) as it comes, so
+    an interrupted run keeps what it measured."""
     rows = []
+    if progress is not None:
+        progress.parent.mkdir(parents=True, exist_ok=True)
+        with progress.open("w", newline="") as handle:
+            csv.DictWriter(handle, fieldnames=FIELDS).writeheader()
     base_params = yaml.safe_load((ROOT / "params.yaml").read_text())
     for size in sizes:
         folder = workdir / size
@@ -140,6 +153,9 @@ def measure(sizes: list[str], scales: list[int], workdir: Path) -> list[dict]:
                        "peak_over_fp32": round(cost["peak_rss_bytes"] / fp32, 2) if cost else None,
                        "failure": failure}
                 rows.append(row)
+                if progress is not None:
+                    with progress.open("a", newline="") as handle:
+                        csv.DictWriter(handle, fieldnames=FIELDS).writerow(row)
                 shown = failure or f"{row['seconds']:8.1f} s  {row['peak_gib']:6.2f} GiB  " \
                                    f"{row['peak_over_fp32']:5.2f}x FP32"
                 print(f"  {size:5s} s={scale} {stage:17s} {shown}", flush=True)
@@ -151,7 +167,8 @@ def measure(sizes: list[str], scales: list[int], workdir: Path) -> list[dict]:
 
 
 def add_ratios(rows: list[dict], sizes: list[str], scales: list[int]) -> None:
-    """Each row's seconds and peak over the previous size's (same scale, same stage) and over scale 1's."""
+    """Each row's seconds and peak over the next smaller size's (same scale, same stage) and over the first
+    scale's (same size); ``sizes`` smallest first, ``scales`` ascending."""
     found = {(r["size"], r["scale"], r["stage"]): r for r in rows}
     for r in rows:
         index = sizes.index(r["size"])
@@ -163,9 +180,9 @@ def add_ratios(rows: list[dict], sizes: list[str], scales: list[int]) -> None:
             r[f"peak_{key}"] = round(r["peak_gib"] / other["peak_gib"], 2) if ok else None
 
 
-def table(rows: list[dict]) -> str:
+def table(rows: list[dict], first_scale: int = 1) -> str:
     head = ("| size | params (M) | data scale | stage | seconds | peak GiB | peak / FP32 model | seconds vs smaller "
-            "| peak vs smaller | seconds vs scale 1 | peak vs scale 1 |")
+            f"| peak vs smaller | seconds vs scale {first_scale} | peak vs scale {first_scale} |")
     lines = [head, "|" + "---|" * 11]
 
     def cell(value):
@@ -189,25 +206,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=None, help="where the throw-away folders go (default: a "
                         "temporary folder; the 1b size needs about 25 GB of disk)")
     args = parser.parse_args(argv)
-    sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
-    unknown = sorted(set(sizes) - set(SIZES))
-    if unknown:
-        parser.error(f"--sizes: unknown size(s) {unknown}; choose from {list(SIZES)}")
+    chosen = {s.strip() for s in args.sizes.split(",") if s.strip()}
+    unknown = sorted(chosen - set(SIZES))
+    if unknown or not chosen:
+        parser.error(f"--sizes: unknown size(s) {unknown or args.sizes!r}; choose from {list(SIZES)}")
+    sizes = [size for size in SIZES if size in chosen]  # smallest first: "vs smaller" is the next smaller
     try:
         scales = [int(s) for s in args.scales.split(",") if s.strip()]
     except ValueError:
         parser.error(f"--scales: integers >= 1 separated by commas (got {args.scales!r})")
     if not scales or min(scales) < 1:
         parser.error(f"--scales: integers >= 1 separated by commas (got {args.scales!r})")
+    scales = sorted(set(scales))  # the first is the one "vs scale" divides by
     with tempfile.TemporaryDirectory(prefix="snn-scale-", dir=args.workdir) as work:
-        rows = measure(sizes, scales, Path(work))
+        rows = measure(sizes, scales, Path(work), progress=BENCH_DIR / "scale.partial.csv")
     add_ratios(rows, sizes, scales)
-    print(table(rows))
-    BENCH_DIR.mkdir(parents=True, exist_ok=True)
+    print(table(rows, scales[0]))
     with (BENCH_DIR / "scale.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+    (BENCH_DIR / "scale.partial.csv").unlink(missing_ok=True)
     print(f"rows -> {BENCH_DIR / 'scale.csv'}")
     return 1 if any(r["failure"] for r in rows) else 0
 

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from snn_research.hybrid.adapter import weighted_levels
 from snn_research.hybrid.integer import (
+    IntegerWeight,
     encode_int8,
     float_reference,
     fold_thresholds,
@@ -116,13 +117,33 @@ def test_bad_inputs_are_refused_by_name():
     assert torch.equal(zero.q, torch.zeros(2, 8, dtype=torch.int8)) and torch.equal(zero.scale, torch.ones(2, 1))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("time_steps", [1, 5, 7])
-def test_encode_int8_gives_the_weighted_codes_levels(time_steps):
+def test_encode_int8_gives_the_weighted_codes_levels(time_steps, dtype):
     x, threshold, _, _ = site(64, 256, 8, time_steps, seed=4)
-    x[0, :4] = torch.tensor([0.0, -0.0, 1e9, -1e9])  # zero, both signs, clamped at L
+    x, threshold = x.to(dtype), threshold.to(dtype)
+    # zero, both signs, clamped at L, and (T = 7, float64) a charge a hair below a rounding edge that float32
+    # would cross
+    x[0, :5] = torch.tensor([0.0, -0.0, 1e9, -1e9, (9.5 - 1e-9) / 127], dtype=torch.float64).to(dtype)
+    threshold[4] = 1.0
     expected = weighted_levels(x, threshold, time_steps)
     got = encode_int8(x, threshold, time_steps)
-    assert got.dtype == torch.int8 and torch.equal(got.to(torch.float32), expected)
+    assert got.dtype == torch.int8 and torch.equal(got.to(torch.float64), expected.to(torch.float64))
     assert int(got.abs().max()) == 2 ** time_steps - 1
     with pytest.raises(ValueError, match="T <= 7"):
         encode_int8(x, threshold, 8)
+    x[1, 1] = float("nan")
+    with pytest.raises(ValueError, match="not finite"):
+        encode_int8(x, threshold, time_steps)
+
+
+def test_levels_and_weights_out_of_range_are_refused():
+    weight = quantize_weight(torch.randn(4, 8), 8)
+    with pytest.raises(ValueError, match="-128 does not fit"):
+        integer_linear(torch.full((2, 8), -128, dtype=torch.int8), weight)
+    with pytest.raises(ValueError, match="must be finite"):
+        integer_linear(torch.tensor([[float("inf")] + [0.0] * 7]), weight)
+    with pytest.raises(ValueError, match="beyond \\+-7"):
+        IntegerWeight(q=torch.full((4, 8), 8, dtype=torch.int8), scale=torch.ones(4, 1), bits=4, group_size=8)
+    with pytest.raises(ValueError, match="need \\(4, 2\\)"):
+        IntegerWeight(q=torch.zeros(4, 8, dtype=torch.int8), scale=torch.ones(4, 1), bits=4, group_size=4)

@@ -122,8 +122,10 @@ def tracked_run(name: str, tracker, strict: bool, work, done_message, failures: 
     except KeyboardInterrupt:
         tracker.finish("KILLED")
         raise
-    if meter is not None:
+    if meter is not None and meter.cost is not None:
         _record_cost(meter.cost, costs, tracker)
+    elif meter is not None:
+        console.print(f"[yellow]the cost of {escape(meter.name)} was not measured ({escape(str(meter.error))})[/]")
     tracker.finish()
     console.print(done_message(result))
     if tracker.failed and strict:
@@ -138,10 +140,10 @@ def _record_cost(cost, folder: Path, tracker) -> None:
     never fatal (the outputs are already written)."""
     from snn_research.costs import write_cost
 
-    tracker.log_metrics(cost.metrics())
     try:
+        tracker.log_metrics(cost.metrics())
         write_cost(cost, folder)
-    except OSError as error:
+    except Exception as error:  # noqa: BLE001 - the outputs are written: a lost cost must not fail the stage
         console.print(f"[yellow]the cost of {escape(cost.name)} was not written ({escape(str(error))})[/]")
 
 

@@ -10,7 +10,8 @@ Peak resident memory is the high-water mark of this process while the work ran: 
 when the work starts (writing 5 to ``/proc/self/clear_refs``) and read from ``VmHWM`` at the end, so what
 the interpreter and the imports held before counts, what an earlier stage of the same process peaked at does
 not (``peak_rss_scope: stage``). Where the reset is refused, the process's whole-life peak
-(``getrusage``) is recorded instead (``peak_rss_scope: process``). The resident size is also sampled once a
+(``getrusage``) is recorded instead (``peak_rss_scope: process``). The kernel updates the mark lazily, so
+the recorded peak is the larger of the mark and the largest sample. The resident size is also sampled once a
 second (``rss_timeline``, MiB), which shows where in a stage its peak falls. On a CUDA device the peak of
 torch's allocator is recorded too.
 """
@@ -101,7 +102,9 @@ class CostMeter:
         self.name = name
         self.interval_s = interval_s
         self.cost: StageCost | None = None
+        self.error: str | None = None  # why a successful work's cost could not be built
         self._timeline: list[tuple[float, int]] = []
+        self._sampled_kib = 0  # the largest resident size sampled
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._scope: Literal["stage", "process"] = "process"
@@ -109,12 +112,16 @@ class CostMeter:
         self._start = 0.0
 
     def __enter__(self) -> CostMeter:
+        self.cost, self.error = None, None
+        self._timeline, self._sampled_kib = [], 0
+        self._stop = threading.Event()
         self._scope = "stage" if _reset_peak_rss() else "process"
         self._cuda = _cuda_ready()
         if self._cuda:
             import torch
 
-            torch.cuda.reset_peak_memory_stats()
+            for index in range(torch.cuda.device_count()):  # the stage's device need not be the current one
+                torch.cuda.reset_peak_memory_stats(index)
         self._start = time.perf_counter()
         self._thread = threading.Thread(target=self._sample, name=f"cost meter {self.name}", daemon=True)
         self._thread.start()
@@ -125,22 +132,37 @@ class CostMeter:
             rss = _status_kib("VmRSS")
             if rss is not None:
                 self._timeline.append((round(time.perf_counter() - self._start, 1), rss // 1024))
+                self._sampled_kib = max(self._sampled_kib, rss)
             if self._stop.wait(self.interval_s):
                 return
 
     def __exit__(self, kind, error, trace) -> None:
+        """Stops the sampler; the cost is built only when the work succeeded (a failure records nothing, and
+        its own error is never replaced by one from here). A cost that cannot be built leaves ``cost`` None
+        and says why in ``error``."""
         wall = time.perf_counter() - self._start
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+        if kind is not None:
+            return
+        try:
+            self.cost = self._measured(wall)
+        except Exception as problem:  # noqa: BLE001 - a cost that cannot be built must not fail finished work
+            self.error = f"{type(problem).__name__}: {problem}"
+
+    def _measured(self, wall: float) -> StageCost:
         hwm = _status_kib("VmHWM") if self._scope == "stage" else None
-        peak = hwm * 1024 if hwm is not None else _whole_life_peak_bytes()
+        # the kernel folds per-thread RSS counters into VmHWM lazily, so a sample can exceed it by a little
+        peak = max(hwm * 1024 if hwm is not None else _whole_life_peak_bytes(), self._sampled_kib * 1024)
         import torch  # a stage has imported it already
 
-        gpu = int(torch.cuda.max_memory_allocated()) if self._cuda or _cuda_ready() else None
-        self.cost = StageCost(
+        gpu = None
+        if self._cuda or _cuda_ready():
+            gpu = max(int(torch.cuda.max_memory_allocated(index)) for index in range(torch.cuda.device_count()))
+        return StageCost(
             name=self.name, finished_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            wall_s=round(wall, 3), peak_rss_bytes=peak, peak_rss_scope=self._scope if hwm is not None else "process",
+            wall_s=round(wall, 3), peak_rss_bytes=peak, peak_rss_scope="stage" if hwm is not None else "process",
             peak_gpu_bytes=gpu, threads=torch.get_num_threads(), processes=int(os.environ.get("WORLD_SIZE", "1")),
             interval_s=self.interval_s, rss_timeline=self._timeline)
 
@@ -181,20 +203,21 @@ def read_costs(folder: Path) -> list[StageCost]:
 
 
 def cost_table(costs: list[StageCost], order: list[str] | None = None) -> str:
-    """A markdown table: seconds and peak resident GiB per command (in ``order`` first, then by name)."""
+    """A markdown table: seconds and peak resident GiB per command (in ``order`` first, then by name), and
+    when each finished: a stage that a later ``dvc repro`` did not rerun keeps its older record."""
     rank = {name: index for index, name in enumerate(order or [])}
     rows = sorted(costs, key=lambda cost: (rank.get(cost.name, len(rank)), cost.name))
     gpu = any(cost.peak_gpu_bytes is not None for cost in rows)
-    head = "| stage | seconds | peak resident GiB |" + (" peak GPU GiB |" if gpu else "") + " threads |"
-    lines = [head, "|---|---|---|" + ("---|" if gpu else "") + "---|"]
+    head = "| stage | seconds | peak resident GiB |" + (" peak GPU GiB |" if gpu else "") + " threads | finished (UTC) |"
+    lines = [head, "|---|---|---|" + ("---|" if gpu else "") + "---|---|"]
     for cost in rows:
         scope = "" if cost.peak_rss_scope == "stage" else " (process)"
         cells = [cost.name, f"{cost.wall_s:.0f}", f"{cost.peak_rss_bytes / (1 << 30):.2f}{scope}"]
         if gpu:
             cells.append("-" if cost.peak_gpu_bytes is None else f"{cost.peak_gpu_bytes / (1 << 30):.2f}")
-        cells.append(str(cost.threads))
+        cells += [str(cost.threads), cost.finished_utc]
         lines.append("| " + " | ".join(cells) + " |")
     total = sum(cost.wall_s for cost in rows)
     peak = max((cost.peak_rss_bytes for cost in rows), default=0)
-    lines.append(f"| all | {total:.0f} | {peak / (1 << 30):.2f} (max) |" + (" |" if gpu else "") + " |")
+    lines.append(f"| all | {total:.0f} | {peak / (1 << 30):.2f} (max) |" + (" |" if gpu else "") + " | |")
     return "\n".join(lines)

@@ -40,6 +40,17 @@ class IntegerWeight:
     bits: int
     group_size: int
 
+    def __post_init__(self) -> None:
+        top = qmax(self.bits)
+        if self.q.dtype != torch.int8 or self.q.dim() != 2:
+            raise ValueError(f"q must be a 2-D int8 tensor (got {self.q.dtype}, shape {tuple(self.q.shape)})")
+        if self.q.numel() and int(self.q.to(torch.int16).abs().max()) > top:  # int8's abs() wraps -128
+            raise ValueError(f"q holds a value beyond +-{top}, the range of {self.bits}-bit weights")
+        groups = -(-self.q.shape[1] // self.group_size)
+        if tuple(self.scale.shape) != (self.q.shape[0], groups):
+            raise ValueError(f"scale has shape {tuple(self.scale.shape)}; {self.q.shape[0]} outputs in groups of "
+                             f"{self.group_size} need ({self.q.shape[0]}, {groups})")
+
     @property
     def groups(self) -> int:
         return self.scale.shape[1]
@@ -94,21 +105,32 @@ def encode_int8(x: torch.Tensor, threshold: torch.Tensor, time_steps: int) -> to
     """A weighted-code site's levels as int8, straight from its input: the expression of
     ``adapter.weighted_levels`` (charge |x| L / theta + 1/2, floored, clamped at L, signed) without the float
     tensor in between. T <= 7."""
+    from snn_research.hybrid.adapter import _float32_charge  # the encoder's own expression, float64 kept
+
     levels = 2 ** time_steps - 1
     if levels > MAX_INT8_LEVELS:
         raise ValueError(f"T = {time_steps} gives levels up to {levels}, which do not fit int8: the integer path "
                          f"needs T <= 7")
-    charge = x.to(torch.float32).abs().mul_(levels / threshold.to(torch.float32)).add_(0.5)
-    return charge.floor_().clamp_(max=levels).copysign_(x.to(torch.float32)).to(torch.int8)
+    charge = _float32_charge(x, threshold, float(levels))
+    if not bool(torch.isfinite(charge).all()):
+        raise ValueError("the site's charge is not finite (a NaN or infinite input, or a zero threshold): "
+                         "it has no integer level")
+    return charge.floor_().clamp_(max=levels).copysign_(x.to(charge.dtype)).to(torch.int8)
 
 
 def levels_as_int8(levels: torch.Tensor) -> torch.Tensor:
     """Weighted-code levels (float or integer, whole numbers in [-127, 127]) as int8; a level out of range
     (T > 7) or not whole is refused rather than wrapped or rounded."""
+    if levels.is_floating_point():
+        if not bool(torch.isfinite(levels).all()):
+            raise ValueError("levels must be finite (got a NaN or infinite level)")
+        if not torch.equal(levels, levels.round()):
+            raise ValueError("levels must be whole numbers (a weighted code's levels)")
     if levels.dtype == torch.int8:
+        if bool((levels == -128).any()):  # the one int8 value beyond the code's range
+            raise ValueError(f"a level of -128 does not fit the code: levels lie in [-{MAX_INT8_LEVELS}, "
+                             f"{MAX_INT8_LEVELS}]")
         return levels
-    if levels.is_floating_point() and not torch.equal(levels, levels.round()):
-        raise ValueError("levels must be whole numbers (a weighted code's levels)")
     peak = int(levels.abs().max()) if levels.numel() else 0
     if peak > MAX_INT8_LEVELS:
         raise ValueError(f"a level of {peak} does not fit int8: the integer path needs T <= 7 "
@@ -139,7 +161,7 @@ def _float64_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def integer_linear(levels: torch.Tensor, weight: IntegerWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """(..., in) levels -> (..., out) float32: int8 levels times int8 weights, int32 sums, float scales."""
     rows = levels_as_int8(levels).reshape(-1, levels.shape[-1])
-    _check_accumulator(weight)
+    _check_accumulator(weight.bits, weight.group_size)
     out = _grouped_accumulate(rows, weight, _int_product)
     if bias is not None:
         out = out + bias.to(torch.float32)
@@ -155,11 +177,12 @@ def float_reference(levels: torch.Tensor, weight: IntegerWeight, bias: torch.Ten
     return out.reshape(*levels.shape[:-1], weight.q.shape[0])
 
 
-def _check_accumulator(weight: IntegerWeight) -> None:
-    """int32 holds any group's sum: |sum| <= 127 * qmax * group_size < 2^31."""
-    worst = MAX_INT8_LEVELS * qmax(weight.bits) * weight.group_size
+def _check_accumulator(bits: int, group_size: int) -> None:
+    """int32 holds any group's sum: |sum| <= 127 * qmax * group_size < 2^31 (q's range is checked when an
+    IntegerWeight is made)."""
+    worst = MAX_INT8_LEVELS * qmax(bits) * group_size
     if worst >= 2 ** 31:
-        raise ValueError(f"a group of {weight.group_size} inputs could overflow the int32 accumulator")
+        raise ValueError(f"a group of {group_size} inputs could overflow the int32 accumulator")
 
 
 def w8a8_linear(x: torch.Tensor, weight: IntegerWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -171,6 +194,7 @@ def w8a8_linear(x: torch.Tensor, weight: IntegerWeight, bias: torch.Tensor | Non
     token_scale = rows.abs().amax(dim=1, keepdim=True) / 127.0
     token_scale = torch.where(token_scale > 0, token_scale, torch.ones_like(token_scale))
     q = torch.round(rows / token_scale).clamp_(-127, 127).to(torch.int8)
+    _check_accumulator(8, weight.q.shape[1])  # one group: the whole row
     out = _int_product(q, weight.q.t()).to(torch.float32) * token_scale * weight.scale[:, 0]
     if bias is not None:
         out = out + bias.to(torch.float32)
