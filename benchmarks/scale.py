@@ -2,6 +2,7 @@
 
     python -m benchmarks.scale                         # 100m, 270m and 1b, data scales 1 and 2 (about an hour)
     python -m benchmarks.scale --sizes 100m --scales 1,2
+    python -m benchmarks.scale --sizes 1b --scales 1 --set distill.batch_size=1   # any param over the benchmark's
     make bench-scale
 
 For each size a random Gemma 3 text model (the 262,144-entry vocabulary, the real 270M and 1B shapes, and a
@@ -123,7 +124,8 @@ def run_stage(folder: Path, stage: str) -> tuple[dict | None, str]:
 FIELDS = ("size", "params_m", "scale", "stage", "seconds", "peak_gib", "peak_over_fp32", "failure")
 
 
-def measure(sizes: list[str], scales: list[int], workdir: Path, progress: Path | None = None) -> list[dict]:
+def measure(sizes: list[str], scales: list[int], workdir: Path, progress: Path | None = None,
+            extra: dict | None = None) -> list[dict]:
     """Every stage at every size and scale; each row is also appended to ``progress`` (CSV) as it comes, so
     an interrupted run keeps what it measured."""
     rows = []
@@ -141,7 +143,8 @@ def measure(sizes: list[str], scales: list[int], workdir: Path, progress: Path |
         for scale in scales:
             folder.mkdir(parents=True, exist_ok=True)
             params = set_dotted(yaml.safe_load(yaml.safe_dump(base_params)),
-                                {**ONE_STEP, **data_knobs(scale), "teacher.source": f"path:{source}"})
+                                {**ONE_STEP, **data_knobs(scale), "teacher.source": f"path:{source}",
+                                 **(extra or {})})
             (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
             for stage in STAGES:
                 if scale != scales[0] and stage in ("download-teacher", "split"):
@@ -205,7 +208,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scales", default="1,2", help="comma-separated data scales (integers >= 1)")
     parser.add_argument("--workdir", type=Path, default=None, help="where the throw-away folders go (default: a "
                         "temporary folder; the 1b size needs about 25 GB of disk)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="a param over the benchmark's (YAML value), e.g. distill.batch_size=1; repeatable")
     args = parser.parse_args(argv)
+    extra = {}
+    for item in args.overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            parser.error(f"--set: KEY=VALUE expected (got {item!r})")
+        extra[key.strip()] = yaml.safe_load(value)
     chosen = {s.strip() for s in args.sizes.split(",") if s.strip()}
     unknown = sorted(chosen - set(SIZES))
     if unknown or not chosen:
@@ -219,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--scales: integers >= 1 separated by commas (got {args.scales!r})")
     scales = sorted(set(scales))  # the first is the one "vs scale" divides by
     with tempfile.TemporaryDirectory(prefix="snn-scale-", dir=args.workdir) as work:
-        rows = measure(sizes, scales, Path(work), progress=BENCH_DIR / "scale.partial.csv")
+        rows = measure(sizes, scales, Path(work), progress=BENCH_DIR / "scale.partial.csv", extra=extra)
     add_ratios(rows, sizes, scales)
     print(table(rows, scales[0]))
     with (BENCH_DIR / "scale.csv").open("w", newline="") as handle:
