@@ -25,6 +25,7 @@ trained one's, which changes no tensor's size.
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import json
 import os
@@ -37,6 +38,7 @@ from pathlib import Path
 import yaml
 
 from benchmarks.common import BENCH_DIR, ROOT
+from snn_research.config import ParamsError, apply_overrides
 
 STAGES = ("download-teacher", "split", "calibrate", "convert", "distill", "finetune", "finetune-teacher", "evaluate")
 VOCAB = 262144
@@ -93,14 +95,9 @@ def write_random_teacher(size: str, folder: Path, seed: int = 0) -> int:
     return count
 
 
-def set_dotted(params: dict, values: dict) -> dict:
-    for key, value in values.items():
-        node = params
-        *sections, last = key.split(".")
-        for section in sections:
-            node = node.setdefault(section, {})
-        node[last] = value
-    return params
+def as_overrides(values: dict) -> list[str]:
+    """``{"distill.steps": 1}`` -> ``["distill.steps=1"]`` for ``config.apply_overrides`` (JSON is YAML)."""
+    return [f"{key}={json.dumps(value)}" for key, value in values.items()]
 
 
 def run_stage(folder: Path, stage: str) -> tuple[dict | None, str]:
@@ -121,11 +118,18 @@ def run_stage(folder: Path, stage: str) -> tuple[dict | None, str]:
     return json.loads(record.read_text()), ""
 
 
+def stage_params(base: dict, source: Path, scale: int, extra: list[str]) -> dict:
+    """The default params with one step of each kind, data scale ``scale``, the random teacher at
+    ``source``, then the user's ``--set`` items."""
+    knobs = {**ONE_STEP, **data_knobs(scale), "teacher.source": f"path:{source}"}
+    return apply_overrides(copy.deepcopy(base), as_overrides(knobs) + extra)
+
+
 FIELDS = ("size", "params_m", "scale", "stage", "seconds", "peak_gib", "peak_over_fp32", "failure")
 
 
 def measure(sizes: list[str], scales: list[int], workdir: Path, progress: Path | None = None,
-            extra: dict | None = None) -> list[dict]:
+            extra: list[str] | None = None) -> list[dict]:
     """Every stage at every size and scale; each row is also appended to ``progress`` (CSV) as it comes, so
     an interrupted run keeps what it measured."""
     rows = []
@@ -142,9 +146,7 @@ def measure(sizes: list[str], scales: list[int], workdir: Path, progress: Path |
         print(f"{size}: {count / 1e6:.0f}M parameters, {fp32 / 2**30:.2f} GiB in FP32", flush=True)
         for scale in scales:
             folder.mkdir(parents=True, exist_ok=True)
-            params = set_dotted(yaml.safe_load(yaml.safe_dump(base_params)),
-                                {**ONE_STEP, **data_knobs(scale), "teacher.source": f"path:{source}",
-                                 **(extra or {})})
+            params = stage_params(base_params, source, scale, extra or [])
             (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
             for stage in STAGES:
                 if scale != scales[0] and stage in ("download-teacher", "split"):
@@ -211,12 +213,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="a param over the benchmark's (YAML value), e.g. distill.batch_size=1; repeatable")
     args = parser.parse_args(argv)
-    extra = {}
-    for item in args.overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            parser.error(f"--set: KEY=VALUE expected (got {item!r})")
-        extra[key.strip()] = yaml.safe_load(value)
+    try:
+        apply_overrides({}, args.overrides)  # refused here, by name, before an hour of work
+    except ParamsError as error:
+        parser.error(str(error))
     chosen = {s.strip() for s in args.sizes.split(",") if s.strip()}
     unknown = sorted(chosen - set(SIZES))
     if unknown or not chosen:
@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--scales: integers >= 1 separated by commas (got {args.scales!r})")
     scales = sorted(set(scales))  # the first is the one "vs scale" divides by
     with tempfile.TemporaryDirectory(prefix="snn-scale-", dir=args.workdir) as work:
-        rows = measure(sizes, scales, Path(work), progress=BENCH_DIR / "scale.partial.csv", extra=extra)
+        rows = measure(sizes, scales, Path(work), progress=BENCH_DIR / "scale.partial.csv", extra=args.overrides)
     add_ratios(rows, sizes, scales)
     print(table(rows, scales[0]))
     with (BENCH_DIR / "scale.csv").open("w", newline="") as handle:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import Gemma3ForCausalLM
@@ -43,3 +45,17 @@ def test_ratios_are_taken_against_the_smaller_size_and_the_first_scale():
     assert rows[3]["seconds_vs_smaller"] == 6.0 and rows[3]["seconds_vs_scale1"] == 2.25
     assert rows[0]["seconds_vs_smaller"] is None and rows[0]["seconds_vs_scale1"] is None
     assert "| 1b | 1.0 | 2 | evaluate | 90.0 | 8.0 | 1.0 | 6.0 | 3.64 | 2.25 | 1.0 |" in table(rows)
+
+
+def test_the_stage_params_validate_with_the_benchmarks_knobs_and_the_users():
+    import yaml
+
+    from benchmarks.scale import ROOT, stage_params
+    from snn_research.config import Params
+
+    base = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params = Params.model_validate(stage_params(base, Path("/models/x"), 2, ["distill.batch_size=1"]))
+    assert params.teacher.source == "path:/models/x" and params.evaluate.registry.name is None
+    assert params.evaluate.max_blocks == 8 and params.calibrate.max_blocks == 16 and params.distill.steps == 1
+    assert params.distill.batch_size == 1 and not params.tracking.enabled and params.device == "cpu"
+    assert base["distill"]["steps"] == 20  # the base is left as it was
