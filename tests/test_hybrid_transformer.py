@@ -169,3 +169,23 @@ def test_plan_refuses_bad_values():
 def test_gated_block_is_built_for_gemma3():
     hybrid = hybrid_of(tiny_model("gemma3"), HybridPlan())
     assert all(isinstance(m, SpikingGatedMLP) for m in spiking_mlps(hybrid))
+
+
+def test_spikes_are_counted_only_when_a_recorder_or_budget_reads_them(input_ids, monkeypatch):
+    """The weighted code's spike count (a popcount) is work: a forward that nobody meters skips it, and a
+    metered one still counts every site."""
+    from snn_research.hybrid.adapter import AnalogToSpikes
+    from snn_research.models.hybrid_transformer import SpikeRecorder
+
+    hybrid = hybrid_of(tiny_model("llama"), HybridPlan(time_steps=4, encoder="weighted"))
+    calls = []
+    original = AnalogToSpikes.spike_count
+    monkeypatch.setattr(AnalogToSpikes, "spike_count", lambda self, levels: calls.append(1) or original(self, levels))
+    with torch.no_grad():
+        plain = hybrid(input_ids).logits
+        assert calls == []
+        with SpikeRecorder(hybrid) as recorder:
+            metered = hybrid(input_ids).logits
+    assert len(calls) == 4  # two FFN sites in each of the two layers
+    assert all(recorder.spike_rate(site) > 0 for site in recorder.spikes)
+    torch.testing.assert_close(plain, metered, rtol=0, atol=0)

@@ -51,3 +51,36 @@ def test_stage_manifests_are_the_same_bytes_in_two_folders(tmp_path):
         assert text == (second / folder / "manifest.json").read_text(), folder
         assert str(tmp_path) not in text and socket.gethostname() not in text, folder
         assert "seconds" not in json.loads(text)["summary"], folder
+
+
+def test_measured_errors_keep_four_significant_digits():
+    from snn_research.conversion.ann_to_snn_converter import ClippingBlock
+    from snn_research.io import significant
+
+    assert significant(0.007931686937808990) == 0.007932
+    assert significant(0.0079316869) == significant(0.0079316871)  # last-bit noise of a float32 sum
+    assert significant(1234567.0) == 1235000.0 and significant(0.0) == 0.0 and significant(-2.71828) == -2.718
+    block = ClippingBlock(path="model.layers.0.mlp", error_percentile=0.003528452245518565, error_chosen=0.01)
+    assert block.error_percentile == 0.003528
+
+
+def test_the_conversion_writes_the_same_bytes_at_one_and_two_threads(tmp_path):
+    """Calibrate and convert (with the clipping search) run at 1 and at 2 threads: the conversion metadata,
+    its folder's manifest and the thresholds are the same bytes."""
+    import torch
+
+    params = tiny_params(convert__clipping="search", data__max_documents=12, data__block_length=64,
+                         data__max_blocks_per_split=24, convert__search_blocks=24)
+    threads = torch.get_num_threads()
+    written = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            folder = prepare(tmp_path / f"threads{count}", params, ("download-teacher", "split", "calibrate", "convert"))
+            written.append({name: (folder / name).read_bytes() for name in (
+                "reports/conversion_metadata.json", "models/converted/manifest.json",
+                "models/converted/hybrid.json")})
+    finally:
+        torch.set_num_threads(threads)
+    assert b'"method": "search"' in written[0]["reports/conversion_metadata.json"].replace(b'":"', b'": "')
+    assert written[0] == written[1]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import os
 import shutil
 import tempfile
@@ -60,3 +61,20 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+MEASURED_DIGITS = 4  # significant digits kept of a float measured through float32 model passes
+
+
+def significant(value: float, digits: int = MEASURED_DIGITS) -> float:
+    """``value`` rounded to ``digits`` significant digits.
+
+    A float32 forward sums in an order that depends on the thread count, so a measured error differs in its
+    last bits between two hosts. Written at full precision, those bits change the file's bytes (and so a
+    DVC hash) though nothing measured changed. At 4 digits, the two runs write the same bytes unless a value
+    lies within that last-bit noise (about 1e-7 relative) of a rounding boundary.
+    """
+    value = float(value)
+    if value == 0.0 or not math.isfinite(value):
+        return value
+    return round(value, digits - 1 - math.floor(math.log10(abs(value))))

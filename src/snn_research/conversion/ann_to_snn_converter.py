@@ -22,18 +22,18 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import safetensors
 import safetensors.torch
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from torch import nn
 
 from snn_research.artifacts import package_versions
 from snn_research.conversion.calibrator import CalibrationResult
 from snn_research.errors import format_validation_error
-from snn_research.io import atomic_directory, atomic_write_text
+from snn_research.io import atomic_directory, atomic_write_text, significant
 from snn_research.models.families import SITE_NAMES, SiteSpec
 from snn_research.models.families import consumers as site_consumers
 from snn_research.models.hybrid_transformer import (
@@ -117,20 +117,24 @@ class CalibrationIdentity(BaseModel):
     relative_error_bound: float
 
 
+# a relative error measured through float32 passes, kept to the digits two hosts agree on (io.significant)
+MeasuredError = Annotated[float, AfterValidator(significant)]
+
+
 class ClippingChoice(BaseModel):
     model_config = ConfigDict(extra="forbid")
     key: str
     choice: str = Field(description="'scale x<f>' (f times the percentile thresholds) or 'channel max'")
-    error_before: float = Field(description="the block's relative FFN output error with this site at its percentile "
+    error_before: MeasuredError = Field(description="the block's relative FFN output error with this site at its percentile "
                                 "thresholds (earlier sites at their choices)")
-    error_chosen: float = Field(description="the same with this site at its chosen thresholds")
+    error_chosen: MeasuredError = Field(description="the same with this site at its chosen thresholds")
 
 
 class ClippingBlock(BaseModel):
     model_config = ConfigDict(extra="forbid")
     path: str
-    error_percentile: float = Field(description="relative FFN output error, every site at its percentile thresholds")
-    error_chosen: float = Field(description="relative FFN output error, every site at its chosen thresholds")
+    error_percentile: MeasuredError = Field(description="relative FFN output error, every site at its percentile thresholds")
+    error_chosen: MeasuredError = Field(description="relative FFN output error, every site at its chosen thresholds")
 
 
 class ClippingRecord(BaseModel):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from snn_research.io import significant
 from snn_research.models.hybrid_transformer import SpikingMLP, find_mlps
 
 
@@ -13,7 +14,8 @@ def ffn_output_errors(teacher: nn.Module, hybrid: nn.Module, input_ids: torch.Te
     """Relative squared error ||y_hybrid - y_teacher||^2 / ||y_teacher||^2 per converted layer.
 
     Both FFNs receive the input the hybrid's FFN actually received, so the figure
-    isolates the error that layer adds (not the error it inherits).
+    isolates the error that layer adds (not the error it inherits). Kept to 4 significant digits
+    (``io.significant``), which two thread counts agree on.
     """
     teacher_mlps = {loc.layer: loc.module for loc in find_mlps(teacher)}
     errors: dict[int, list[float]] = {}
@@ -33,4 +35,4 @@ def ffn_output_errors(teacher: nn.Module, hybrid: nn.Module, input_ids: torch.Te
     finally:
         for handle in handles:
             handle.remove()
-    return {layer: sum(values) / len(values) for layer, values in sorted(errors.items())}
+    return {layer: significant(sum(values) / len(values)) for layer, values in sorted(errors.items())}

@@ -4,7 +4,9 @@ Stage 1 (``distill.layerwise``): block-by-block training of each spiking FFN on
 the hybrid's own residual stream (see ``training/layerwise.py``).
 Stage 2: end-to-end knowledge distillation: KL to the teacher's logits at a
 temperature (optionally over its top-k tokens), optional per-layer FFN-output
-MSE and next-token cross-entropy; only the spiking parts train.
+MSE and next-token cross-entropy; only the spiking parts train. With a plain linear LM head and the
+full-vocabulary KL, the losses are computed from the head's input a chunk of positions at a time
+(``training/losses.py``), so no step holds a full logit tensor.
 """
 
 from __future__ import annotations
@@ -29,14 +31,22 @@ from snn_research.stages.training_common import (
     loop_settings,
     sampled_positions,
     save_trained,
+    score_batch,
     teacher_val_targets,
     write_curves,
     write_table,
 )
 from snn_research.teacher import load_teacher
 from snn_research.training.layerwise import LayerCheckpoint, layerwise_distill
-from snn_research.training.losses import distillation_kl, next_token_nll, relative_mse, top_k_kl
 from snn_research.training.loop import train
+from snn_research.training.losses import (
+    Head,
+    distillation_kl,
+    final_hidden,
+    fused_cross_entropy,
+    fused_distillation_kl,
+    relative_mse,
+)
 
 LAYERWISE_COLUMNS = ["layer", "loss_before", "loss_after", "stream_error"]
 
@@ -115,14 +125,9 @@ def run(context: StageContext) -> None:
         needs the teacher's hidden states, is not validated."""
         kl = nll = penalty = ratio = 0.0
         with torch.no_grad():
-            for batch, (values, index) in zip(val_batches, val_targets):
-                with budget or contextlib.nullcontext():
-                    logits = model(input_ids=batch, use_cache=False).logits
-                    if budget is not None:
-                        penalty += float(budget.penalty(batch.numel()))
-                        ratio += budget.last_ratio
-                kl += float(top_k_kl(logits, values, index, 1.0))
-                nll += float(next_token_nll(logits, batch))
+            for batch, target in zip(val_batches, val_targets):
+                scores = score_batch(model, batch, target, budget)
+                nll, kl, penalty, ratio = nll + scores.nll, kl + scores.kl, penalty + scores.penalty, ratio + scores.ratio
         count = len(val_targets)
         objective = params.kl_weight * kl + params.ce_weight * nll + penalty
         metrics = {"objective": objective / count, VAL_KL: kl / count, "ppl": math.exp(nll / count)}
@@ -136,26 +141,31 @@ def run(context: StageContext) -> None:
     hybrid_ffn = _FFNOutputs(hybrid, converted_layers) if use_mse else None
 
     def loss_fn(model, batch, step):
-        keep = 0  # logits for every position
-        targets = batch[:, 1:]
+        positions, targets = slice(None, -1), batch[:, 1:]  # every position that has a next token
         if params.kl_positions:
-            chosen = sampled_positions(batch.shape[1], params.kl_positions, seed, step, batch.device)
-            keep, targets = chosen, batch[:, chosen + 1]
+            positions = sampled_positions(batch.shape[1], params.kl_positions, seed, step, batch.device)
+            targets = batch[:, positions + 1]
+        student_head, teacher_head = Head.of(model), Head.of(teacher)
+        fused = student_head is not None and teacher_head is not None and not params.top_k
+        keep = 0 if isinstance(positions, slice) else positions
         with torch.no_grad():
-            teacher_logits = teacher(input_ids=batch, use_cache=False, logits_to_keep=keep).logits
+            teacher_out = (final_hidden(teacher, batch) if fused
+                           else teacher(input_ids=batch, use_cache=False, logits_to_keep=keep).logits)
         with budget or contextlib.nullcontext():
-            logits = model(input_ids=batch, use_cache=False, logits_to_keep=keep).logits
+            out = final_hidden(model, batch) if fused else model(input_ids=batch, use_cache=False, logits_to_keep=keep).logits
             energy_penalty = budget.penalty(batch.numel()) if budget is not None else None
-        if not params.kl_positions:
-            teacher_logits, logits = teacher_logits[:, :-1], logits[:, :-1]
+        if fused or not params.kl_positions:  # hidden states of every position, or logits of every position
+            teacher_out, out = teacher_out[:, positions], out[:, positions]
         parts = {}
         loss = torch.zeros((), dtype=torch.float32, device=batch.device)
         if params.kl_weight > 0:
-            kl = distillation_kl(logits, teacher_logits, params.temperature, params.top_k)
+            kl = (fused_distillation_kl(out, teacher_out, student_head, teacher_head, params.temperature) if fused
+                  else distillation_kl(out, teacher_out, params.temperature, params.top_k))
             loss = loss + params.kl_weight * kl
             parts["kl"] = kl.item()
         if params.ce_weight > 0:
-            ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
+            ce = (fused_cross_entropy(out, targets, student_head) if fused
+                  else torch.nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]).float(), targets.reshape(-1)))
             loss = loss + params.ce_weight * ce
             parts["ce"] = ce.item()
         if use_mse:

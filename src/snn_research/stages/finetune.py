@@ -18,8 +18,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -36,13 +36,21 @@ from snn_research.stages.training_common import (
     loop_settings,
     sampled_positions,
     save_trained,
+    score_batch,
     teacher_val_targets,
     write_curves,
 )
 from snn_research.teacher import load_teacher
 from snn_research.training.energy_budget import EnergyBudget
-from snn_research.training.losses import distillation_kl, next_token_nll, top_k_kl
 from snn_research.training.loop import train
+from snn_research.training.losses import (
+    Head,
+    distillation_kl,
+    final_hidden,
+    fused_cross_entropy,
+    fused_distillation_kl,
+    next_token_nll,
+)
 
 
 @dataclass
@@ -73,14 +81,8 @@ def finetune_recipe(context: StageContext, params: FinetuneParams, device: torch
         nll = kl = penalty = ratio = 0.0
         with torch.no_grad():
             for index, batch in enumerate(val_batches):
-                with budget or contextlib.nullcontext():
-                    logits = model(input_ids=batch, use_cache=False).logits
-                    if budget is not None:
-                        penalty += float(budget.penalty(batch.numel()))
-                        ratio += budget.last_ratio
-                nll += float(next_token_nll(logits, batch))
-                if val_targets:
-                    kl += float(top_k_kl(logits, *val_targets[index]))
+                scores = score_batch(model, batch, val_targets[index] if val_targets else None, budget)
+                nll, kl, penalty, ratio = nll + scores.nll, kl + scores.kl, penalty + scores.penalty, ratio + scores.ratio
         count = len(val_batches)
         nll, kl, penalty = nll / count, kl / count, penalty / count
         metrics = {"objective": nll + params.kl_weight * kl + penalty, "nll": nll, "ppl": math.exp(nll)}
@@ -91,15 +93,28 @@ def finetune_recipe(context: StageContext, params: FinetuneParams, device: torch
         return metrics
 
     def loss_fn(model, batch, step):
+        head = Head.of(model)
+        reference_head = Head.of(reference) if reference is not None else None
         with budget or contextlib.nullcontext():
-            logits = model(input_ids=batch, use_cache=False).logits
-            ce = next_token_nll(logits, batch)
+            if head is not None:  # the losses from the LM head's input, a chunk of positions at a time
+                hidden = final_hidden(model, batch)
+                ce = fused_cross_entropy(hidden[:, :-1], batch[:, 1:], head)
+            else:
+                logits = model(input_ids=batch, use_cache=False).logits
+                ce = next_token_nll(logits, batch)
             loss, parts = ce, {"ce": ce.item()}
             if reference is not None:
                 chosen = sampled_positions(batch.shape[1], params.kl_positions, seed, step, batch.device)
                 with torch.no_grad():
-                    reference_logits = reference(input_ids=batch, use_cache=False, logits_to_keep=chosen).logits
-                kl = distillation_kl(logits[:, chosen], reference_logits)
+                    if head is not None and reference_head is not None:
+                        reference_hidden = final_hidden(reference, batch)[:, chosen]
+                    else:
+                        reference_logits = reference(input_ids=batch, use_cache=False, logits_to_keep=chosen).logits
+                if head is not None and reference_head is not None:
+                    kl = fused_distillation_kl(hidden[:, chosen], reference_hidden, head, reference_head)
+                else:
+                    student = logits[:, chosen] if head is None else head.logits(hidden[:, chosen])[0]
+                    kl = distillation_kl(student, reference_logits)
                 loss = loss + params.kl_weight * kl
                 parts["kl"] = kl.item()
             if budget is not None:

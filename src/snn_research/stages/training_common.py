@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
+import itertools
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +21,10 @@ from snn_research.io import atomic_directory, atomic_write_text
 from snn_research.stages.common import StageContext
 from snn_research.training.loop import LoopResult, LoopSettings
 
-
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # src/snn_research
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def code_version(root: Path = PACKAGE_ROOT) -> str:
     """sha256 over the package's own source (``**/*.py`` and ``**/*.cpp``, by relative path, sorted).
 
@@ -71,12 +73,60 @@ VAL_TOP_K = 256  # teacher tokens cached per validation position
 VAL_KL = f"kl_top{VAL_TOP_K}_to_teacher"
 
 
+def _sequence_logits(model, batch: torch.Tensor):
+    """The logits of ``batch`` one sequence at a time when the model's LM head is a plain linear map (its
+    hidden states run as one batch; the full-vocabulary logits exist for one sequence only), else the whole
+    batch's: a generator of (rows, logits (n, L, V)) that runs the model's forward when first advanced."""
+    from snn_research.training.losses import Head, final_hidden
+
+    head = Head.of(model)
+    if head is None:
+        yield slice(None), model(input_ids=batch, use_cache=False).logits
+        return
+    hidden = final_hidden(model, batch)
+    for row in range(batch.shape[0]):
+        yield slice(row, row + 1), head.logits(hidden[row:row + 1])[0]
+
+
 def teacher_val_targets(teacher, batches: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The teacher's top-k log-probabilities and ids on every validation batch, computed once."""
     from snn_research.training.losses import teacher_top_k
 
+    targets = []
     with torch.no_grad():
-        return [teacher_top_k(teacher(input_ids=b, use_cache=False).logits, VAL_TOP_K) for b in batches]
+        for batch in batches:
+            parts = [teacher_top_k(logits, VAL_TOP_K) for _, logits in _sequence_logits(teacher, batch)]
+            targets.append((torch.cat([v for v, _ in parts]), torch.cat([i for _, i in parts])))
+    return targets
+
+
+@dataclass
+class BatchScores:
+    nll: float  # mean next-token NLL over the batch's predicted tokens
+    kl: float  # mean top-k KL bound to the cached target over the batch's positions (0 without a target)
+    penalty: float  # the energy budget's penalty (0 without a budget)
+    ratio: float  # the budget's measured FFN energy ratio (0 without a budget)
+
+
+def score_batch(model, batch: torch.Tensor, target: tuple[torch.Tensor, torch.Tensor] | None = None,
+                budget=None) -> BatchScores:
+    """One validation batch, under no_grad: the model's forward runs (inside ``budget``, which meters it) once,
+    and the losses are taken a sequence at a time (``_sequence_logits``); every sequence has the same
+    length, so the batch mean is the mean of the sequences' means."""
+    from snn_research.training.losses import next_token_nll, top_k_kl
+
+    scores = BatchScores(0.0, 0.0, 0.0, 0.0)
+    sequences = _sequence_logits(model, batch)
+    with budget or contextlib.nullcontext():
+        first = next(sequences)  # the forward, metered
+        if budget is not None:
+            scores.penalty, scores.ratio = float(budget.penalty(batch.numel())), budget.last_ratio
+    for rows, logits in itertools.chain([first], sequences):
+        share = logits.shape[0] / batch.shape[0]
+        scores.nll += share * float(next_token_nll(logits, batch[rows]))
+        if target is not None:
+            scores.kl += share * float(top_k_kl(logits, target[0][rows], target[1][rows]))
+    return scores
 
 
 def sampled_positions(block_length: int, count: int, seed: int, step: int,
