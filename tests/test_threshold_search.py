@@ -75,3 +75,18 @@ def test_search_refuses_scales_without_the_calibrated_point():
     teacher, hybrid = _converted("llama", HybridPlan(time_steps=4))
     with pytest.raises(ValueError, match="1.0"):
         search_clipping(hybrid, teacher, calibration_batches(1), scales=(0.5, 2.0))
+
+
+def test_search_never_runs_the_teachers_lm_head(family):
+    """The search needs the FFNs' inputs and outputs only: the head's full-vocabulary logits are not computed."""
+    teacher, hybrid = _converted(family, HybridPlan(time_steps=4))
+
+    def refuse(*_args):
+        raise AssertionError("the LM head ran")
+
+    handle = teacher.get_output_embeddings().register_forward_pre_hook(refuse)
+    try:
+        choices, _ = search_clipping(hybrid, teacher, calibration_batches(2, seed=5))
+    finally:
+        handle.remove()
+    assert choices

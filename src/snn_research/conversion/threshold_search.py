@@ -67,8 +67,8 @@ def _capture_ffn_io(teacher: nn.Module, paths: list[str], batches: list[torch.Te
         handles.append(teacher.get_submodule(path).register_forward_hook(hook))
     try:
         with torch.no_grad():
-            for batch in batches:
-                teacher(input_ids=batch, use_cache=False)
+            for batch in batches:  # the base model: the FFNs run, the LM head (and its logits) does not
+                teacher.base_model(input_ids=batch, use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
