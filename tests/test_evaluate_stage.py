@@ -71,7 +71,7 @@ def test_metrics_name_every_figure_and_nothing_host_dependent(evaluated):
         assert row["ffn_energy_ratio_int8"] > row["ffn_energy_ratio"], "the INT8 FFN is cheaper than the FP32 one"
         assert row["ffn_memory_ratio_per_step"] > row["ffn_memory_ratio_per_token"]
     summary = verify_folder(evaluated / "reports" / "evaluation", "evaluate")[0].summary
-    assert summary == {"test_tokens": summary["test_tokens"]}, "no timings in a DVC output"
+    assert set(summary) == {"test_tokens", "metrics_sha256"}, "no timings in a DVC output"
 
 
 def test_hybrids_are_measured_against_both_references(evaluated):
@@ -176,3 +176,11 @@ def test_evaluate_without_a_registry_name_registers_nothing(evaluated, tmp_path)
     assert "registered" not in result.output
     mlflow.set_tracking_uri(uri)
     assert mlflow.MlflowClient().search_registered_models() == []
+
+
+def test_the_evaluation_record_holds_the_hash_of_the_metrics_it_wrote(evaluated):
+    """``register`` binds a metrics file to its evaluation through this hash."""
+    from snn_research.io import sha256_file
+
+    record = json.loads((evaluated / "reports" / "evaluation" / "manifest.json").read_text())
+    assert record["summary"]["metrics_sha256"] == sha256_file(evaluated / "reports" / "metrics.json")

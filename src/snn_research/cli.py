@@ -408,19 +408,37 @@ def register_command(
     model_dir: Path = typer.Argument(Path("models/finetuned"), help="hybrid (or teacher) folder to log"),
     metrics: Path = typer.Option(Path("reports/metrics.json"), "--metrics", help="evaluate's metrics.json"),
     name: str = typer.Option(..., "--name", help="registered model name"),
-    entry: str = typer.Option("finetuned", "--entry", help="the metrics.json entry of this model"),
-    metric: str = typer.Option("ppl", "--metric", help="champion metric: ppl | bpb | kl_full_to_teacher | agreement_top1"),
-    uri: str = typer.Option(None, "--uri", help="tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)"),
+    entry: str = typer.Option(
+        "finetuned",
+        "--entry",
+        help="the metrics.json entry of this model: teacher | teacher_finetuned | converted | distilled | finetuned",
+    ),
+    metric: str = typer.Option(
+        "ppl", "--metric", help="champion metric: ppl | bpb | kl_full_to_teacher | agreement_top1"
+    ),
+    uri: str = typer.Option(
+        None, "--uri", help="tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)"
+    ),
     experiment: str = typer.Option("snn-research", "--experiment", help="MLflow experiment of the registering run"),
+    evaluation: Path = typer.Option(
+        None,
+        "--evaluation",
+        help="evaluate's evaluation folder, whose manifest records what the metrics scored "
+        "(default: the folder evaluation beside --metrics)",
+    ),
 ) -> None:
-    """Log a model folder as an MLflow pyfunc model, register it, and move alias `champion` when it wins."""
+    """Log a model folder as an MLflow pyfunc model, register it, and move alias `champion` when it wins.
+
+    The folder must be the one its metrics entry scored (its manifest's sha256 is among the inputs evaluate
+    recorded); the champion moves only between versions scored on the same test.
+    """
     import os
 
     from snn_research.registry import register
 
+    tracking_uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
     try:
-        done = register(model_dir, metrics, name, entry, metric,
-                        uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db", experiment)
+        done = register(model_dir, metrics, name, entry, metric, tracking_uri, experiment, evaluation)
     except (ValueError, OSError) as error:
         console.print(f"[red]error in register:[/] {escape(str(error))}", markup=True)
         raise typer.Exit(1) from None

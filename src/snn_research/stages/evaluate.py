@@ -21,7 +21,7 @@ from snn_research.evaluation.layers import ffn_output_errors
 from snn_research.evaluation.plots import plot_layers
 from snn_research.evaluation.quality import evaluate_quality
 from snn_research.evaluation.report import metrics_document, summary_markdown, write_table
-from snn_research.io import atomic_directory, atomic_write_text
+from snn_research.io import atomic_directory, atomic_write_text, sha256_file
 from snn_research.stages.common import StageContext, console, progress_bar
 from snn_research.teacher import load_teacher
 
@@ -76,7 +76,8 @@ def run(context: StageContext) -> None:
         (tmp / "energy.json").write_text(json.dumps(energy, indent=2))
         (tmp / "layers.json").write_text(json.dumps(layer_rows, indent=2))
         context.manifest(tmp, "evaluate", {"evaluate": params.model_dump(), "energy": context.params.energy.model_dump(),
-                                           "seed": context.params.seed}, {"test_tokens": int(ids.numel())})
+                                           "seed": context.params.seed},
+                         {"test_tokens": int(ids.numel()), "metrics_sha256": sha256_file(context.paths.metrics)})
     for name, values in metrics.items():
         if isinstance(values, dict):
             context.tracker.log_metrics({f"{name}.{k}": v for k, v in values.items()})
