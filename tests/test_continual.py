@@ -11,8 +11,8 @@ import pytest
 import safetensors.torch
 import torch
 import yaml
-
 from pipeline_support import assert_clean_failure, inside, invoke, prepare, saved_figures, tiny_params
+
 from snn_research.continual.adapt import STATE_DIR, adapt, read_state
 from snn_research.continual.params import load_adapt_params
 from snn_research.continual.plasticity import apply_meta, meta_factor
@@ -280,6 +280,18 @@ def test_scores_follow_gems_definitions_measured_from_the_models(work):
     assert last["new_gain"] == pytest.approx(1 - math.exp(new_end - new_start), rel=1e-4, abs=1e-6)
 
 
+def test_backward_transfer_follows_gems_definition_on_hand_numbers():
+    """GEM's BWT, the mean over the past tasks of (loss right after learning it - loss now), over all of them, the
+    old domain alone and the earlier chunks alone."""
+    from snn_research.continual.adapt import backward_transfer
+
+    learned = {"old": 3.0, "chunk1": 2.0, "chunk2": 2.5, "chunk3": 9.0}  # chunk3: just learned, not a past task
+    now = {"old": 3.5, "chunk1": 2.25, "chunk2": 2.0}  # gaps: old -0.5, chunk1 -0.25, chunk2 +0.5
+    assert backward_transfer(learned, now) == pytest.approx((-0.25 / 3, -0.5, 0.25 / 2))
+    assert backward_transfer(learned, {"old": 2.75}) == pytest.approx((0.25, 0.25, 0.0))  # no chunk yet: 0
+    assert backward_transfer(learned, {}) == (0.0, 0.0, 0.0)
+
+
 def _recorded_updates(monkeypatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
     import snn_research.continual.adapt as adapt_module
 
@@ -445,9 +457,9 @@ def test_a_hybrid_whose_files_do_not_match_its_manifest_is_refused(work):
 
 def test_continual_report_gives_means_spreads_and_ratios_to_the_reference(work):
     import pandas as pd
+    from matplotlib.image import imread
 
     from snn_research.continual.adapt import CURVE_COLUMNS
-    from snn_research.continual.report import plot, read_curves
 
     reports = work / "reports" / "curves"
     reports.mkdir(parents=True)
@@ -465,9 +477,10 @@ def test_continual_report_gives_means_spreads_and_ratios_to_the_reference(work):
     (work / "timings" / "meta-s0.json").write_text(json.dumps({"seconds_per_chunk": [50.0, 300.0, 40.0]}))
     (work / "timings" / "meta-s1.json").write_text(json.dumps({"seconds_per_chunk": [45.0, 60.0]}))
     paths = [str(reports / f"{s}-s{k}.csv") for s, k in ends]
-    result = invoke("continual-report", *paths, "--csv", "reports/all.csv", "--plot", "reports/all.png",
-                    "--table", "reports/all.md", "--timings", "timings", "--reference", "ann",
-                    "--summary", "reports/summary.csv")
+    with saved_figures() as figures:
+        result = invoke("continual-report", *paths, "--csv", "reports/all.csv", "--plot", "reports/all.png",
+                        "--table", "reports/all.md", "--timings", "timings", "--reference", "ann",
+                        "--summary", "reports/summary.csv")
     assert result.exit_code == 0, result.output
     summary = pd.read_csv(work / "reports/summary.csv").set_index("setting")
     assert summary.loc["meta", "seeds"] == 2 and summary.loc["meta", "chunks"] == 6
@@ -480,18 +493,23 @@ def test_continual_report_gives_means_spreads_and_ratios_to_the_reference(work):
     assert summary.loc["meta", "old_vs_reference_mean"] == pytest.approx((66 / 60 + 64 / 62) / 2)
     assert summary.loc["ann", "new_vs_reference_max"] == pytest.approx(1.0)
     table = (work / "reports/all.md").read_text()
-    meta_row = [line for line in table.splitlines() if line.startswith("| meta")][0]
+    meta_row = next(line for line in table.splitlines() if line.startswith("| meta"))
     assert "| 2 | 6 |" in meta_row and "21.00 (20.00 ... 22.00)" in meta_row
     assert "s / chunk" not in table  # the DVC output holds no timings
-    printed = [line for line in result.output.splitlines() if line.startswith("| meta")][0]
+    printed = next(line for line in result.output.splitlines() if line.startswith("| meta"))
     assert printed.endswith("| 50 |")  # the median over both runs' chunks: one slow chunk does not set it
     curves = pd.read_csv(work / "reports/all.csv")
     assert len(curves) == 8 and set(curves["seed"]) == {0, 1}
-    with saved_figures() as figures:
-        plot(read_curves([Path(p) for p in paths]), work / "reports/again.png")
+    # the plot: per panel, each setting's mean over its seeds at chunks 0 and 6 (the start rows' BWT is 0)
     [figure] = figures
-    assert ("meta", [0.0, 6.0], [30.0, 21.0]) in figure["lines"]  # the mean over seeds, chunk by chunk
-    assert ("ann", [0.0, 6.0], [60.0, 61.0]) in figure["lines"]
+    assert figure["lines"] == [
+        ("meta", [0.0, 6.0], pytest.approx([30.0, 21.0])), ("ann", [0.0, 6.0], pytest.approx([15.0, 10.5])),
+        ("meta", [0.0, 6.0], pytest.approx([64.0, 65.0])), ("ann", [0.0, 6.0], pytest.approx([60.0, 61.0])),
+        ("meta", [0.0, 6.0], pytest.approx([0.0, 0.4])), ("ann", [0.0, 6.0], pytest.approx([0.0, 0.15])),
+        ("meta", [0.0, 6.0], pytest.approx([0.0, (66 / 64 - 1) / 2])),
+        ("ann", [0.0, 6.0], pytest.approx([0.0, (62 / 60 - 1) / 2])),
+    ]
+    assert imread(work / "reports/all.png").shape == (*figure["pixels"], 4)
 
 
 def test_continual_report_refuses_a_reference_without_every_seed_or_of_another_length(work):

@@ -1,4 +1,5 @@
-"""The coding x T sweep (pipelines/sweep-t): sweep-point, the SpikingJelly peer, the frontier table."""
+"""The coding x T sweep (pipelines/sweep-t): sweep-point, the rate series' noise, the SpikingJelly peer, the frontier
+table."""
 
 from __future__ import annotations
 
@@ -64,6 +65,38 @@ def test_a_point_takes_the_coding_and_t_from_the_overrides(pipeline, encoder, le
         assert result.exit_code == 0, result.output
         point = read_point(Path(f"reports/points/{encoder}3.json"))
     assert (point.series, point.encoder, point.time_steps, point.levels) == (encoder, encoder, 3, levels)
+
+
+def test_rate_noise_is_new_at_every_call_and_a_reloaded_hybrid_repeats_the_sequence(tmp_path):
+    """Two calls of a loaded rate hybrid on the same ids draw different noise (as each scored batch and each
+    decoding step does), and the folder loaded again draws the same sequence; at one encoder, ``reset_noise``
+    restarts the draws, and setting a training step restarts that step's draws."""
+    from test_converter import converted
+
+    from snn_research.conversion.ann_to_snn_converter import load_hybrid, save_hybrid
+    from snn_research.models.hybrid_transformer import HybridPlan, spiking_mlps
+
+    _, hybrid, metadata, _ = converted("llama", HybridPlan(time_steps=4, encoder="rate", seed=2))
+    save_hybrid(hybrid, None, metadata, tmp_path / "rate")
+    first, again = load_hybrid(tmp_path / "rate"), load_hybrid(tmp_path / "rate")
+    ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        calls = [first(input_ids=ids).logits for _ in range(3)]
+        repeated = [again(input_ids=ids).logits for _ in range(3)]
+    assert not torch.equal(calls[0], calls[1]) and not torch.equal(calls[1], calls[2])
+    assert all(torch.equal(one, two) for one, two in zip(calls, repeated))
+    encoder = next(iter(spiking_mlps(first))).input_encoder
+    x = (encoder.threshold.detach() / 2).expand(64, -1)  # a spike probability of 1/2 at every step
+    encoder.reset_noise()
+    trains = [encoder.spike_train(x) for _ in range(2)]
+    assert not torch.equal(trains[0], trains[1])
+    encoder.reset_noise()
+    assert torch.equal(encoder.spike_train(x), trains[0])
+    encoder.noise_step = 7  # as a training loop sets it before step 7: the step's draws, however often it is set
+    step_seven = [encoder.spike_train(x) for _ in range(2)]
+    encoder.noise_step = 7
+    assert all(torch.equal(encoder.spike_train(x), train) for train in step_seven)
+    assert not torch.equal(step_seven[0], trains[0])
 
 
 def test_a_point_refuses_bad_params_and_missing_inputs_naming_them(pipeline, tmp_path):
@@ -144,20 +177,21 @@ def test_frontier_refuses_repeats_mixed_teachers_and_bad_files_writing_nothing(t
 
 
 def test_peer_ffn_energy_matches_a_hand_count():
-    # one layer, d = 4, f = 6, e = 2, T = 3, 5 spikes per token; FP32 MAC 4.6, AC 0.9; INT8 MAC 0.2 + 0.03
-    prices = Prices()
-    teacher_fp32 = (3 * 4 * 6 + 2 * 6) * 4.6
-    peer_fp32 = 2 * 4 * 6 * 4.6 + (2 * 6 + 4) * 4.6 + (6 * 3 + 5 * 4) * 0.9
-    teacher_int8 = (3 * 4 * 6 + 2 * 6) * 0.23
-    peer_int8 = 2 * 4 * 6 * 0.23 + (2 * 6 + 4) * 4.6 + (6 * 3 + 5 * 4) * 0.9
-    energy = peer_ffn_energy(4, 6, 2, 3, [5.0], prices)
-    assert energy["ffn_energy_ratio"] == pytest.approx(peer_fp32 / teacher_fp32)
-    assert energy["ffn_energy_ratio_int8"] == pytest.approx(peer_int8 / teacher_int8)
-    assert energy["spike_rate"] == pytest.approx(5 / (6 * 3))
-    two = peer_ffn_energy(4, 6, 2, 3, [5.0, 1.0], prices)
-    assert two["spike_rate"] == pytest.approx(6 / (2 * 6 * 3))
+    # Two layers, hidden d = 2, intermediate f = 3, T = 2; 3 spikes per token into layer 0's down_proj, 1 into
+    # layer 1's. Prices picked so that a total reads as MACs x 1000 + ACs: MAC 1000 pJ, AC 1 pJ, INT8 MAC
+    # 0.07 + 0.03 = 0.1 pJ.
+    # Teacher, per layer and token: gate 2 x 3 = 6, up 6, down 3 x 2 = 6, SiLU 3, gating multiply 3: 24 MACs.
+    # Peer, per layer and token: gate 6 + up 6 = 12 MACs on the teacher's table; SiLU 3 + multiply 3 + the
+    # rescale of down_proj's 2 outputs = 8 MACs at FP32; its encoder's 2 IF neurons x 3 channels integrate at
+    # each of the 2 steps: 12 ACs; each spike reaches down_proj's 2 outputs: 3 x 2 = 6 ACs in layer 0, 2 in
+    # layer 1. Both layers: teacher 48 MACs; peer 24 + 16 MACs, 18 + 14 = 32 ACs.
+    prices = Prices(e_mac_pj=1000.0, e_ac_pj=1.0, e_mult_int8_pj=0.07, e_add_int8_pj=0.03)
+    energy = peer_ffn_energy(2, 3, 2, 2, [3.0, 1.0], prices)
+    assert energy["ffn_energy_ratio"] == pytest.approx(40_032 / 48_000)
+    assert energy["ffn_energy_ratio_int8"] == pytest.approx((24 * 0.1 + 16_032) / (48 * 0.1))
+    assert energy["spike_rate"] == pytest.approx(4 / 24)  # 4 spikes over 2 layers x 6 neurons x 2 steps
     with pytest.raises(ValueError, match="no layers"):
-        peer_ffn_energy(4, 6, 2, 3, [], prices)
+        peer_ffn_energy(2, 3, 2, 2, [], prices)
 
 
 def tiny_llama(**changes):

@@ -90,3 +90,13 @@ def test_search_never_runs_the_teachers_lm_head(family):
     finally:
         handle.remove()
     assert choices
+
+
+def test_rate_noise_is_the_same_for_every_candidate():
+    """The rate code is random: each candidate is scored on the same draws, so the first site's 'scale x1'
+    candidate (the calibrated thresholds) scores exactly the block's error at the calibrated thresholds."""
+    teacher, hybrid = _converted("llama", HybridPlan(time_steps=4, encoder="rate"))
+    choices, block_errors = search_clipping(hybrid, teacher, calibration_batches(2, seed=5))
+    first = {choice.key.split(":")[0]: choice for choice in reversed(choices)}  # each block's first site
+    for block in block_errors:
+        assert first[block.path].error_before == block.error_percentile, block.path

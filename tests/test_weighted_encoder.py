@@ -55,6 +55,14 @@ def test_weighted_spike_count_is_the_number_of_set_bits():
     assert popcount(torch.tensor([255.0]), 8).item() == 8
 
 
+def test_popcount_counts_the_set_bits_of_every_level():
+    """The table lookup against a count written independently: the binary digits of each integer."""
+    for time_steps in (1, 5, 12):
+        values = torch.arange(-(2**time_steps) + 1, 2**time_steps)
+        expected = torch.tensor([bin(abs(int(v))).count("1") for v in values], dtype=torch.float32)
+        torch.testing.assert_close(popcount(values.float(), time_steps), expected, rtol=0, atol=0)
+
+
 def test_weighted_gradient_is_the_straight_through_slope():
     x = torch.tensor([[0.3, -0.2, 2.0, -3.0]], requires_grad=True)
     encoder = AnalogToSpikes(4, 5, kind="weighted", threshold=torch.ones(4), learnable_threshold=True)

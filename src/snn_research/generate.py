@@ -15,8 +15,11 @@ the per-token figures are what ``measure_energy`` reports for that sequence.
 
 The prompt minus its last token is run once to fill the cache (not reported);
 the first generated token comes from the pass over the prompt's last token.
-With the ``rate`` encoder each pass draws its own Bernoulli noise, so cached
-generation is a different (equally valid) noise draw from a full-sequence pass.
+With the ``rate`` encoder each pass draws its own Bernoulli noise (every
+encoder call is a new draw, numbered from the model's loading: ``adapter.py``),
+so cached generation is a different (equally valid) noise draw from a
+full-sequence pass, a second generation with the same model draws on, and a
+freshly loaded model given the same prompt and options repeats the first.
 """
 
 from __future__ import annotations

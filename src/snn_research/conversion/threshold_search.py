@@ -82,6 +82,7 @@ def _site_input(block: SpikingMLP, site: str, x: torch.Tensor) -> torch.Tensor:
     captured: list[torch.Tensor] = []
     population = _population(block, site)
     handle = population.register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach()))
+    _same_noise(block)
     try:
         block(x)
     finally:
@@ -90,7 +91,15 @@ def _site_input(block: SpikingMLP, site: str, x: torch.Tensor) -> torch.Tensor:
     return observed.mean(0) if observed.dim() == x.dim() + 1 else observed  # GPT-2's hidden site sees (T, ...) currents
 
 
+def _same_noise(block: SpikingMLP) -> None:
+    """Restart a rate encoder's draws, so every candidate is scored on the same noise (like for like)."""
+    for module in block.modules():
+        if hasattr(module, "reset_noise"):
+            module.reset_noise()
+
+
 def _relative_error(block: SpikingMLP, x: torch.Tensor, target: torch.Tensor) -> float:
+    _same_noise(block)
     out = block(x)
     return float((out - target).pow(2).sum() / target.pow(2).sum().clamp_min(1e-30))
 

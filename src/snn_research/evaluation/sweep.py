@@ -79,21 +79,25 @@ def peer_ffn_energy(hidden: int, intermediate: int, elementwise_per_channel: int
     - teacher: 3 d f MACs (gate, up, down) + e f MACs (activation, gating multiply);
     - peer: gate and up read the analog normalised hidden state, 2 d f MACs, priced like the teacher's
       (the parts both share sit on the baseline's table, as in ``baselines.compare``); e f analog MACs;
-      the signed encoder of the product site integrates f membranes for T steps (f T ACs); every spike
-      into ``down_proj`` is d synaptic ACs; d MACs rescale the output (as this project's decoders do).
+      the signed encoder of the product site is a pair of IF neurons per channel (one per sign), each
+      integrating its input at every step (2 f T ACs); every spike into ``down_proj`` is d synaptic ACs;
+      d MACs rescale the output (as this project's decoders do).
 
-    ``spikes_per_token`` holds one entry per layer: both signs, summed over the T steps.
+    ``spikes_per_token`` holds one entry per layer: both signs, summed over the T steps. The spike rate is
+    per neuron and step over the 2 f neurons of each layer's encoder (the mean of SpikingJelly's positive
+    and negative spike rates).
     """
     if not spikes_per_token:
         raise ValueError("no layers: spikes_per_token is empty")
     d, f, e = hidden, intermediate, elementwise_per_channel
+    neurons = 2 * f  # one IF neuron per sign and channel
     out: dict[str, float] = {}
     for name, mac in (("", prices.e_mac_pj), ("_int8", prices.e_mac_int8_pj)):
         teacher = peer = 0.0
         for spikes in spikes_per_token:
             shared = 2 * d * f * mac
             teacher += shared + (d * f + e * f) * mac
-            peer += shared + (e * f + d) * prices.e_mac_pj + (f * time_steps + spikes * d) * prices.e_ac_pj
+            peer += shared + (e * f + d) * prices.e_mac_pj + (neurons * time_steps + spikes * d) * prices.e_ac_pj
         out[f"ffn_energy_ratio{name}"] = peer / teacher
-    out["spike_rate"] = sum(spikes_per_token) / (len(spikes_per_token) * f * time_steps)
+    out["spike_rate"] = sum(spikes_per_token) / (len(spikes_per_token) * neurons * time_steps)
     return out

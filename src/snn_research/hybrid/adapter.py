@@ -20,9 +20,14 @@ Four encoders:
     rounds ``x`` to the nearest multiple of ``theta / T`` for either sign.
 
 - ``"rate"``: stochastic signed rate coding: at each step a spike of sign
-  ``sign(x)`` fires with probability ``min(|x| / theta, 1)``, drawn from a
-  generator seeded by ``seed`` (and ``noise_step``, which a training loop
-  advances), so a given input and seed always give the same train.
+  ``sign(x)`` fires with probability ``min(|x| / theta, 1)``. Every call
+  (``forward`` or ``spike_train``) is a new draw, from a generator seeded by
+  ``noise_seed(seed, noise_step, draw)``: ``draw`` counts the calls since
+  ``noise_step`` was last set, which the training loops do before every step
+  and which ``reset_noise`` does. So each decoding step of ``generate`` and
+  each batch of an evaluation sees its own noise, and a given sequence of
+  calls from a freshly built (or reset) encoder gives the same trains again;
+  a training step draws the same noise however the run was resumed.
 
 - ``"weighted"``: signed binary-weighted (phase) coding. The spike at step t
   (t = 1..T) carries the weight ``2^(T - t)`` of the smallest step, so the T
@@ -66,6 +71,8 @@ approximate this same slope, at T times the cost.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 from typing import Literal
 
 import torch
@@ -168,13 +175,29 @@ def step_weights(kind: str, time_steps: int) -> torch.Tensor:
     return torch.ones(time_steps, dtype=torch.float64)
 
 
-def popcount(levels: torch.Tensor, time_steps: int) -> torch.Tensor:
-    """Number of set bits of ``|levels|`` (integers below 2^T): spikes per neuron of the weighted code."""
-    value = levels.detach().abs().to(torch.int64)
+@functools.cache
+def _bit_counts(time_steps: int, device: torch.device) -> torch.Tensor:
+    """Set bits of every integer below 2^T (T <= MAX_WEIGHTED_TIME_STEPS: at most 65,536 entries)."""
+    value = torch.arange(2**time_steps, dtype=torch.int64)
     count = torch.zeros_like(value)
     for bit in range(time_steps):
         count += (value >> bit) & 1
-    return count.to(levels.dtype)
+    return count.to(device)
+
+
+def popcount(levels: torch.Tensor, time_steps: int) -> torch.Tensor:
+    """Number of set bits of ``|levels|`` (integers below 2^T): spikes per neuron of the weighted code.
+
+    One table lookup per level (a gather), not T shift-and-mask passes over the tensor."""
+    value = levels.detach().abs().to(torch.int64)
+    return _bit_counts(time_steps, value.device)[value].to(levels.dtype)
+
+
+def noise_seed(seed: int, step: int, draw: int) -> int:
+    """The generator seed of a rate encoder's draw: a 64-bit hash of (site seed, training step, draw since the
+    step was set), so that no two draws of a run share a stream."""
+    digest = hashlib.blake2b(f"{seed}:{step}:{draw}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
 
 
 def rate_spike_train(x: torch.Tensor, threshold: torch.Tensor, time_steps: int, generator: torch.Generator) -> torch.Tensor:
@@ -249,7 +272,7 @@ class AnalogToSpikes(nn.Module):
         self.time_steps = self._checked_time_steps(time_steps)
         self.membrane_init = membrane_init
         self.seed = int(seed)
-        self.noise_step = 0
+        self.noise_step = 0  # also sets noise_draws to 0
         self.learnable_threshold = learnable_threshold
         size = channels if per_channel else 1
         threshold = torch.as_tensor(threshold, dtype=torch.float32)
@@ -295,9 +318,26 @@ class AnalogToSpikes(nn.Module):
     def step_weights(self) -> torch.Tensor:
         return step_weights(self.kind, self.time_steps)
 
+    @property
+    def noise_step(self) -> int:
+        """The training step the rate noise is drawn for. Setting it (the training loops do, before every
+        step) restarts the draws at the step's first."""
+        return self._noise_step
+
+    @noise_step.setter
+    def noise_step(self, step: int) -> None:
+        self._noise_step = int(step)
+        self.noise_draws = 0  # calls that drew rate noise since the step was set
+
+    def reset_noise(self) -> None:
+        """Restart the current step's draws: the next call draws what the step's first call drew."""
+        self.noise_step = self.noise_step
+
     def _generator(self, device: torch.device) -> torch.Generator:
+        """A generator for the next draw; every call takes a new one."""
         generator = torch.Generator(device=device)
-        generator.manual_seed(self.seed * 1_000_003 + self.noise_step)
+        generator.manual_seed(noise_seed(self.seed, self.noise_step, self.noise_draws))
+        self.noise_draws += 1
         return generator
 
     def _check(self, x: torch.Tensor) -> None:
