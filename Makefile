@@ -89,6 +89,8 @@ peer: setup
 
 bench: setup $(BENCH_STAMP)
 	$(BIN)/python -m benchmarks.run $(if $(ONLY),--only $(ONLY))
+	# two training processes against one (gloo on the CPU); only without ONLY, which picks among benchmarks.run's
+	$(if $(ONLY),,$(BIN)/python -m benchmarks.multiprocess)
 
 # Stage cost against model size (random Gemma 3 at about 100M, 270M, 1B) and data size (x1, x2): about an hour
 # on 2 cores and 25 GB of free disk for the 1B model's folders. SIZES=100m,270m SCALES=1,2 picks a subset.

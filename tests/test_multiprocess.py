@@ -19,6 +19,12 @@ by the world size, which Adam nearly absorbs) leaves them 2e-4 (distill) and 1e-
 and 3e-3 of the movement. (The validation metrics are compared at 1e-3 relative.) Adam can, in principle,
 turn a rounding-level difference of a near-zero gradient into a different step of up to its lr; on this
 model no weight does.
+
+Because Adam nearly absorbs a gradient's scale, the averaging itself is pinned exactly, apart from training:
+two gloo processes (``torch.multiprocessing``) run ``Shard.average_gradients`` on known per-rank gradients,
+in float32 and bfloat16, with a gradient that one rank lacks and one that no rank has, under the default
+bucket size (one all-reduce) and a 64-byte one (several), and each rank's result must equal the mean of
+the two ranks' gradients computed here, bit for bit.
 """
 
 from __future__ import annotations
@@ -34,10 +40,12 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
+import torch.multiprocessing
 from pipeline_support import copy_pipeline, inside, prepare, run_stages, set_dotted, tiny_params, write_params
 
 from snn_research.artifacts import verify_folder
 from snn_research.costs import read_costs
+from snn_research.devices import BUCKET_BYTES
 from snn_research.stages.training_common import VAL_KL
 
 SETTINGS = {"convert.time_steps": 2, "energy.ffn_budget": None, "distill.curriculum.start_time_steps": None,
@@ -163,3 +171,58 @@ def test_a_one_process_stage_refuses_a_multi_process_launch(runs, tmp_path):
     done = launch_two(work, "calibrate")
     assert done.returncode != 0
     assert "calibrate runs in one process, but this launch has 2" in done.stdout + done.stderr
+
+
+# (shape, dtype) of each trained tensor in the averaging test; which ranks lack a gradient are in ABSENT
+GRADIENTS = [((3, 4), torch.float32), ((5,), torch.bfloat16), ((2, 2), torch.float32), ((7,), torch.float32),
+             ((40,), torch.float32), ((6,), torch.bfloat16)]
+ABSENT = {2: {1}, 3: {0, 1}}  # tensor 2: rank 1 has no gradient; tensor 3: no rank has one
+
+
+def rank_gradients(rank: int) -> list[torch.Tensor | None]:
+    """Rank ``rank``'s gradients in the averaging test (None where it has none)."""
+    generator = torch.Generator().manual_seed(rank)
+    gradients = [torch.randn(shape, generator=generator).to(dtype) for shape, dtype in GRADIENTS]
+    return [None if rank in ABSENT.get(index, ()) else g for index, g in enumerate(gradients)]
+
+
+def average_on_rank(rank: int, port: int, folder: str) -> None:
+    """One rank of two: average its gradients (and a loss and its parts) under two bucket sizes."""
+    from snn_research import devices
+
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        results = {}
+        for bucket_bytes in (devices.BUCKET_BYTES, 64):
+            devices.BUCKET_BYTES = bucket_bytes
+            params = [torch.nn.Parameter(torch.zeros(shape, dtype=dtype)) for shape, dtype in GRADIENTS]
+            for param, gradient in zip(params, rank_gradients(rank)):
+                param.grad = gradient
+            figures = devices.Shard(rank, 2).average_gradients(params, torch.tensor([rank + 1.0, 10.0 * rank]))
+            results[bucket_bytes] = {"gradients": [p.grad for p in params], "figures": figures}
+        torch.save(results, Path(folder) / f"rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_bucketed_averaging_gives_each_rank_the_mean_of_the_ranks_gradients(tmp_path):
+    torch.multiprocessing.spawn(average_on_rank, args=(free_port(), str(tmp_path)), nprocs=2)
+    ranks = [rank_gradients(0), rank_gradients(1)]
+    expected = []
+    for index, (shape, dtype) in enumerate(GRADIENTS):
+        if index in ABSENT and ABSENT[index] == {0, 1}:
+            expected.append(None)  # as in one process: the optimizer skips it
+            continue
+        zeros = torch.zeros(shape, dtype=dtype)
+        first, second = (zeros if g[index] is None else g[index] for g in ranks)
+        expected.append((first + second) / 2)
+    for rank in (0, 1):
+        results = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert sorted(results) == sorted({BUCKET_BYTES, 64})
+        for bucket_bytes, result in results.items():
+            assert torch.equal(result["figures"], torch.tensor([1.5, 5.0])), (rank, bucket_bytes)
+            for index, (got, want) in enumerate(zip(result["gradients"], expected, strict=True)):
+                if want is None:
+                    assert got is None, (rank, bucket_bytes, index)
+                    continue
+                assert got.dtype == want.dtype and torch.equal(got, want), (rank, bucket_bytes, index)

@@ -84,3 +84,11 @@ def test_the_conversion_writes_the_same_bytes_at_one_and_two_threads(tmp_path):
         torch.set_num_threads(threads)
     assert b'"method": "search"' in written[0]["reports/conversion_metadata.json"].replace(b'":"', b'": "')
     assert written[0] == written[1]
+
+
+def test_stage_manifests_name_the_device_their_stage_computed_on(tmp_path):
+    """calibrate and convert run the model (on the CPU here); split runs none and records no device."""
+    folder = prepare(tmp_path / "run", tiny_params(), ("download-teacher", "split", "calibrate", "convert"))
+    device = {path: json.loads((folder / path / "manifest.json").read_text())["device"]
+              for path in ("data/splits", "reports/calibration", "models/converted")}
+    assert device == {"data/splits": None, "reports/calibration": "cpu", "models/converted": "cpu"}

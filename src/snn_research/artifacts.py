@@ -2,7 +2,9 @@
 
 ``manifest.json`` lists the sha256 of every file in its folder, the sha256 of
 each input folder's manifest (which in turn pins that folder's files), the
-params the stage read and the package versions. A stage calls
+params the stage read, the package versions and the type of device the stage
+computed on (``cpu``, ``cuda``, ``mps``; none for a stage that runs no model:
+devices round differently, so it is part of what made the numbers). A stage calls
 ``verify_folder`` on each input first: a missing, unparsable or tampered input
 is refused with a message naming the file.
 """
@@ -32,6 +34,7 @@ class Manifest(BaseModel):
     inputs: dict[str, str] = Field(default_factory=dict, description="input folder -> sha256 of its manifest.json")
     params: dict[str, Any] = Field(default_factory=dict, description="the params sections this stage read")
     versions: dict[str, str] = Field(default_factory=dict)
+    device: str | None = Field(default=None, description="device type the stage computed on; None: it ran no model")
     summary: dict[str, Any] = Field(default_factory=dict, description="what the stage made, in numbers")
 
 
@@ -65,8 +68,13 @@ def write_manifest(
     params: dict[str, Any],
     inputs: dict[str, str] | None = None,
     summary: dict[str, Any] | None = None,
+    device: Any = None,
 ) -> Manifest:
-    """Hash every file of ``folder`` (written, not yet published) and write its manifest."""
+    """Hash every file of ``folder`` (written, not yet published) and write its manifest.
+
+    ``device``: the device the stage computed on (a ``torch.device`` or its name); its type is recorded, not
+    its index, since which of a machine's GPUs ran it does not change the numbers. None: the stage ran no model.
+    """
     manifest = Manifest(
         stage=stage,
         files=folder_files(folder),
@@ -74,6 +82,7 @@ def write_manifest(
         params=json.loads(json.dumps(params, default=str)),
         versions=package_versions(),
         summary=summary or {},
+        device=None if device is None else str(device).split(":")[0],  # 'cuda:1' -> 'cuda'
     )
     atomic_write_text(Path(folder) / MANIFEST, manifest.model_dump_json(indent=2))
     return manifest

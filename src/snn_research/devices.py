@@ -16,11 +16,15 @@ torchrun), Accelerate's ``PartialState`` sets up the process group (NCCL on
 GPUs, gloo on the CPU) and ``current_shard`` describes this process: each
 training step's batch is split into N equal row slices, one per rank, and the
 trainable tensors' gradients are averaged over the ranks before the optimizer
-step (``Shard.average_gradients``: an all-reduce of the trainable tensors
-only, what DistributedDataParallel would do, without wrapping a model whose
-frozen analog part is most of its weights and whose losses reach into its
-modules). Every rank then takes the same step, so the replicas stay equal.
-Only rank 0 writes outputs, checkpoints and MLflow records.
+step (``Shard.average_gradients``: the trainable tensors' gradients only,
+what DistributedDataParallel would do, without wrapping a model whose frozen
+analog part is most of its weights and whose losses reach into its modules).
+The gradients travel flattened into buckets of at most ``BUCKET_BYTES``, one
+all-reduce per bucket (one in all for a small model), and the step's loss and
+its parts ride in the same all-reduce. Every rank then takes the same step, so
+the replicas stay equal. Only rank 0 writes outputs, checkpoints and MLflow
+records. A training checkpoint resumes on another device type but not under
+another process count (``training/loop.py``).
 """
 
 from __future__ import annotations
@@ -33,6 +37,9 @@ import torch
 from torch import nn
 
 DEVICE_PATTERN = r"^(auto|cpu|mps|cuda(:\d+)?)$"
+# gradients per all-reduce: big enough to use the link's bandwidth, small enough that the flat copy made
+# beside the gradients costs little memory (DistributedDataParallel's buckets are 25 MB)
+BUCKET_BYTES = 64 * 2**20
 
 
 class DeviceUnavailable(ValueError):
@@ -173,24 +180,46 @@ class Shard:
         torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.SUM)
         return total / self.world
 
-    def average_gradients(self, params) -> None:
-        """Replace each parameter's gradient by its mean over the ranks (a rank without one counts zero).
+    def average_gradients(self, params, figures: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Replace each parameter's gradient by its mean over the ranks (a rank without one counts zero), and
+        return the mean of ``figures`` (a 1-D tensor, e.g. a loss and its parts; None: nothing to return).
 
-        A parameter no rank has a gradient for keeps none, as in one process (the optimizer skips it).
+        The gradients are flattened into buckets of one dtype and at most ``BUCKET_BYTES``, one all-reduce
+        each; the figures and a flag per parameter (whether this rank has its gradient) ride in the first
+        float32 bucket. A parameter no rank has a gradient for keeps none, as in one process (the optimizer
+        skips it); only a rank that lacks a gradient reads the flags back, so when every rank has every
+        gradient nothing here waits on the device.
         """
         if self.world == 1:
-            return
+            return figures
         params = list(params)
-        present = torch.tensor([p.grad is not None for p in params], dtype=torch.int32,
-                               device=params[0].device if params else "cpu")
-        torch.distributed.all_reduce(present, op=torch.distributed.ReduceOp.MAX)
-        for param, anywhere in zip(params, present.tolist()):
-            if not anywhere:
-                continue
-            if param.grad is None:
+        if not params:
+            return self.mean(figures) if figures is not None else None
+        device = params[0].device
+        missing = [param.grad is None for param in params]
+        for param, absent in zip(params, missing):
+            if absent:
                 param.grad = torch.zeros_like(param)
-            torch.distributed.all_reduce(param.grad, op=torch.distributed.ReduceOp.SUM)
-            param.grad.div_(self.world)
+        flags = torch.tensor([0.0 if absent else 1.0 for absent in missing], dtype=torch.float32, device=device)
+        riders = flags if figures is None else torch.cat([figures.detach().float().reshape(-1), flags])
+        buckets = _buckets([param.grad for param in params], BUCKET_BYTES)
+        home = next((i for i, bucket in enumerate(buckets) if bucket[0].dtype == torch.float32), None)
+        if home is None:
+            buckets.append([])
+            home = len(buckets) - 1
+        for index, bucket in enumerate(buckets):
+            parts = [*bucket, riders] if index == home else bucket
+            flat = torch.cat([part.reshape(-1) for part in parts])
+            torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
+            flat /= self.world
+            for part, mean in zip(parts, flat.split([part.numel() for part in parts])):
+                part.copy_(mean.view_as(part))
+        if any(missing):
+            holders = riders[-len(params):].tolist()  # the share of ranks that had each gradient
+            for param, absent, share in zip(params, missing, holders):
+                if absent and share == 0:
+                    param.grad = None
+        return riders[:-len(params)] if figures is not None else None
 
     def from_main(self, value):
         """Rank 0's ``value`` (any picklable object) on every rank."""
@@ -203,6 +232,21 @@ class Shard:
     def barrier(self) -> None:
         if self.world > 1:
             torch.distributed.barrier()
+
+
+def _buckets(tensors: list[torch.Tensor], limit: int) -> list[list[torch.Tensor]]:
+    """``tensors`` in order, grouped by dtype into lists of at most ``limit`` bytes (a larger tensor alone)."""
+    runs: dict[torch.dtype, list[list[torch.Tensor]]] = {}
+    filled: dict[torch.dtype, int] = {}  # bytes in the last bucket of each dtype
+    for tensor in tensors:
+        buckets = runs.setdefault(tensor.dtype, [[]])
+        size = tensor.numel() * tensor.element_size()
+        if buckets[-1] and filled[tensor.dtype] + size > limit:
+            buckets.append([])
+            filled[tensor.dtype] = 0
+        buckets[-1].append(tensor)
+        filled[tensor.dtype] = filled.get(tensor.dtype, 0) + size
+    return [bucket for buckets in runs.values() for bucket in buckets]
 
 
 def current_shard(device: torch.device | None = None) -> Shard:

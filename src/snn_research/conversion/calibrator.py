@@ -73,7 +73,8 @@ class StreamingPercentile:
             return
         if self.observed + flat.shape[0] >= 2**31 - 1:
             raise ValueError("calibration exceeds 2**31 values per channel; use fewer calibration tokens")
-        self.maximum = torch.maximum(self.maximum, flat.amax(0).double().cpu())
+        # float64 only on the CPU: some devices (MPS) have none
+        self.maximum = torch.maximum(self.maximum, flat.amax(0).cpu().double())
         position = (torch.log2(flat) - self.min_exponent) * self.bins_per_octave
         # log2(0) = -inf lands in the underflow bin 0; inner bins are 1..inner_bins
         index = torch.floor(position).clamp_(min=-1, max=self.inner_bins).long() + 1

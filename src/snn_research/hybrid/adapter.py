@@ -411,6 +411,6 @@ class SpikesToAnalog(nn.Module):
         """(T, ..., C) -> (..., C); ``weights`` (T,) are the steps' weights (default: all 1, a time average)."""
         if weights is None:
             return spikes.mean(0) * threshold.to(spikes.dtype)
-        weights = weights.to(spikes.dtype)
+        weights = weights.to(spikes.dtype).to(spikes.device)  # cast first: MPS has no float64
         level = torch.tensordot(weights, spikes, dims=1)
         return level * (threshold.to(spikes.dtype) / weights.sum())

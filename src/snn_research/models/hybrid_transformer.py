@@ -272,6 +272,11 @@ class SpikingUnit(nn.Module):
                 module.set_time_steps(time_steps)
         self.plan_time_steps = time_steps
 
+    @property
+    def metered(self) -> bool:
+        """Whether a recorder or an energy budget's sink is attached to read this unit's spike counts."""
+        return self.spike_sink is not None or self.recorder is not None
+
     def _record(self, site: str, spikes: torch.Tensor, channels: int, tokens: int) -> None:
         if self.spike_sink is not None:
             self.spike_sink.append((site, spikes))
@@ -282,7 +287,8 @@ class SpikingUnit(nn.Module):
         """Encode then decode: the analog value the consuming linear effectively receives."""
         encoder: AnalogToSpikes = getattr(self, f"{site}_encoder")
         levels = encoder(x)
-        self._record(site, encoder.spike_count(levels), encoder.channels, x.numel() // encoder.channels)
+        if self.metered:  # the spike count (a popcount for the weighted code) only when someone reads it
+            self._record(site, encoder.spike_count(levels), encoder.channels, x.numel() // encoder.channels)
         return self.decoder(levels, encoder.threshold, encoder.levels)
 
 
@@ -371,12 +377,13 @@ class SpikingGatedMLP(SpikingMLP):
         """Reference: every spike-consuming linear applied at each of the T steps, then averaged."""
         enc_in, enc_prod = self.input_encoder, self.product_encoder
         spikes = enc_in.spike_train(x) * enc_in.threshold  # (T, B, L, C)
-        weights = (enc_in.step_weights() / enc_in.levels).to(x.dtype)  # (T,): w_t / L, summing to 1
+        # (T,): w_t / L, summing to 1; made in float64 on the CPU, so cast there before the move (MPS has no float64)
+        weights = (enc_in.step_weights() / enc_in.levels).to(x.dtype).to(x.device)
         gate = torch.tensordot(weights, self.gate_proj(spikes), dims=1)
         up = torch.tensordot(weights, self.up_proj(spikes), dims=1)
         product = self.act_fn(gate) * up
         spikes = enc_prod.spike_train(product) * enc_prod.threshold  # (T, B, L, I)
-        weights = (enc_prod.step_weights() / enc_prod.levels).to(x.dtype)
+        weights = (enc_prod.step_weights() / enc_prod.levels).to(x.dtype).to(x.device)
         return torch.tensordot(weights, self.down_proj(spikes), dims=1)
 
 

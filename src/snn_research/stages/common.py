@@ -63,7 +63,8 @@ class StageContext:
         whose bytes must not change from one run to the next."""
         from snn_research.artifacts import write_manifest
 
-        write_manifest(folder, stage, params, self.inputs, summary)
+        device = self.__dict__.get("device")  # resolved (cached_property) only by stages that compute on it
+        write_manifest(folder, stage, params, self.inputs, summary, device=device)
         self.tracker.log_metrics({"seconds": round(self.elapsed(), 2)})
 
 

@@ -11,9 +11,12 @@ validation read (a teacher, cached targets) sit on ``settings.device``: stages
 move them there (``devices.place``) and the loop checks the model again. In a
 multi-process launch each rank computes the loss on its slice of every step's
 batch, the trainable gradients are averaged over the ranks before clipping and
-the optimizer step, and only rank 0 writes checkpoints (see ``devices.py``).
+the optimizer step (bucketed, with the loss and its parts in the same
+all-reduce), and only rank 0 writes checkpoints (see ``devices.py``).
 Validation runs whole on every rank, so every rank makes the same best-state
-and early-stopping decisions.
+and early-stopping decisions. The loop waits on the device once a step: the
+loss, its parts and the gradient norm are read back together for the
+divergence check and the logs.
 
 Determinism and resume. The batch of step s is a function of (seed, s) alone
 and stochastic encoders draw their noise from (seed, s), so a run resumed from
@@ -21,6 +24,18 @@ its checkpoint at step k computes exactly the steps an uninterrupted run would.
 Checkpoints hold the trainable tensors (safetensors), the optimizer state
 (tensors and numbers only, loaded with ``weights_only=True``) and the loop's
 progress (JSON), and are written atomically.
+
+Resume across devices and process counts. A checkpoint records the device type
+(``cpu``, ``cuda``, ``mps``) and the number of processes that wrote it. It
+resumes on another device type: its tensors are read onto the CPU and moved to
+this process's device (the optimizer puts each state tensor beside its
+parameter, and keeps its step count on the CPU as a fresh one does), so a run
+started on the CPU can continue on a GPU or the other way round; the steps after
+the resume are the same computation, rounded as the new device rounds. It is
+refused under another process count (``ResumeRefused``, naming both counts):
+each rank's slice of a batch, and so its noise draws and per-slice figures,
+depend on the count, so the steps after it would not be the ones the run was
+making.
 
 A loss or gradient that is NaN or infinite stops the run with the step number;
 the last checkpoint stays, and no model is written.
@@ -50,6 +65,10 @@ PROGRESS_FILE = "progress.json"
 
 class TrainingDiverged(RuntimeError):
     """A loss or gradient became NaN or infinite."""
+
+
+class ResumeRefused(ValueError):
+    """A checkpoint of this run was written under another number of processes."""
 
 
 @dataclass
@@ -172,7 +191,7 @@ def train(
     best_state = {name: p.detach().clone() for name, p in named.items()}
     start, since_best = 0, 0
     checkpoint_dir = Path(checkpoint_dir)
-    saved = _read_checkpoint(checkpoint_dir, fingerprint)
+    saved = _read_checkpoint(checkpoint_dir, fingerprint, device, shard.world)
     if saved is not None:
         progress_state, trainable, best, optimizer_state = saved
         with torch.no_grad():
@@ -199,28 +218,23 @@ def train(
         batch = train_blocks[batch_indices(step, train_blocks.shape[0], settings.batch_size, settings.seed)]
         batch = shard.rows(batch).to(device)
         loss, parts = loss_fn(model, batch, step)
-        # averaged before the check: a NaN on one rank reaches every rank, so all of them stop together
-        mean_loss = shard.mean(loss.detach())
-        if not torch.isfinite(mean_loss):
-            raise TrainingDiverged(f"step {step}: training loss is {mean_loss.item()}; stopped, last checkpoint kept")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        shard.average_gradients(named.values())
-        loss = mean_loss
-        parts = {key: float(shard.mean(torch.tensor(value, dtype=torch.float64, device=device)))
-                 for key, value in parts.items()} if shard.world > 1 else parts
-        grad_norm = torch.nn.utils.clip_grad_norm_(list(named.values()), settings.grad_clip)
-        if not torch.isfinite(torch.as_tensor(grad_norm)):
-            raise TrainingDiverged(f"step {step}: gradient norm is {float(grad_norm)}; stopped, last checkpoint kept")
+        loss, parts, grad_norm = _averaged_step(loss, parts, named, settings, device)
+        # checked on the averages: a NaN on one rank reaches every rank, so all of them stop together
+        if not math.isfinite(loss):
+            raise TrainingDiverged(f"step {step}: training loss is {loss}; stopped, last checkpoint kept")
+        if not math.isfinite(grad_norm):
+            raise TrainingDiverged(f"step {step}: gradient norm is {grad_norm}; stopped, last checkpoint kept")
         optimizer.step()
         scheduler.step()
         step += 1
-        result.train_losses.append((step, loss.item()))
+        result.train_losses.append((step, loss))
         if log_metrics is not None:
-            log_metrics({"train_loss": loss.item(), "lr": scheduler.get_last_lr()[0], "time_steps": float(time_steps or 0),
+            log_metrics({"train_loss": loss, "lr": scheduler.get_last_lr()[0], "time_steps": float(time_steps or 0),
                          **{f"train_{k}": v for k, v in parts.items()}}, step)
         if progress is not None:
-            progress(step, loss.item())
+            progress(step, loss)
         if step % settings.eval_every == 0 or step == settings.steps:
             model.eval()
             if settings.time_steps is not None:
@@ -241,7 +255,8 @@ def train(
                 result.stopped_early = True
                 break
         if step % settings.checkpoint_every == 0 and step < settings.steps and shard.main:
-            _write_checkpoint(checkpoint_dir, fingerprint, step, since_best, named, best_state, optimizer, scheduler, result)
+            _write_checkpoint(checkpoint_dir, fingerprint, step, since_best, named, best_state, optimizer, scheduler,
+                              result, device, shard.world)
 
     result.steps_done = step
     with torch.no_grad():
@@ -255,13 +270,30 @@ def train(
     return result
 
 
-def _write_checkpoint(folder, fingerprint, step, since_best, named, best_state, optimizer, scheduler, result) -> None:
+def _averaged_step(loss: torch.Tensor, parts: dict[str, float], named: dict[str, nn.Parameter],
+                   settings: LoopSettings, device: torch.device) -> tuple[float, dict[str, float], float]:
+    """After ``loss.backward()``: average the gradients over the ranks, clip them, and return the mean loss, the
+    mean of its parts and the gradient norm before clipping, read back from the device in one go."""
+    shard = settings.shard
+    figures = loss.detach().reshape(1)
+    if shard.world > 1:  # the parts ride in the gradients' all-reduce; one process logs them as given
+        figures = torch.cat([figures.float(), torch.tensor(list(parts.values()), dtype=torch.float32, device=device)])
+    figures = shard.average_gradients(named.values(), figures)
+    grad_norm = torch.nn.utils.clip_grad_norm_(list(named.values()), settings.grad_clip)
+    mean_loss, *mean_parts, norm = torch.cat([figures, grad_norm.reshape(1).to(figures)]).tolist()
+    return mean_loss, dict(zip(parts, mean_parts)) if shard.world > 1 else parts, norm
+
+
+def _write_checkpoint(folder, fingerprint, step, since_best, named, best_state, optimizer, scheduler, result,
+                      device: torch.device, processes: int) -> None:
     with atomic_directory(folder) as tmp:
         safetensors.torch.save_file({k: v.detach().contiguous() for k, v in named.items()}, str(tmp / STATE_FILE))
         safetensors.torch.save_file({k: v.contiguous() for k, v in best_state.items()}, str(tmp / BEST_FILE))
         torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
         progress = {
             "fingerprint": fingerprint,
+            "device": device.type,  # a resume may change it (module docstring)
+            "processes": processes,  # a resume must keep it
             "step": step,
             "since_best": since_best,
             "scheduler": scheduler.state_dict(),
@@ -273,7 +305,9 @@ def _write_checkpoint(folder, fingerprint, step, since_best, named, best_state, 
         (tmp / PROGRESS_FILE).write_text(json.dumps(progress))
 
 
-def _read_checkpoint(folder: Path, fingerprint: str):
+def _read_checkpoint(folder: Path, fingerprint: str, device: torch.device, processes: int):
+    """This run's checkpoint in ``folder`` with its tensors on ``device`` (the optimizer state on the CPU,
+    for ``load_state_dict`` to place); None when there is none or it is another run's."""
     progress_path = folder / PROGRESS_FILE
     if not progress_path.is_file():
         return None
@@ -283,7 +317,16 @@ def _read_checkpoint(folder: Path, fingerprint: str):
         return None
     if progress.get("fingerprint") != fingerprint:
         return None  # made with other params or inputs: start afresh
-    trainable = safetensors.torch.load_file(str(folder / STATE_FILE))
-    best = safetensors.torch.load_file(str(folder / BEST_FILE))
-    optimizer_state = torch.load(folder / OPTIMIZER_FILE, weights_only=True)
+    if progress.get("processes") != processes:
+        raise ResumeRefused(
+            f"{folder}: the checkpoint at step {progress.get('step')} was written by {progress.get('processes')} "
+            f"process(es) and this launch has {processes}; each process trains on its slice of every batch, so "
+            f"the steps would differ from the run's. Launch {progress.get('processes')} process(es) to continue "
+            f"it, or delete {folder} to start afresh")
+    trainable, best = (
+        {name: tensor.to(device) for name, tensor in safetensors.torch.load_file(str(folder / file)).items()}
+        for file in (STATE_FILE, BEST_FILE))
+    # onto the CPU, whatever device wrote it: a GPU's checkpoint then loads on a machine without one, and no
+    # rank of a multi-GPU launch stages the state on another rank's GPU
+    optimizer_state = torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
     return progress, trainable, best, optimizer_state
