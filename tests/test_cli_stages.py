@@ -110,7 +110,8 @@ def test_stages_report_what_they_made(pipeline):
         assert 1 <= blocks.input_ids.shape[0] <= 8 and blocks.input_ids.shape[1] == 32
         assert splits[name]["blocks"] == blocks.input_ids.shape[0]
         assert splits[name]["tokens"] == blocks.input_ids.numel()
-    assert sum(splits[name]["n_documents"] for name in SPLITS) >= 8
+    assert list(splits["domains"]) == ["shakespeare"]
+    assert sum(splits["domains"]["shakespeare"][name]["n_documents"] for name in SPLITS) >= 8
     assert verify_folder(folder / "reports" / "calibration")[0].summary["sites"] == 4  # 2 layers x 2 gated sites
     conversion = json.loads((folder / "reports" / "conversion_metadata.json").read_text())
     assert conversion == json.loads((folder / "models" / "converted" / METADATA_FILE).read_text())

@@ -208,5 +208,6 @@ def test_good_path_corpus_splits(teacher_ready, tmp_path, monkeypatch):
     from snn_research.artifacts import verify_folder
 
     manifest, _ = verify_folder(work / "data" / "splits", "split")
-    assert sum(manifest.summary[name]["n_documents"] for name in SPLITS) == 5
-    assert sorted(d for name in SPLITS for d in manifest.summary[name]["documents"]) == sorted(GOOD)
+    domain = manifest.summary["domains"]["corpus"]
+    assert sum(domain[name]["n_documents"] for name in SPLITS) == 5
+    assert sorted(d for name in SPLITS for d in domain[name]["documents"]) == sorted(GOOD)

