@@ -186,3 +186,54 @@ def test_a_domain_without_blocks_is_named(teacher_ready, tmp_path, monkeypatch):
     assert_clean_failure(result, 1)
     assert "domain 'tiny'" in result.output and "no blocks" in result.output
     assert not (work / "data" / "splits").exists()
+
+
+# --- evaluate, per domain ----------------------------------------------------------------------------------------
+
+
+def test_evaluate_scores_every_domain_and_pools_them_token_weighted(tmp_path):
+    import json
+    import math
+
+    from pipeline_support import inside, run_stages
+
+    from snn_research.evaluation.quality import evaluate_quality
+    from snn_research.teacher import load_teacher
+
+    quick = {"distill.layerwise.steps_per_layer": 1, "distill.steps": 2, "finetune.steps": 2,
+             "distill.eval_every": 1, "finetune.eval_every": 1, "evaluate.max_blocks": 3, "evaluate.batch_size": 2}
+    domains = {
+        "alpha": {"source": write_domain(tmp_path / "alpha", "alpha", 8), "weight": 1},
+        "beta": {"source": write_domain(tmp_path / "beta", "beta zeta", 8), "weight": 1},
+        "gamma": {"source": write_domain(tmp_path / "gamma", "gamma 123 ;;", 3), "weight": 0},
+    }
+    folder = tmp_path / "pipeline"
+    folder.mkdir()
+    with inside(folder):
+        write_params(set_dotted(tiny_params(), {**quick, "data.corpus": None, "data.domains": domains,
+                                                "data.max_documents": None}))
+        results = run_stages("download-teacher", "split", "calibrate", "convert", "distill", "finetune",
+                             "finetune-teacher", "evaluate")
+    assert all(r.exit_code == 0 for r in results.values()), {k: r.output[-2000:] for k, r in results.items()}
+    metrics = json.loads((folder / "reports" / "metrics.json").read_text())
+    assert list(metrics["domains"]) == ["alpha", "beta", "gamma"]
+    assert [metrics["domains"][d]["seen"] for d in ("alpha", "beta", "gamma")] == [True, True, False]
+    # each domain's teacher ppl is the teacher on that domain's test blocks alone (3 spread over its split)
+    teacher, _ = load_teacher(folder / "models" / "teacher")
+    test = load_blocks(folder / "data" / "splits", "test")
+    log_ppl, tokens = 0.0, 0
+    for index, name in enumerate(["alpha", "beta", "gamma"]):
+        from snn_research.data import spread
+
+        part = spread(test.of_domain(index), 3)
+        own = evaluate_quality(teacher, {}, part.input_ids, part.target_bytes, 2)["teacher"]
+        entry = metrics["domains"][name]
+        assert entry["test_tokens"] == own.tokens
+        assert math.isclose(entry["teacher"]["ppl"], math.exp(own.nll / own.tokens), rel_tol=1e-5)
+        log_ppl += math.log(entry["finetuned"]["ppl"]) * entry["test_tokens"]
+        tokens += entry["test_tokens"]
+        assert 0 <= entry["finetuned"]["spike_rate"] and entry["finetuned"]["ffn_energy_ratio"] > 0
+    # the pooled figure is the token-weighted mean of the domains' log-ppl
+    assert math.isclose(metrics["finetuned"]["ppl"], math.exp(log_ppl / tokens), rel_tol=1e-4)
+    summary = (folder / "reports" / "evaluation" / "summary.md").read_text()
+    assert "## Per text domain" in summary and "| gamma (unseen) |" in summary

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Callable
 
 import torch
@@ -36,6 +36,10 @@ class QualityTotals:
             # over the whole vocabulary; training's validation KL covers the teacher's top 256 tokens only
             out["kl_full_to_teacher"] = self.kl / self.tokens
         return out
+
+    def __add__(self, other: "QualityTotals") -> "QualityTotals":
+        """Both sets of tokens pooled: the ppl of the sum is the token-weighted mean of the parts' (in log)."""
+        return QualityTotals(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
 
     @property
     def tokens_per_s(self) -> float:

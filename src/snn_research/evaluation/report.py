@@ -59,8 +59,24 @@ HYBRID_KEYS = tuple(HybridMetrics.model_fields)
 HYBRIDS = ("converted", "distilled", "finetuned")
 
 
+class DomainMetrics(_Strict):
+    """Every model on one text domain's test blocks; spike rate and energy move with the text, so they are here too."""
+
+    seen: bool = Field(description="whether calibration and training drew from this domain (weight > 0)")
+    test_tokens: int = Field(ge=1, description="predicted tokens scored")
+    teacher: TeacherMetrics
+    teacher_finetuned: ReferenceMetrics
+    converted: HybridMetrics
+    distilled: HybridMetrics
+    finetuned: HybridMetrics
+
+
 class MetricsDocument(_Strict):
-    """The fixed shape of ``reports/metrics.json``: nothing in it depends on the host or the time."""
+    """The fixed shape of ``reports/metrics.json``: nothing in it depends on the host or the time.
+
+    With several text domains the top-level figures pool every domain's test tokens (for ppl, the
+    token-weighted mean of the domains' log-perplexities) and ``domains`` holds each domain's own.
+    """
 
     time_steps: int = Field(ge=1)
     teacher: TeacherMetrics
@@ -68,6 +84,7 @@ class MetricsDocument(_Strict):
     converted: HybridMetrics
     distilled: HybridMetrics
     finetuned: HybridMetrics
+    domains: dict[str, DomainMetrics] | None = Field(None, description="per text domain (runs with several)")
 
 
 def read_metrics(path: Path | str) -> MetricsDocument:
@@ -84,12 +101,31 @@ def read_metrics(path: Path | str) -> MetricsDocument:
         raise ValueError(f"{path}: not a metrics.json of the evaluate stage: {format_validation_error(error)}") from None
 
 
-def metrics_document(time_steps: int, totals: dict[str, QualityTotals], energy: dict[str, dict[str, float]]) -> dict:
+def metrics_document(time_steps: int, totals: dict[str, QualityTotals], energy: dict[str, dict[str, float]],
+                     domains: dict[str, tuple[bool, dict[str, QualityTotals], dict[str, dict[str, float]]]] | None = None,
+                     ) -> dict:
     """metrics.json: quality of every model, and for each hybrid its ppl ratios and ``energy[name]``
-    (``baselines.compare`` of its energy report, plus ``spike_rate``)."""
+    (``baselines.compare`` of its energy report, plus ``spike_rate``); with ``domains`` (name -> seen, that
+    domain's totals and energy figures) each domain's own figures too."""
+    document = _models_document(totals, energy)
+    document = {"time_steps": time_steps, **document}
+    if domains is not None:
+        document["domains"] = {
+            name: {"seen": seen, "test_tokens": domain_totals["teacher"].tokens,
+                   **_models_document(domain_totals, domain_energy)}
+            for name, (seen, domain_totals, domain_energy) in domains.items()}
+    try:  # the documented shape; a NaN or infinite figure is refused rather than written
+        MetricsDocument.model_validate(document)
+    except ValidationError as error:
+        raise ValueError(f"metrics.json would not be valid, so it was not written: "
+                         f"{format_validation_error(error)}") from None
+    return document
+
+
+def _models_document(totals: dict[str, QualityTotals], energy: dict[str, dict[str, float]]) -> dict:
     teacher = totals["teacher"].summary(teacher=True)
     reference = totals["teacher_finetuned"].summary(teacher=False)
-    document: dict = {"time_steps": time_steps, "teacher": teacher, "teacher_finetuned": reference}
+    document: dict = {"teacher": teacher, "teacher_finetuned": reference}
     for name, figures in energy.items():
         quality = totals[name].summary(teacher=False)
         values = {**quality, **figures, "ppl_ratio_to_teacher": quality["ppl"] / teacher["ppl"],
@@ -98,11 +134,6 @@ def metrics_document(time_steps: int, totals: dict[str, QualityTotals], energy: 
         document[name]["activation_bits"] = int(values["activation_bits"])
     for name in REFERENCES:
         document[name] = {key: _round(value) for key, value in document[name].items()}
-    try:  # the documented shape; a NaN or infinite figure is refused rather than written
-        MetricsDocument.model_validate(document)
-    except ValidationError as error:
-        raise ValueError(f"metrics.json would not be valid, so it was not written: "
-                         f"{format_validation_error(error)}") from None
     return document
 
 
@@ -138,6 +169,8 @@ def summary_markdown(metrics: dict, layer_rows: list[dict], hybrids: list[str], 
             f"{_fmt(row['ppl_ratio_to_teacher_finetuned'])} | {_fmt(row['bpb'])} | {_fmt(row['agreement_top1'])} | "
             f"{_fmt(row['kl_full_to_teacher'], 4)} |"
         )
+    if metrics.get("domains"):
+        lines += ["", *domain_table(metrics["domains"], hybrids)]
     lines += [
         "",
         "## Energy against each baseline (hybrid / baseline, per token)",
@@ -175,6 +208,26 @@ def summary_markdown(metrics: dict, layer_rows: list[dict], hybrids: list[str], 
     lines += ["", "Layers adding the most FFN error: " + ", ".join(f"{r['layer']} ({r[f'{last}_error']:.4f})"
                                                                   for r in worst), ""]
     return "\n".join(lines)
+
+
+def domain_table(domains: dict, hybrids: list[str]) -> list[str]:
+    """Markdown lines: per domain the teacher's ppl and each model's ppl ratio (agreement, KL), FFN energy."""
+    lines = ["## Per text domain", "",
+             "Each cell: ppl over the teacher's (top-1 agreement, KL); the fine-tuned hybrid also over "
+             "teacher_finetuned's. Unseen: no stage calibrated or trained on it.", "",
+             "| domain | tokens | teacher ppl | teacher_finetuned | " + " | ".join(hybrids)
+             + " | finetuned / teacher_finetuned | FFN energy (FP32, finetuned) |",
+             "|---|---|---|---|" + "---|" * len(hybrids) + "---|---|"]
+    for name, entry in domains.items():
+        teacher, reference = entry["teacher"], entry["teacher_finetuned"]
+        cells = [f"{_fmt(entry[h]['ppl_ratio_to_teacher'])} ({_fmt(entry[h]['agreement_top1'])}, "
+                 f"{_fmt(entry[h]['kl_full_to_teacher'])})" for h in hybrids]
+        label = name if entry["seen"] else f"{name} (unseen)"
+        lines.append(f"| {label} | {entry['test_tokens']:,} | {_fmt(teacher['ppl'], 2)} | "
+                     f"{_fmt(reference['ppl'] / teacher['ppl'])} | " + " | ".join(cells)
+                     + f" | {_fmt(entry['finetuned']['ppl_ratio_to_teacher_finetuned'])} | "
+                     f"{_fmt(entry['finetuned']['ffn_energy_ratio'])} |")
+    return lines
 
 
 def write_table(table: pd.DataFrame, path: Path) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 
 import pandas as pd
+import torch
 
 from snn_research.conversion.ann_to_snn_converter import load_hybrid
 from snn_research.data import load_blocks, spread
@@ -36,31 +37,56 @@ def input_folders(paths) -> dict[str, object]:
             "finetune": paths.finetuned}
 
 
+def test_domains(split_manifest) -> list[tuple[str, bool]]:
+    """(name, seen) of each domain in the test split's order; a split from before domains is one seen domain."""
+    domains = (split_manifest.summary or {}).get("domains")
+    if not domains:
+        return [("corpus", True)]
+    return [(name, float(entry.get("weight", 1.0)) > 0) for name, entry in domains.items()]
+
+
 def run(context: StageContext) -> None:
     params = context.params.evaluate
     folders = input_folders(context.paths)
-    for stage, folder in folders.items():
-        context.verify(folder, stage)
+    manifests = {stage: context.verify(folder, stage) for stage, folder in folders.items()}
     teacher, _ = load_teacher(context.paths.teacher)
     reference, _ = load_teacher(context.paths.teacher_finetuned)
     hybrids = {name: load_hybrid(folders[stage]) for name, stage in HYBRID_STAGES.items()}
     time_steps = hybrids["finetuned"].hybrid_metadata.plan.time_steps
-    test = spread(load_blocks(context.paths.splits, "test"), params.max_blocks)
-    ids, target_bytes = test.input_ids, test.target_bytes
-    energy_ids = spread(test, params.energy_blocks).input_ids
-    teacher, reference, hybrids, ids, energy_ids = place(context.device, teacher=teacher, reference=reference,
-                                                         hybrids=hybrids, ids=ids, energy_ids=energy_ids)
-    batches = -(-ids.shape[0] // params.batch_size)
-    with progress_bar("evaluating", batches) as advance:
-        totals = evaluate_quality(teacher, {"teacher_finetuned": reference, **hybrids}, ids, target_bytes,
-                                  params.batch_size, progress=advance)
+    domains = test_domains(manifests["split"])
+    split = load_blocks(context.paths.splits, "test")
+    # each domain's test blocks, at most max_blocks of them spread over its documents; energy on a few of those
+    parts = [spread(split.of_domain(index), params.max_blocks) for index in range(len(domains))]
+    empty = [name for (name, _), part in zip(domains, parts) if part.input_ids.shape[0] == 0]
+    if empty:
+        raise ValueError(f"{context.paths.splits}: the test split has no blocks of domain {empty[0]!r}")
+    energy_parts = [spread(part, params.energy_blocks).input_ids for part in parts]
+    teacher, reference, hybrids, parts_ids, energy_parts = place(
+        context.device, teacher=teacher, reference=reference, hybrids=hybrids,
+        parts_ids=[part.input_ids for part in parts], energy_parts=energy_parts)
+    ids = torch.cat(parts_ids)
+    energy_ids = torch.cat(energy_parts)
+    batches = sum(-(-part.shape[0] // params.batch_size) for part in parts_ids)
     prices = Prices.from_params(context.params.energy)
+    domain_totals, domain_figures = [], []
+    with progress_bar("evaluating", batches) as advance:
+        for part, part_ids, part_energy in zip(parts, parts_ids, energy_parts):
+            domain_totals.append(evaluate_quality(teacher, {"teacher_finetuned": reference, **hybrids}, part_ids,
+                                                  part.target_bytes, params.batch_size, progress=advance))
+            if len(domains) > 1:
+                domain_figures.append({name: _figures(measure_energy(model, part_energy, prices.e_mac_pj,
+                                                                     prices.e_ac_pj), prices)
+                                       for name, model in hybrids.items()})
+    totals = {name: sum((t[name] for t in domain_totals[1:]), domain_totals[0][name]) for name in domain_totals[0]}
     reports = {name: measure_energy(model, energy_ids, prices.e_mac_pj, prices.e_ac_pj) for name, model in hybrids.items()}
-    figures = {name: {**compare(report, prices), "spike_rate": report.mean_spike_rate} for name, report in reports.items()}
+    figures = {name: _figures(report, prices) for name, report in reports.items()}
     sites = {name: site_rows(report, prices) for name, report in reports.items()}
     layer_errors = {name: ffn_output_errors(teacher, model, energy_ids) for name, model in hybrids.items()}
 
-    metrics = metrics_document(time_steps, totals, figures)
+    per_domain = None
+    if len(domains) > 1:
+        per_domain = {name: (seen, domain_totals[i], domain_figures[i]) for i, (name, seen) in enumerate(domains)}
+    metrics = metrics_document(time_steps, totals, figures, per_domain)
     atomic_write_text(context.paths.metrics, json.dumps(metrics, indent=2) + "\n")
     layers = layer_table(sites, layer_errors)
     rates = ["layer", *[f"{n}_{s}" for n in hybrids for s in ("input", "second")]]
@@ -78,9 +104,7 @@ def run(context: StageContext) -> None:
         context.manifest(tmp, "evaluate", {"evaluate": params.model_dump(), "energy": context.params.energy.model_dump(),
                                            "seed": context.params.seed},
                          {"test_tokens": int(ids.numel()), "metrics_sha256": sha256_file(context.paths.metrics)})
-    for name, values in metrics.items():
-        if isinstance(values, dict):
-            context.tracker.log_metrics({f"{name}.{k}": v for k, v in values.items()})
+    context.tracker.log_metrics(flat_metrics(metrics))
     if params.timing:  # host-dependent, so MLflow only
         context.tracker.log_metrics({f"{name}.tokens_per_s": entry.tokens_per_s for name, entry in totals.items()})
     for path in (context.paths.metrics, context.paths.evaluation / "summary.md", context.paths.plots / "layers.png"):
@@ -98,6 +122,21 @@ def run(context: StageContext) -> None:
         else:
             state = "is now champion" if done.champion else "is not champion"
             console.print(f"evaluate: registered {done.name} version {done.version}, which {state}: {done.reason}")
+
+
+def _figures(report, prices: Prices) -> dict[str, float]:
+    return {**compare(report, prices), "spike_rate": report.mean_spike_rate}
+
+
+def flat_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
+    """metrics.json as MLflow's flat keys: ``finetuned.ppl``, ``domains.sotu.finetuned.ppl``, ..."""
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            out.update(flat_metrics(value, f"{prefix}{key}."))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and prefix:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def layer_table(sites: dict[str, list[dict]], layer_errors: dict[str, dict[int, float]]) -> pd.DataFrame:
