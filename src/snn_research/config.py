@@ -239,6 +239,11 @@ class ConversionParams(HybridPlan):
     )
     search_blocks: int | None = Field(None, ge=1, description="clipping 'search' only: calib blocks it scores "
                                       "candidates on (null: 8)")
+    headroom_steps: int = Field(0, ge=0, le=8, description="weighted encoder only: of the time_steps, this many are "
+                                "range above the calibrated (and searched) thresholds. Calibration and the search "
+                                "run at time_steps - headroom_steps; each threshold then grows by (2^T - 1) / "
+                                "(2^(T - h) - 1), about 2^h, at the same step size, so a value the calibration text "
+                                "never reached is not clipped, and a spike still costs one accumulate")
 
     @model_validator(mode="after")
     def _leak_needs_lif(self) -> "ConversionParams":  # replaces HybridPlan's check to name the field
@@ -261,6 +266,13 @@ class ConversionParams(HybridPlan):
         if self.search_blocks is not None and self.clipping != "search":
             raise FieldError("search_blocks", self.search_blocks,
                              f"applies to clipping 'search' only (clipping is {self.clipping!r}); remove it")
+        if self.headroom_steps and self.encoder != "weighted":
+            raise FieldError("headroom_steps", self.headroom_steps,
+                             f"adds range at the same step size, which only the weighted code's doubling step "
+                             f"weights give (encoder is {self.encoder!r}); set 0")
+        if self.headroom_steps >= self.time_steps:
+            raise FieldError("headroom_steps", self.headroom_steps,
+                             f"must leave at least one step for the calibrated range (time_steps is {self.time_steps})")
         return self
 
     @property
@@ -268,7 +280,12 @@ class ConversionParams(HybridPlan):
         return 8 if self.search_blocks is None else self.search_blocks
 
     def plan(self) -> HybridPlan:
-        return HybridPlan(**self.model_dump(exclude={"clipping", "search_blocks"}))
+        """The plan the hybrid runs with (all ``time_steps``)."""
+        return HybridPlan(**self.model_dump(exclude={"clipping", "search_blocks", "headroom_steps"}))
+
+    def calibration_plan(self) -> HybridPlan:
+        """The plan the thresholds are calibrated and searched at: ``time_steps - headroom_steps``."""
+        return self.plan().model_copy(update={"time_steps": self.time_steps - self.headroom_steps})
 
 
 class LayerwiseParams(Strict):
@@ -368,6 +385,12 @@ class Params(Strict):
             raise FieldError(
                 "distill.curriculum.start_time_steps", start,
                 f"the weighted encoder supports T <= {MAX_WEIGHTED_TIME_STEPS} (2^T - 1 levels per sign)",
+            )
+        if start is not None and self.convert.headroom_steps:
+            raise FieldError(
+                "distill.curriculum.start_time_steps", start,
+                f"a T curriculum changes the step size, and convert.headroom_steps ({self.convert.headroom_steps}) "
+                "fixes it; use one of them",
             )
         if start is not None and start < self.convert.time_steps:
             raise FieldError(

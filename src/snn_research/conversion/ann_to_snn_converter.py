@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -33,6 +34,7 @@ from torch import nn
 from snn_research.artifacts import package_versions
 from snn_research.conversion.calibrator import CalibrationResult
 from snn_research.errors import format_validation_error
+from snn_research.hybrid.adapter import AnalogToSpikes
 from snn_research.io import atomic_directory, atomic_write_text, significant
 from snn_research.models.families import SITE_NAMES, SiteSpec
 from snn_research.models.families import consumers as site_consumers
@@ -163,6 +165,7 @@ class ConversionMetadata(BaseModel):
     sites: list[SiteMetadata]
     versions: dict[str, str]
     clipping: ClippingRecord | None = None
+    headroom_steps: int = Field(0, ge=0, description="steps of range above the calibrated thresholds (weighted code)")
 
     @model_validator(mode="before")
     @classmethod
@@ -348,6 +351,40 @@ def _population_parameters(block: SpikingUnit, spec: SiteSpec, plan: HybridPlan)
     if encoder.kind == "lif":
         parameters.update({k: options[k] for k in ("beta", "reset", "surrogate", "sharpness", "learnable_leak")})
     return parameters
+
+
+def headroom_factor(time_steps: int, headroom_steps: int) -> float:
+    """(2^T - 1) / (2^(T - h) - 1): the threshold growth that keeps the weighted code's step size."""
+    return (2.0 ** time_steps - 1.0) / (2.0 ** (time_steps - headroom_steps) - 1.0)
+
+
+def add_headroom(model: nn.Module, headroom_steps: int) -> int:
+    """Give every spiking site ``headroom_steps`` more steps of range at the same step size; the new T.
+
+    Each weighted encoder's threshold grows by ``headroom_factor`` and T by ``headroom_steps``: a value within
+    the old threshold gets the same level (up to float rounding at a level's edge), a value beyond it, which
+    the old code clipped, now reaches up to about 2^h times further. Spikes cost the same; the receiving
+    neurons' per-step shifts grow with T (the energy model counts them).
+    """
+    units = list(spiking_units(model))
+    if not units:
+        raise ValueError("the model has no spiking sites to give headroom")
+    encoders = [m for unit in units for m in unit.modules() if isinstance(m, AnalogToSpikes)]
+    other = sorted({m.kind for m in encoders if m.kind != "weighted"})
+    if other:
+        raise ValueError(f"headroom needs the weighted code at every site; this model also has {other}")
+    base = {unit.plan_time_steps for unit in units}
+    if len(base) != 1:
+        raise ValueError(f"the spiking sites run at different T ({sorted(base)}); headroom needs one")
+    base_steps = base.pop()
+    time_steps = base_steps + headroom_steps
+    shift = math.log(headroom_factor(time_steps, headroom_steps))
+    with torch.no_grad():
+        for encoder in encoders:
+            encoder.log_threshold.add_(shift)
+    for unit in units:
+        unit.set_time_steps(time_steps)
+    return time_steps
 
 
 def refresh_metadata(model: nn.Module, metadata: ConversionMetadata) -> tuple[ConversionMetadata, dict[str, torch.Tensor]]:

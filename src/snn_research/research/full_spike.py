@@ -131,6 +131,9 @@ def check_params(params: Params) -> None:
                         "set null"))
     if params.distill.ffn_mse_weight > 0:
         refused.append(("distill.ffn_mse_weight", params.distill.ffn_mse_weight, "not applied here; set 0"))
+    if params.convert.headroom_steps:
+        refused.append(("convert.headroom_steps", params.convert.headroom_steps, "the steps convert without "
+                        "headroom; set 0"))
     if refused:
         field, value, why = refused[0]
         raise ValueError(f"{field}: {why} (got {value!r})")

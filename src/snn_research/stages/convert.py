@@ -13,7 +13,9 @@ from snn_research.conversion.ann_to_snn_converter import (
     ClippingRecord,
     PlanConflict,
     TeacherIdentity,
+    add_headroom,
     convert,
+    headroom_factor,
     refresh_metadata,
     write_hybrid_files,
 )
@@ -34,7 +36,7 @@ def run(context: StageContext) -> None:
     context.verify(context.paths.calibration, "calibrate")
     teacher, tokenizer = load_teacher(context.paths.teacher)
     calibration, calibration_file = load_calibration(context.paths.calibration)
-    plan = params.convert.plan()
+    plan = params.convert.calibration_plan()  # all of T unless some steps are headroom
     info = teacher_manifest.summary
     identity = TeacherIdentity(
         source=info["source"],
@@ -64,7 +66,14 @@ def run(context: StageContext) -> None:
         after = sum(e.error_chosen for e in block_errors) / len(block_errors)
         console.print(f"convert: clipping search over {len(choices)} sites: mean relative FFN output error "
                       f"{before:.4f} at the percentile thresholds -> {after:.4f}")
-    metadata = metadata.model_copy(update={"clipping": record})
+    headroom = params.convert.headroom_steps
+    if headroom:
+        time_steps = add_headroom(hybrid, headroom)
+        metadata, _ = refresh_metadata(hybrid, metadata)
+        console.print(f"convert: {headroom} headroom steps: thresholds x{headroom_factor(time_steps, headroom):.3f} "
+                      f"at T = {time_steps} (calibrated at T = {plan.time_steps})")
+        plan = params.convert.plan()
+    metadata = metadata.model_copy(update={"clipping": record, "headroom_steps": headroom})
     hybrid.to("cpu")  # the files are written from CPU tensors on any device
     with atomic_directory(context.paths.converted) as tmp:
         written = write_hybrid_files(hybrid, tokenizer, metadata, tmp)

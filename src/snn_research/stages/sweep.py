@@ -55,6 +55,9 @@ def run_point(context: StageContext, out: Path) -> SweepPoint:
     context.verify(context.paths.splits, "split")
     teacher, _ = load_teacher(context.paths.teacher)
     calibration, calibration_file = load_calibration(context.paths.calibration)
+    if params.convert.headroom_steps:
+        raise ParamsError(f"{context.params_path}: invalid params\nconvert.headroom_steps: sweep-point converts "
+                          "without headroom; set 0")
     plan = params.convert.plan()
     info = teacher_manifest.summary
     identity = TeacherIdentity(source=info["source"], sha256=info["source_sha256"], model_type=info["model_type"],
