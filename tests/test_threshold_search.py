@@ -100,3 +100,32 @@ def test_rate_noise_is_the_same_for_every_candidate():
     first = {choice.key.split(":")[0]: choice for choice in reversed(choices)}  # each block's first site
     for block in block_errors:
         assert first[block.path].error_before == block.error_percentile, block.path
+
+
+def test_worst_domain_search_scores_the_worst_group_and_never_worsens_it():
+    """Blocks tagged with two groups: the recorded errors are the worst group's, measured independently."""
+    import copy
+
+    batches = calibration_batches(4, seed=11)  # 4 batches of 2 blocks
+    groups = torch.tensor([0, 1, 0, 1, 1, 1, 0, 1])
+    teacher, hybrid = _converted("llama", HybridPlan(time_steps=4, encoder="weighted"))
+    plain = copy.deepcopy(hybrid)
+
+    def worst(model):
+        by_group = [_ffn_errors(teacher, model, [b[groups[2 * i:2 * i + 2] == g] for i, b in enumerate(batches)
+                                                 if (groups[2 * i:2 * i + 2] == g).any()]) for g in (0, 1)]
+        return {path: max(errors[path] for errors in by_group) for path in by_group[0]}
+
+    before = worst(hybrid)
+    _, blocks = search_clipping(hybrid, teacher, batches, block_groups=groups)
+    after = worst(hybrid)
+    for block in blocks:
+        assert block.error_percentile == pytest.approx(before[block.path], rel=1e-5)
+        assert block.error_chosen == pytest.approx(after[block.path], rel=1e-5)
+        assert block.error_chosen <= block.error_percentile
+    # one group for every block: the same choices as the pooled search
+    pooled_choices, _ = search_clipping(copy.deepcopy(plain), teacher, batches)
+    single_choices, _ = search_clipping(plain, teacher, batches, block_groups=torch.zeros(8, dtype=torch.long))
+    assert [c.choice for c in single_choices] == [c.choice for c in pooled_choices]
+    with pytest.raises(ValueError, match="block_groups has 3 entries"):
+        search_clipping(plain, teacher, batches, block_groups=torch.zeros(3, dtype=torch.long))

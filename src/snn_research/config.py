@@ -239,6 +239,9 @@ class ConversionParams(HybridPlan):
     )
     search_blocks: int | None = Field(None, ge=1, description="clipping 'search' only: calib blocks it scores "
                                       "candidates on (null: 8)")
+    search_objective: Literal["pooled", "worst_domain"] = Field(
+        "pooled", description="clipping 'search' only: pooled scores the FFN output error over all search tokens; "
+        "worst_domain scores the worst text domain's (needs two or more seen domains)")
     headroom_steps: int = Field(0, ge=0, le=8, description="weighted encoder only: of the time_steps, this many are "
                                 "range above the calibrated (and searched) thresholds. Calibration and the search "
                                 "run at time_steps - headroom_steps; each threshold then grows by (2^T - 1) / "
@@ -266,6 +269,9 @@ class ConversionParams(HybridPlan):
         if self.search_blocks is not None and self.clipping != "search":
             raise FieldError("search_blocks", self.search_blocks,
                              f"applies to clipping 'search' only (clipping is {self.clipping!r}); remove it")
+        if self.search_objective != "pooled" and self.clipping != "search":
+            raise FieldError("search_objective", self.search_objective,
+                             f"applies to clipping 'search' only (clipping is {self.clipping!r}); remove it")
         if self.headroom_steps and self.encoder != "weighted":
             raise FieldError("headroom_steps", self.headroom_steps,
                              f"adds range at the same step size, which only the weighted code's doubling step "
@@ -281,7 +287,7 @@ class ConversionParams(HybridPlan):
 
     def plan(self) -> HybridPlan:
         """The plan the hybrid runs with (all ``time_steps``)."""
-        return HybridPlan(**self.model_dump(exclude={"clipping", "search_blocks", "headroom_steps"}))
+        return HybridPlan(**self.model_dump(exclude={"clipping", "search_blocks", "search_objective", "headroom_steps"}))
 
     def calibration_plan(self) -> HybridPlan:
         """The plan the thresholds are calibrated and searched at: ``time_steps - headroom_steps``."""
@@ -386,6 +392,11 @@ class Params(Strict):
                 "distill.curriculum.start_time_steps", start,
                 f"the weighted encoder supports T <= {MAX_WEIGHTED_TIME_STEPS} (2^T - 1 levels per sign)",
             )
+        seen = self.data.seen_domains()
+        if self.convert.search_objective == "worst_domain" and len(seen) < 2:
+            raise FieldError("convert.search_objective", self.convert.search_objective,
+                             f"scores the worst of the seen text domains, and data has {len(seen)} ({seen}); "
+                             "use 'pooled' or give data.domains two or more positive weights")
         if start is not None and self.convert.headroom_steps:
             raise FieldError(
                 "distill.curriculum.start_time_steps", start,

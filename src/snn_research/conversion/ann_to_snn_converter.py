@@ -145,6 +145,7 @@ class ClippingRecord(BaseModel):
     model_config = ConfigDict(extra="forbid")
     method: Literal["percentile", "search"]
     search_tokens: int = 0
+    objective: Literal["pooled", "worst_domain"] = "pooled"  # the search's: all tokens, or the worst domain's
     sites: list[ClippingChoice] = Field(default_factory=list)
     blocks: list[ClippingBlock] = Field(default_factory=list)
 

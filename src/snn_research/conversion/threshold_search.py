@@ -98,10 +98,20 @@ def _same_noise(block: SpikingMLP) -> None:
             module.reset_noise()
 
 
-def _relative_error(block: SpikingMLP, x: torch.Tensor, target: torch.Tensor) -> float:
+def _relative_error(block: SpikingMLP, x: torch.Tensor, target: torch.Tensor,
+                    groups: torch.Tensor | None = None) -> float:
+    """The relative output error over all rows; with ``groups`` (a group index per row), the worst group's."""
     _same_noise(block)
     out = block(x)
-    return float((out - target).pow(2).sum() / target.pow(2).sum().clamp_min(1e-30))
+    if groups is None:
+        return float((out - target).pow(2).sum() / target.pow(2).sum().clamp_min(1e-30))
+    count = int(groups.max()) + 1
+    error = torch.zeros(count, dtype=torch.float64, device=out.device)
+    energy = torch.zeros(count, dtype=torch.float64, device=out.device)
+    error.index_add_(0, groups, (out - target).pow(2).sum(-1).double())
+    energy.index_add_(0, groups, target.pow(2).sum(-1).double())
+    present = torch.bincount(groups, minlength=count) > 0
+    return float((error[present] / energy[present].clamp_min(1e-30)).max())
 
 
 @torch.no_grad()
@@ -110,9 +120,12 @@ def search_clipping(
     teacher: nn.Module,
     batches: list[torch.Tensor],
     scales: tuple[float, ...] = DEFAULT_SCALES,
+    block_groups: torch.Tensor | None = None,
 ) -> tuple[list[SiteChoice], list[BlockError]]:
     """Set every spiking site's thresholds to the candidate with the lowest FFN output error.
 
+    With ``block_groups`` (a group, e.g. a text domain, per block of the batches in order), the error scored
+    is the worst group's relative error: a candidate that fits one domain and clips another loses.
     Returns the choice per site and, per block, the error at the calibrated and at the chosen thresholds.
     """
     if 1.0 not in scales:
@@ -124,12 +137,19 @@ def search_clipping(
         raise ValueError("the model has no spiking FFNs to search thresholds for")
     block_list(teacher)  # raises for an unsupported architecture
     io = _capture_ffn_io(teacher, [b.path for b in blocks], batches)
+    groups = None
+    if block_groups is not None:
+        rows_per_block = batches[0].shape[1]
+        if block_groups.numel() != sum(batch.shape[0] for batch in batches):
+            raise ValueError(f"block_groups has {block_groups.numel()} entries for "
+                             f"{sum(batch.shape[0] for batch in batches)} blocks")
+        groups = block_groups.to(torch.long).repeat_interleave(rows_per_block).to(batches[0].device)
     choices, block_errors = [], []
     for block in blocks:
         was_training = block.training
         block.eval()
         x, target = io[block.path]
-        error_percentile = _relative_error(block, x, target)
+        error_percentile = _relative_error(block, x, target, groups)
         for spec in family_sites(block.family):
             parameter = _log_threshold(_population(block, spec.name))
             calibrated = parameter.detach().clone()
@@ -143,10 +163,10 @@ def search_clipping(
             errors = {}
             for name, value in candidates.items():
                 parameter.copy_(value)
-                errors[name] = _relative_error(block, x, target)
+                errors[name] = _relative_error(block, x, target, groups)
             best = min(errors, key=lambda name: (errors[name], name != "scale x1"))
             parameter.copy_(candidates[best])
             choices.append(SiteChoice(f"{block.path}:{spec.name}", best, errors["scale x1"], errors[best]))
-        block_errors.append(BlockError(block.path, error_percentile, _relative_error(block, x, target)))
+        block_errors.append(BlockError(block.path, error_percentile, _relative_error(block, x, target, groups)))
         block.train(was_training)
     return choices, block_errors

@@ -52,10 +52,13 @@ def run(context: StageContext) -> None:
     record = ClippingRecord(method="percentile")
     if params.convert.clipping == "search":
         context.verify(context.paths.splits, "split")
-        blocks = spread(load_blocks(context.paths.splits, "calib"), params.convert.search_block_count).input_ids
-        teacher, hybrid, blocks = place(context.device, teacher=teacher, hybrid=hybrid, blocks=blocks)
-        choices, block_errors = search_clipping(hybrid, teacher, list(blocks.split(params.calibrate.batch_size)))
+        calib = spread(load_blocks(context.paths.splits, "calib"), params.convert.search_block_count)
+        teacher, hybrid, blocks = place(context.device, teacher=teacher, hybrid=hybrid, blocks=calib.input_ids)
+        groups = calib.domains() if params.convert.search_objective == "worst_domain" else None
+        choices, block_errors = search_clipping(hybrid, teacher, list(blocks.split(params.calibrate.batch_size)),
+                                                block_groups=groups)
         record = ClippingRecord(method="search", search_tokens=int(blocks.numel()),
+                                objective=params.convert.search_objective,
                                 sites=[ClippingChoice(**choice.__dict__) for choice in choices],
                                 blocks=[ClippingBlock(**error.__dict__) for error in block_errors])
         metadata, _ = refresh_metadata(hybrid, metadata)
