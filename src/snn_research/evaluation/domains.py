@@ -17,13 +17,13 @@ from pathlib import Path
 
 def corpus_blocks(corpus: str, tokenizer, block_length: int, max_blocks: int | None):
     """(blocks, documents): the corpus tokenized into blocks, at most ``max_blocks`` spread over it."""
-    from snn_research.data import list_documents, read_text, spread, tokenize_blocks
+    from snn_research.data import list_documents, spread, tokenize_blocks
 
     try:
         documents = list_documents(corpus)
     except ValueError as error:
         raise ValueError(f"corpus {corpus!r}: {error}") from None
-    blocks = tokenize_blocks([read_text(doc.path) for doc in documents], tokenizer, block_length)
+    blocks = tokenize_blocks([doc.read() for doc in documents], tokenizer, block_length)
     if blocks.input_ids.shape[0] == 0:
         raise ValueError(f"corpus {corpus!r}: no document holds a whole block of {block_length} tokens")
     return spread(blocks, max_blocks), documents
