@@ -213,7 +213,7 @@ def test_evaluate_scores_every_domain_and_pools_them_token_weighted(tmp_path):
         write_params(set_dotted(tiny_params(), {**quick, "data.corpus": None, "data.domains": domains,
                                                 "data.max_documents": None}))
         results = run_stages("download-teacher", "split", "calibrate", "convert", "distill", "finetune",
-                             "finetune-teacher", "evaluate")
+                             "finetune-teacher", "evaluate", "report")
     assert all(r.exit_code == 0 for r in results.values()), {k: r.output[-2000:] for k, r in results.items()}
     metrics = json.loads((folder / "reports" / "metrics.json").read_text())
     assert list(metrics["domains"]) == ["alpha", "beta", "gamma"]
@@ -237,6 +237,9 @@ def test_evaluate_scores_every_domain_and_pools_them_token_weighted(tmp_path):
     assert math.isclose(metrics["finetuned"]["ppl"], math.exp(log_ppl / tokens), rel_tol=1e-4)
     summary = (folder / "reports" / "evaluation" / "summary.md").read_text()
     assert "## Per text domain" in summary and "| gamma (unseen) |" in summary
+    page = (folder / "reports" / "report.html").read_text()
+    assert "<h2>Per text domain</h2>" in page and "no (unseen)" in page
+    assert "<td>domains</td>" not in page  # the per-domain block is not a model row
 
 
 def test_worst_domain_search_needs_two_seen_domains():

@@ -128,8 +128,8 @@ def _paragraph(text: str, css: str | None = None) -> str:
 
 
 def model_entries(metrics: dict) -> dict[str, dict]:
-    """Every model of metrics.json, in file order (the entries that are objects)."""
-    return {name: entry for name, entry in metrics.items() if isinstance(entry, dict)}
+    """Every model of metrics.json, in file order (the entries that are objects, ``domains`` aside)."""
+    return {name: entry for name, entry in metrics.items() if isinstance(entry, dict) and name != "domains"}
 
 
 def hybrid_entries(metrics: dict) -> dict[str, dict]:
@@ -162,6 +162,49 @@ def quality_section(metrics: dict) -> str:
         "<h2>Quality</h2>",
         _paragraph("Test split. KL is KL(teacher ‖ model) over the full vocabulary, in nats per token; "
                    "energy ratios are hybrid / FP32 teacher per token (the other baselines are below)."),
+        _table(head, rows),
+    ])
+
+
+def domain_chart_png(domains: dict[str, dict]) -> bytes:
+    """ppl / teacher per text domain, one bar per model (the unseen domains marked)."""
+    figure = Figure(figsize=(11, 3.8))
+    FigureCanvasAgg(figure)
+    axis = figure.subplots()
+    names = list(domains)
+    models = [m for m in next(iter(domains.values())) if m not in ("seen", "test_tokens", "teacher")]
+    width = 0.8 / max(len(models), 1)
+    for index, model in enumerate(models):
+        values = [_ratio(domains[d][model], "ppl_ratio_to_teacher", domains[d]["teacher"]) for d in names]
+        axis.bar([p + (index - (len(models) - 1) / 2) * width for p in range(len(names))], values, width, label=model)
+    axis.axhline(1.0, color="grey", linestyle=":", linewidth=1)
+    axis.set_xticks(range(len(names)), [d if domains[d]["seen"] else f"{d}\n(unseen)" for d in names])
+    axis.set_ylabel("ppl / teacher")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100, metadata={"Software": None})
+    return buffer.getvalue()
+
+
+def domains_section(domains: dict[str, dict]) -> str:
+    head = ["domain", "seen", "tokens", "teacher ppl", "model", "ppl / teacher", "ppl / teacher finetuned",
+            "top-1 agreement", "KL(teacher ‖ model)", "spike rate", "FFN energy / FP32"]
+    rows = []
+    for name, entry in domains.items():
+        for model in ("teacher_finetuned", *hybrid_entries(entry)):
+            row = entry[model]
+            rows.append([name, "yes" if entry["seen"] else "no (unseen)", _text(entry["test_tokens"]),
+                         _text(entry["teacher"]["ppl"], ".2f"), model,
+                         _text(_ratio(row, "ppl_ratio_to_teacher", entry["teacher"]), ".3f"),
+                         _text(_ratio(row, "ppl_ratio_to_teacher_finetuned", entry["teacher_finetuned"]), ".3f"),
+                         _text(row.get("agreement_top1"), ".3f"), _text(row.get("kl_full_to_teacher"), ".4g"),
+                         _text(row.get("spike_rate"), ".4f"), _text(row.get("ffn_energy_ratio"), ".3f")])
+    return "\n".join([
+        "<h2>Per text domain</h2>",
+        _paragraph("Each domain's own test blocks; the quality table above pools them (token-weighted). An unseen "
+                   "domain is one no stage calibrated or trained on."),
+        _image(domain_chart_png(domains), "perplexity over the teacher's per text domain"),
         _table(head, rows),
     ])
 
@@ -389,7 +432,10 @@ def render_page(inputs: ReportInputs, runs_script: str = RUNS_SCRIPT) -> str:
     ]
     if notes:
         parts.append('<div class="notes">' + "".join(_paragraph(note) for note in notes) + "</div>")
-    parts += [quality_section(metrics), energy_section(inputs), layers_section(inputs)]
+    parts.append(quality_section(metrics))
+    if metrics.get("domains"):
+        parts.append(domains_section(metrics["domains"]))
+    parts += [energy_section(inputs), layers_section(inputs)]
     if inputs.conversion is not None:
         parts.append(conversion_section(inputs.conversion))
     if inputs.frontier_png is not None:
