@@ -239,7 +239,7 @@ def test_evaluate_scores_every_domain_and_pools_them_token_weighted(tmp_path):
     assert "## Per text domain" in summary and "| gamma (unseen) |" in summary
     page = (folder / "reports" / "report.html").read_text()
     assert "<h2>Per text domain</h2>" in page and "no (unseen)" in page
-    assert "<td>domains</td>" not in page  # the per-domain block is not a model row
+    assert '<td class="text">domains</td>' not in page  # the per-domain block is not a model row
 
 
 def test_worst_domain_search_needs_two_seen_domains():
