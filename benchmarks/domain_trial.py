@@ -4,7 +4,7 @@
         --corpus package:pydoc-topics --corpus package:python-stdlib [--blocks 8] [--headroom 0 2 3]
     python -m benchmarks.domain_trial HYBRID --teacher models/teacher --splits data/splits [--blocks 8]
 
-For each corpus (any ``data`` source) it takes ``--blocks`` blocks of 256 tokens spread over the corpus (the
+For each corpus (any ``data`` source) it takes ``--blocks`` blocks of ``--block-length`` tokens (256) spread over the corpus (the
 teacher's tokenizer); with ``--splits``, each domain's test blocks of that split folder instead (held-out
 text). Then, for the hybrid as stored and, with ``--headroom h``, the same hybrid given h steps
 of headroom (``add_headroom``, no other change) it prints one JSON line:
@@ -105,7 +105,10 @@ def main() -> None:
     for h in args.headroom:
         model = stored if h == 0 else copy.deepcopy(stored)
         if h:
-            add_headroom(model, h)
+            try:
+                add_headroom(model, h)
+            except ValueError as error:
+                parser.error(f"--headroom {h}: {error}")
         variants[h] = model
     if not args.corpus and not args.splits:
         raise SystemExit("give --corpus (one or more) or --splits")

@@ -32,7 +32,7 @@ def relative(got: torch.Tensor, reference: torch.Tensor) -> float:
 def main(argv: list[str] | None = None) -> int:
     from safetensors.torch import load_file
 
-    from snn_research.data import load_blocks
+    from snn_research.data import load_blocks, single_domain
     from snn_research.hybrid.adapter import weighted_levels
     from snn_research.hybrid.integer import integer_linear, quantize_spiking_linear, quantize_weight, w8a8_linear
     from snn_research.models.hybrid_transformer import find_mlps
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
                      "path takes the weighted code's levels")
     model, _ = load_teacher(args.teacher)
     thresholds = load_file(str(args.conversion / "thresholds.safetensors"))
-    ids = load_blocks(args.splits, "test").input_ids[:args.blocks]
+    ids = single_domain(load_blocks(args.splits, "test"), str(args.splits), "the integer trial").input_ids[:args.blocks]
     captured: dict[str, torch.Tensor] = {}
     mlps = find_mlps(model)
     hooks = [location.module.register_forward_pre_hook(

@@ -80,3 +80,31 @@ def test_a_refetch_replaces_an_older_copy(fake, tmp_path):
 def test_every_pin_names_an_archive_and_a_licence():
     for corpus in corpora.FETCHED.values():
         assert len(corpus.sha256) == 64 and corpus.licence and corpus.archive.endswith((".tgz", ".tar.gz"))
+
+
+def test_fetch_downloads_once_and_skips_a_corpus_already_here(fake, monkeypatch, tmp_path):
+    corpus, archive = fake
+    calls = []
+
+    def download(pinned, into):
+        calls.append(pinned.name)
+        copy = into / pinned.archive
+        copy.write_bytes(archive.read_bytes())
+        return copy
+
+    monkeypatch.setattr(corpora, "_download", download)
+    assert corpora.fetch(["sotu"]) == {"sotu": tmp_path / "corpora" / "sotu"}
+    assert corpora.fetch(["sotu"]) == {"sotu": tmp_path / "corpora" / "sotu"}
+    assert calls == ["sotu"]
+    with pytest.raises(ValueError, match="unknown corpus 'nope'"):
+        corpora.fetch(["nope"])
+
+
+def test_a_member_outside_the_archive_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("SNN_RESEARCH_CORPORA", str(tmp_path / "corpora"))
+    archive = tmp_path / "evil.tgz"
+    digest = make_archive(archive, {"package/data/../../escape.txt": "x", "package/data/a.txt": "fine"})
+    corpus = FetchedCorpus("sotu", "npm", "evil@1", archive.name, digest, "package/data/*.txt", (), "x", "x")
+    with pytest.raises(ValueError, match="outside the archive"):
+        extract(corpus, archive)
+    assert not (tmp_path / "escape.txt").exists() and not (tmp_path / "corpora" / "sotu").exists()

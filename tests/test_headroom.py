@@ -12,7 +12,7 @@ from test_threshold_search import _ffn_errors
 
 from snn_research.config import ConversionParams, Params
 from snn_research.conversion.ann_to_snn_converter import add_headroom, headroom_factor
-from snn_research.hybrid.adapter import AnalogToSpikes, encoder_levels, weighted_levels
+from snn_research.hybrid.adapter import AnalogToSpikes, encoder_levels
 from snn_research.models.hybrid_transformer import HybridPlan, spiking_units
 
 
@@ -21,8 +21,13 @@ def encoders(model) -> list[AnalogToSpikes]:
 
 
 def decoded(encoder: AnalogToSpikes, x: torch.Tensor) -> torch.Tensor:
-    threshold = encoder.threshold.detach()
-    return weighted_levels(x, threshold, encoder.time_steps) * threshold / encoder_levels("weighted", encoder.time_steps)
+    """The value the encoder's levels stand for, through its own forward and its step simulation (checked equal)."""
+    with torch.no_grad():
+        levels = encoder(x)
+        train = encoder.spike_train(x)
+    weights = encoder.step_weights().to(train.dtype).reshape(-1, *[1] * x.dim())
+    assert torch.equal((train * weights).sum(0), levels)
+    return levels * encoder.threshold.detach() / encoder.levels
 
 
 @pytest.fixture(scope="module")

@@ -174,8 +174,8 @@ class DataParams(Strict):
                           "test holds every domain's test blocks. Set this or corpus, not both")
     fractions: SplitFractions = Field(default_factory=SplitFractions, description="share of documents per split")
     block_length: int = Field(256, ge=8, le=8192, description="tokens per block (BOS included)")
-    max_documents: int | None = Field(None, ge=4, description="use only the first N document groups (smoke runs)")
-    max_blocks_per_split: int | None = Field(None, ge=1, description="cap each split's blocks (smoke runs)")
+    max_documents: int | None = Field(None, ge=4, description="use only the first N document groups of each domain (smoke runs)")
+    max_blocks_per_split: int | None = Field(None, ge=1, description="cap each domain's blocks in each split, before the mixing (smoke runs)")
 
     @field_validator("corpus")
     @classmethod
@@ -360,9 +360,9 @@ class RegistryParams(Strict):
 
 
 class EvaluateParams(Strict):
-    max_blocks: int | None = Field(None, ge=1, description="test blocks to evaluate (null: all)")
+    max_blocks: int | None = Field(None, ge=1, description="test blocks to evaluate, per text domain (null: all)")
     batch_size: int = Field(4, ge=1, le=1024)
-    energy_blocks: int = Field(4, ge=1, description="blocks in the energy-accounting pass")
+    energy_blocks: int = Field(4, ge=1, description="blocks in the energy-accounting pass, per text domain")
     timing: bool = Field(True, description="measure tokens/s and log it to MLflow only (never to metrics.json: "
                          "timings depend on the host)")
     registry: RegistryParams = Field(default_factory=RegistryParams)

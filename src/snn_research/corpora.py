@@ -124,6 +124,8 @@ def extract(corpus: FetchedCorpus, archive: Path) -> Path:
                 name = member.name
                 if not member.isfile() or not fnmatch.fnmatch(name, corpus.include):
                     continue
+                if name.startswith("/") or ".." in Path(name).parts:
+                    raise ValueError(f"{archive}: member {name!r} points outside the archive; nothing was extracted")
                 if any(fnmatch.fnmatch(name, pattern) for pattern in corpus.exclude):
                     continue
                 head = corpus.include.split("*")[0]
@@ -136,9 +138,14 @@ def extract(corpus: FetchedCorpus, archive: Path) -> Path:
         if kept == 0:
             raise ValueError(f"{archive}: no member matches {corpus.include!r}")
         (staging / ".sha256").write_text(corpus.sha256 + "\n")
+        old = root / f".{corpus.name}.old"
+        if old.exists():
+            shutil.rmtree(old)
         if target.exists():
-            shutil.rmtree(target)
+            target.rename(old)  # a crash from here on leaves the old copy beside, never a half-written one
         staging.rename(target)
+        if old.exists():
+            shutil.rmtree(old)
     finally:
         if staging.exists():
             shutil.rmtree(staging)

@@ -245,6 +245,19 @@ def spread(blocks: TokenBlocks, limit: int | None) -> TokenBlocks:
     return blocks.select(index)
 
 
+def single_domain(blocks: TokenBlocks, where: str, reader: str) -> TokenBlocks:
+    """``blocks`` unchanged when they hold one text domain; ValueError naming ``reader`` otherwise.
+
+    For the tools that score or replay a split as one text (sweep points, research steps, continual
+    learning's old domain): a test split of several domains would pool them silently.
+    """
+    if blocks.domain_index is not None and int(blocks.domain_index.unique().numel()) > 1:
+        count = int(blocks.domain_index.unique().numel())
+        raise ValueError(f"{where}: the split holds {count} text domains, and {reader} reads one text; "
+                         "run it on a one-domain split (data.corpus)")
+    return blocks
+
+
 def mixture_counts(available: list[int], weights: list[float]) -> list[int]:
     """Blocks to take from each domain: shares as near ``weights`` as whole blocks allow, none repeated.
 
@@ -341,8 +354,12 @@ def load_blocks(folder: Path, split: str) -> TokenBlocks:
     missing = {"input_ids", "target_bytes", "document_index"} - set(tensors)
     if missing:
         raise ValueError(f"{path}: split file lacks tensors {sorted(missing)}")
-    blocks = TokenBlocks(tensors["input_ids"], tensors["target_bytes"], tensors["document_index"], dropped,
-                         tensors.get("domain_index"))
+    domains = tensors.get("domain_index")
+    if domains is not None and (domains.dtype != torch.int32 or domains.shape != tensors["input_ids"].shape[:1]
+                                or bool((domains < 0).any())):
+        raise ValueError(f"{path}: domain_index must be one non-negative int32 per block "
+                         f"(got {tuple(domains.shape)} {domains.dtype} for {tensors['input_ids'].shape[0]} blocks)")
+    blocks = TokenBlocks(tensors["input_ids"], tensors["target_bytes"], tensors["document_index"], dropped, domains)
     if blocks.input_ids.shape[0] == 0:
         raise ValueError(f"{path}: the {split} split has no blocks (documents shorter than one block?)")
     return blocks

@@ -53,7 +53,7 @@ from snn_research.continual.params import AdaptParams, ContinualFile
 from snn_research.continual.plasticity import apply_meta, fisher_importance
 from snn_research.continual.replay import ReservoirBuffer
 from snn_research.continual.stream import Stream, build_stream, chunk_sha256
-from snn_research.data import load_blocks, spread
+from snn_research.data import load_blocks, single_domain, spread
 from snn_research.io import atomic_directory, atomic_write_text, sha256_file
 from snn_research.models.hybrid_transformer import (
     SpikeRecorder,
@@ -420,7 +420,8 @@ def open_run(params: AdaptParams, shared: ContinualFile, echo: Callable[[str], N
 
     data = {"old_splits": verify_folder(Path(params.old_splits))[1]}
     old_train = load_blocks(Path(params.old_splits), "train").input_ids
-    old_test = spread(load_blocks(Path(params.old_splits), "test"), params.evaluate.old_blocks).input_ids
+    old_test = spread(single_domain(load_blocks(Path(params.old_splits), "test"), str(params.old_splits), "adapt"),
+                      params.evaluate.old_blocks).input_ids
     _check_vocab(old_train, vocab, f"{params.old_splits}/train.safetensors")
     _check_vocab(old_test, vocab, f"{params.old_splits}/test.safetensors")
     if old_train.shape[0] == 0:

@@ -34,7 +34,7 @@ from torch import nn
 from snn_research.artifacts import package_versions
 from snn_research.conversion.calibrator import CalibrationResult
 from snn_research.errors import format_validation_error
-from snn_research.hybrid.adapter import AnalogToSpikes
+from snn_research.hybrid.adapter import MAX_WEIGHTED_TIME_STEPS, AnalogToSpikes
 from snn_research.io import atomic_directory, atomic_write_text, significant
 from snn_research.models.families import SITE_NAMES, SiteSpec
 from snn_research.models.families import consumers as site_consumers
@@ -379,6 +379,9 @@ def add_headroom(model: nn.Module, headroom_steps: int) -> int:
         raise ValueError(f"the spiking sites run at different T ({sorted(base)}); headroom needs one")
     base_steps = base.pop()
     time_steps = base_steps + headroom_steps
+    if headroom_steps < 1 or time_steps > MAX_WEIGHTED_TIME_STEPS:
+        raise ValueError(f"headroom of {headroom_steps} steps on T = {base_steps} gives T = {time_steps}; the weighted "
+                         f"code takes 1 or more headroom steps and T <= {MAX_WEIGHTED_TIME_STEPS}")
     shift = math.log(headroom_factor(time_steps, headroom_steps))
     with torch.no_grad():
         for encoder in encoders:

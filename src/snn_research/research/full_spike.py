@@ -45,7 +45,7 @@ from snn_research.config import Params
 from snn_research.conversion.ann_to_snn_converter import TeacherIdentity, convert, refresh_metadata
 from snn_research.conversion.calibrator import Calibrator
 from snn_research.conversion.threshold_search import search_clipping
-from snn_research.data import load_blocks, spread
+from snn_research.data import load_blocks, single_domain, spread
 from snn_research.errors import format_validation_error
 from snn_research.evaluation.baselines import Prices, compare
 from snn_research.evaluation.energy import EnergyReport, _mean_keys, measure_energy
@@ -301,7 +301,8 @@ def run_step(params: Params, plan: ResearchPlan, index: int, identity: TeacherId
     for param in weights + dynamics:
         param.requires_grad_(True)
 
-    test = spread(load_blocks(paths.splits, "test"), params.evaluate.max_blocks)
+    test = spread(single_domain(load_blocks(paths.splits, "test"), str(paths.splits), "research-step"),
+                  params.evaluate.max_blocks)
     say("scoring the converted model")
     converted = evaluate_quality(teacher, {"hybrid": hybrid}, test.input_ids, test.target_bytes,
                                  params.evaluate.batch_size)["hybrid"].summary(teacher=False)

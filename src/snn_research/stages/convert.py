@@ -55,6 +55,10 @@ def run(context: StageContext) -> None:
         calib = spread(load_blocks(context.paths.splits, "calib"), params.convert.search_block_count)
         teacher, hybrid, blocks = place(context.device, teacher=teacher, hybrid=hybrid, blocks=calib.input_ids)
         groups = calib.domains() if params.convert.search_objective == "worst_domain" else None
+        if groups is not None and int(groups.unique().numel()) < 2:
+            raise ValueError(f"convert.search_objective 'worst_domain': the {calib.input_ids.shape[0]} search blocks "
+                             f"(convert.search_blocks) hold {int(groups.unique().numel())} text domain(s); the "
+                             "worst of one is the pooled error, so raise search_blocks")
         choices, block_errors = search_clipping(hybrid, teacher, list(blocks.split(params.calibrate.batch_size)),
                                                 block_groups=groups)
         record = ClippingRecord(method="search", search_tokens=int(blocks.numel()),

@@ -21,7 +21,7 @@ from snn_research.config import ParamsError
 from snn_research.conversion.ann_to_snn_converter import PlanConflict, TeacherIdentity, convert
 from snn_research.conversion.calibrator import load_calibration
 from snn_research.conversion.threshold_search import search_clipping
-from snn_research.data import load_blocks, spread
+from snn_research.data import load_blocks, single_domain, spread
 from snn_research.devices import place
 from snn_research.evaluation.baselines import Prices, compare
 from snn_research.evaluation.energy import encoder_levels, measure_energy
@@ -34,7 +34,8 @@ from snn_research.teacher import load_teacher
 
 def _test_blocks(context: StageContext):
     params = context.params.evaluate
-    test = spread(load_blocks(context.paths.splits, "test"), params.max_blocks)
+    test = spread(single_domain(load_blocks(context.paths.splits, "test"), str(context.paths.splits), "sweep-point"),
+                  params.max_blocks)
     return test, spread(test, params.energy_blocks).input_ids
 
 
