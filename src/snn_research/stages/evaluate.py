@@ -51,9 +51,11 @@ def run(context: StageContext) -> None:
     teacher, reference, hybrids, ids, energy_ids = place(context.device, teacher=teacher, reference=reference,
                                                          hybrids=hybrids, ids=ids, energy_ids=energy_ids)
     batches = -(-ids.shape[0] // params.batch_size)
+    baselines = quantized_baselines(teacher, hybrids["converted"]) if params.quantized_baselines else {}
+    baselines = place(context.device, baselines=baselines)
     with progress_bar("evaluating", batches) as advance:
-        totals = evaluate_quality(teacher, {"teacher_finetuned": reference, **hybrids}, ids, target_bytes,
-                                  params.batch_size, progress=advance)
+        totals = evaluate_quality(teacher, {"teacher_finetuned": reference, **baselines, **hybrids}, ids,
+                                  target_bytes, params.batch_size, progress=advance)
     prices = Prices.from_params(context.params.energy)
     reports = {name: measure_energy(model, energy_ids, prices.e_mac_pj, prices.e_ac_pj) for name, model in hybrids.items()}
     figures = {name: {**compare(report, prices), "spike_rate": report.mean_spike_rate} for name, report in reports.items()}
@@ -98,6 +100,16 @@ def run(context: StageContext) -> None:
         else:
             state = "is now champion" if done.champion else "is not champion"
             console.print(f"evaluate: registered {done.name} version {done.version}, which {state}: {done.reason}")
+
+
+def quantized_baselines(teacher, converted) -> dict:
+    """The quantised ANNs scored beside the hybrids: W8A8 always, W8Ab where the code is the weighted one."""
+    from snn_research.evaluation.quantized import quantized_ann
+
+    out = {"teacher_w8a8": quantized_ann(teacher, "w8a8", converted)}
+    if converted.hybrid_metadata.plan.encoder == "weighted":
+        out["teacher_w8ab"] = quantized_ann(teacher, "w8ab", converted)
+    return out
 
 
 def layer_table(sites: dict[str, list[dict]], layer_errors: dict[str, dict[int, float]]) -> pd.DataFrame:
