@@ -9,7 +9,7 @@ from test_converter import converted
 from torch import nn
 
 from snn_research.evaluation.quantized import QuantizedLinear, quantize_per_token, quantize_weight, quantized_ann
-from snn_research.models.hybrid_transformer import HybridPlan
+from snn_research.models.hybrid_transformer import HybridPlan, spiking_mlps
 
 
 def test_weights_sit_on_a_per_channel_integer_grid():
@@ -68,3 +68,76 @@ def test_w8ab_needs_the_weighted_hybrid():
         quantized_ann(teacher, "w8ab", hybrid)
     with pytest.raises(ValueError, match="needs the converted hybrid"):
         quantized_ann(teacher, "w8ab", None)
+
+
+def test_the_folded_integer_linear_equals_the_float_linear_on_the_same_quantised_values():
+    from snn_research.hybrid.integer import fold_quantize, integer_parts
+
+    generator = torch.Generator().manual_seed(3)
+    weight = torch.randn(12, 32, generator=generator, dtype=torch.float64)
+    step = torch.rand(32, generator=generator, dtype=torch.float64) * 0.1 + 0.01  # threshold / L per input channel
+    levels = torch.randint(-31, 32, (7, 32), generator=generator)  # integer spike levels
+    for bits, group in ((8, None), (4, None), (4, 8)):
+        float_path = (levels.double() * step) @ fold_quantize(weight, step, bits, group).t()
+        q, scales = integer_parts(weight, step, bits, group)
+        assert q.abs().max() <= 2 ** (bits - 1) - 1
+        if group is None:  # one scale per output channel: an integer product, then one multiply
+            integer_path = (levels @ q.t()).double() * scales[:, 0]
+        else:  # one scale per group: an integer product per group, scaled, then summed
+            integer_path = sum((levels[:, g:g + group] @ q[:, g:g + group].t()).double() * scales[:, g]
+                               for g in range(0, 32, group))
+        torch.testing.assert_close(float_path, integer_path, rtol=1e-12, atol=1e-12)
+        assert (fold_quantize(weight, step, bits, group) - weight).abs().max() > 0  # it does quantise
+
+
+def test_a_hybrid_with_8_bit_weights_is_the_w8ab_teacher():
+    import copy
+
+    teacher, hybrid, _, _ = converted("llama", HybridPlan(time_steps=4, encoder="weighted"))
+    integer = copy.deepcopy(hybrid)
+    for unit in spiking_mlps(integer):
+        unit.weight_bits = 8
+    ids = calibration_batches(2, seed=4)[0]
+    with torch.no_grad():
+        got = integer(input_ids=ids, use_cache=False).logits
+        expected = quantized_ann(teacher, "w8ab", hybrid)(input_ids=ids, use_cache=False).logits
+        float_hybrid = hybrid(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert (got - float_hybrid).abs().max() > 1e-4  # the weights are quantised
+    # the step-by-step simulation uses the same integer weights
+    x = torch.randn(2, 5, teacher.config.hidden_size, generator=torch.Generator().manual_seed(8))
+    unit = next(iter(spiking_mlps(integer)))
+    with torch.no_grad():
+        torch.testing.assert_close(unit.forward_per_step(x), unit(x), rtol=1e-4, atol=1e-5)
+
+
+def test_the_convert_stage_writes_an_integer_weight_hybrid_that_reloads(tmp_path):
+    import json
+
+    from pipeline_support import prepare, set_dotted, tiny_params
+
+    from snn_research.conversion.ann_to_snn_converter import load_hybrid
+    from snn_research.data import load_blocks
+
+    folder = prepare(tmp_path / "p", set_dotted(tiny_params(), {"convert.weight_bits": 8}),
+                     ("download-teacher", "split", "calibrate", "convert"))
+    meta = json.loads((folder / "reports" / "conversion_metadata.json").read_text())
+    assert meta["plan"]["weight_bits"] == 8
+    hybrid = load_hybrid(folder / "models" / "converted")
+    assert {unit.weight_bits for unit in spiking_mlps(hybrid)} == {8}
+    ids = load_blocks(folder / "data" / "splits", "test").input_ids[:2]
+    again = load_hybrid(folder / "models" / "converted")
+    with torch.no_grad():
+        torch.testing.assert_close(hybrid(input_ids=ids).logits, again(input_ids=ids).logits, rtol=0, atol=0)
+        for unit in spiking_mlps(again):
+            unit.weight_bits = None
+        assert (hybrid(input_ids=ids).logits - again(input_ids=ids).logits).abs().max() > 0
+
+
+def test_integer_weights_are_refused_where_they_are_not_built():
+    plan = HybridPlan(time_steps=4, encoder="if", weight_bits=8)
+    assert [c[0] for c in plan.family_conflicts("gpt2")] == ["weight_bits"]
+    assert [c[0] for c in HybridPlan(sites=["ffn", "qkv"], weight_bits=8).family_conflicts("gated")] == ["weight_bits"]
+    assert HybridPlan(time_steps=4, encoder="weighted", weight_bits=4, weight_group=64).family_conflicts("gated") == []
+    with pytest.raises(ValueError, match="weight_group applies with weight_bits only"):
+        HybridPlan(weight_group=64)

@@ -5,11 +5,13 @@ Two baselines, each the teacher with its FFN linears quantised and everything el
 - ``w8a8``: the standard deployment. Weights: symmetric 8-bit integers, one scale per output channel.
   Activations: symmetric 8-bit, one scale per token computed at run time (the token's largest magnitude
   over 127), as dynamic per-token INT8 kernels do.
-- ``w8ab``: the same 8-bit weights, and the hybrid's own activation quantiser: static per-channel
-  thresholds (the converted hybrid's, so the calibration and the clipping search) and the weighted
-  code's 2^T - 1 levels per sign, rounded as its encoder rounds (``weighted_levels``). With float weights
-  (``weight_bits=None``) this ANN computes exactly what the hybrid computes, so its quality is what the
-  spikes cost against the quantised ANN they equal (tested to float rounding).
+- ``w8ab``: 8-bit weights and the hybrid's own activation quantiser: static per-channel thresholds (the
+  converted hybrid's, so the calibration and the clipping search) and the weighted code's 2^T - 1 levels
+  per sign, rounded as its encoder rounds (``weighted_levels``). Its weights are quantised with each input
+  channel's step folded in (``hybrid.integer.fold_quantize``), as an integer kernel with per-channel static
+  activation scales needs them. With float weights (``weight_bits=None``) this ANN computes exactly what
+  the float hybrid computes, and with 8 bits what a hybrid with ``weight_bits: 8`` computes (both tested to
+  float rounding): its quality is what the spikes cost against the quantised ANN they equal.
 
 Both are fake-quantised: integers times scales held in float32, the forward in float, so the figures are
 the quantised model's quality, not an integer kernel's speed.
@@ -26,6 +28,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from snn_research.hybrid.adapter import AnalogToSpikes, weighted_levels
+from snn_research.hybrid.integer import fold_quantize
 from snn_research.models.hybrid_transformer import SpikingGatedMLP, find_mlps, mlp_family, spiking_mlps
 
 Mode = Literal["w8a8", "w8ab"]
@@ -58,13 +61,19 @@ class QuantizedLinear(nn.Module):
             weight = linear.weight.detach()
         else:
             raise ValueError(f"{type(linear).__name__} is not a linear map to quantise")
-        quantized = weight if weight_bits is None else quantize_weight(weight.float(), weight_bits).to(weight.dtype)
-        self.register_buffer("weight", quantized.clone())
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
         if activation not in ("per_token", "static"):
             raise ValueError(f"activation must be 'per_token' or 'static' (got {activation!r})")
         if activation == "static" and (threshold is None or time_steps is None):
             raise ValueError("static activations need the hybrid's thresholds and T")
+        if weight_bits is None:
+            quantized = weight
+        elif activation == "static":  # the input's per-channel step folded in, as an integer kernel needs it
+            step = threshold.detach().to(weight.dtype) / (2 ** time_steps - 1)
+            quantized = fold_quantize(weight, step, weight_bits).detach()
+        else:
+            quantized = quantize_weight(weight.float(), weight_bits).to(weight.dtype)
+        self.register_buffer("weight", quantized.clone())
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
         self.activation, self.activation_bits, self.time_steps = activation, activation_bits, time_steps
         self.register_buffer("threshold", None if threshold is None else threshold.detach().clone())
 
