@@ -62,13 +62,17 @@ QUICK = {"distill.layerwise.steps_per_layer": 1, "distill.steps": 2, "finetune.s
 
 
 def assert_metrics_shape(metrics: dict) -> None:
-    assert set(metrics) == {"time_steps", "teacher", "teacher_finetuned", "converted", "distilled", "finetuned"}
+    base = {"time_steps", "teacher", "teacher_finetuned", "converted", "distilled", "finetuned", "teacher_w8a8"}
+    assert set(metrics) in (base, base | {"teacher_w8ab"})  # W8Ab for the weighted code only
     assert isinstance(metrics["time_steps"], int)
     assert set(metrics["teacher"]) == {"ppl", "bpb"}
     assert set(metrics["teacher_finetuned"]) == {"ppl", "bpb", "agreement_top1", "kl_full_to_teacher"}
     for name in ("converted", "distilled", "finetuned"):
         assert set(metrics[name]) == HYBRID_METRICS, name
-    for name in ("teacher", "teacher_finetuned", "converted", "distilled", "finetuned"):
+    quantized = [name for name in ("teacher_w8a8", "teacher_w8ab") if name in metrics]
+    for name in quantized:
+        assert set(metrics[name]) == {"ppl", "bpb", "agreement_top1", "kl_full_to_teacher"}
+    for name in ("teacher", "teacher_finetuned", "converted", "distilled", "finetuned", *quantized):
         for key, value in metrics[name].items():
             assert isinstance(value, (int, float)) and math.isfinite(value), (name, key, value)
             assert value >= 0, (name, key, value)
@@ -132,6 +136,7 @@ def test_metrics_have_the_fixed_shape(pipeline):
     folder, _ = pipeline
     metrics = json.loads((folder / "reports" / "metrics.json").read_text())
     assert_metrics_shape(metrics)
+    assert "teacher_w8ab" in metrics  # the smoke recipe is the weighted code
     assert metrics["time_steps"] == tiny_params()["convert"]["time_steps"]
     assert 0 <= metrics["finetuned"]["agreement_top1"] <= 1
     assert 0 < metrics["converted"]["spike_rate"] < 1

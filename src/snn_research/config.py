@@ -366,6 +366,10 @@ class EvaluateParams(Strict):
     timing: bool = Field(True, description="measure tokens/s and log it to MLflow only (never to metrics.json: "
                          "timings depend on the host)")
     registry: RegistryParams = Field(default_factory=RegistryParams)
+    quantized_baselines: bool = Field(True, description="also score the teacher with its spiking FFNs quantised "
+                                      "W8A8 (per-channel weights, per-token dynamic activations) and, for the "
+                                      "weighted code, W8Ab (8-bit weights, the converted hybrid's own activation "
+                                      "quantiser): the ANNs a user would deploy instead")
 
 
 class Params(Strict):

@@ -12,6 +12,7 @@ from snn_research.errors import format_validation_error
 from snn_research.evaluation.quality import QualityTotals
 
 REFERENCES = ("teacher", "teacher_finetuned")  # the ANN references every hybrid is measured against
+QUANTIZED = ("teacher_w8a8", "teacher_w8ab")  # the quantised ANNs a user would deploy instead
 
 
 class _Strict(BaseModel):
@@ -69,6 +70,8 @@ class DomainMetrics(_Strict):
     converted: HybridMetrics
     distilled: HybridMetrics
     finetuned: HybridMetrics
+    teacher_w8a8: ReferenceMetrics | None = None
+    teacher_w8ab: ReferenceMetrics | None = None
 
 
 class MetricsDocument(_Strict):
@@ -84,6 +87,9 @@ class MetricsDocument(_Strict):
     converted: HybridMetrics
     distilled: HybridMetrics
     finetuned: HybridMetrics
+    teacher_w8a8: ReferenceMetrics | None = Field(None, description="the teacher, spiking FFNs quantised W8A8")
+    teacher_w8ab: ReferenceMetrics | None = Field(None, description="the teacher, spiking FFNs with 8-bit weights "
+                                                  "and the converted hybrid's activation quantiser")
     domains: dict[str, DomainMetrics] | None = Field(None, description="per text domain (runs with several)")
 
 
@@ -132,8 +138,12 @@ def _models_document(totals: dict[str, QualityTotals], energy: dict[str, dict[st
                   "ppl_ratio_to_teacher_finetuned": quality["ppl"] / reference["ppl"]}
         document[name] = {key: _round(values[key]) for key in HYBRID_KEYS}
         document[name]["activation_bits"] = int(values["activation_bits"])
-    for name in REFERENCES:
-        document[name] = {key: _round(value) for key, value in document[name].items()}
+    for name in QUANTIZED:
+        if name in totals:
+            document[name] = totals[name].summary(teacher=False)
+    for name in (*REFERENCES, *QUANTIZED):
+        if name in document:
+            document[name] = {key: _round(value) for key, value in document[name].items()}
     return document
 
 
@@ -162,6 +172,12 @@ def summary_markdown(metrics: dict, layer_rows: list[dict], hybrids: list[str], 
         f"| teacher_finetuned | {_fmt(reference['ppl'], 2)} | {_fmt(reference['ppl'] / teacher['ppl'])} | 1.000 | "
         f"{_fmt(reference['bpb'])} | {_fmt(reference['agreement_top1'])} | {_fmt(reference['kl_full_to_teacher'], 4)} |",
     ]
+    for name in QUANTIZED:
+        if metrics.get(name):
+            row = metrics[name]
+            lines.append(f"| {name} | {_fmt(row['ppl'], 2)} | {_fmt(row['ppl'] / teacher['ppl'])} | "
+                         f"{_fmt(row['ppl'] / reference['ppl'])} | {_fmt(row['bpb'])} | {_fmt(row['agreement_top1'])} | "
+                         f"{_fmt(row['kl_full_to_teacher'], 4)} |")
     for name in hybrids:
         row = metrics[name]
         lines.append(

@@ -50,6 +50,7 @@ from snn_research.hybrid.adapter import (
     MembraneInit,
     SpikesToAnalog,
 )
+from snn_research.hybrid.integer import fold_quantize
 from snn_research.hybrid.neurons import MultiStepNeuron, NeuronKind, ResetMode
 from snn_research.hybrid.surrogate import SurrogateName
 from snn_research.models.families import (
@@ -104,6 +105,11 @@ class HybridPlan(BaseModel):
     learnable_leak: bool | None = Field(None, description="train the LIF leak (LIF populations only; null: false)")
     seed: int | None = Field(None, ge=0, description="'rate' encoder only: seed of its noise (each site draws its "
                              "own stream; null: 0)")
+    weight_bits: Literal[8, 4] | None = Field(None, description="integer weights in the spiking FFNs' linears: each "
+                                              "input channel's step (threshold / L) folded in, then symmetric "
+                                              "integers with one scale per output channel (null: float weights)")
+    weight_group: int | None = Field(None, ge=8, description="weight_bits only: one scale per output channel and "
+                                     "group of this many inputs (null: per output channel)")
 
     @field_validator("sites")
     @classmethod
@@ -139,6 +145,8 @@ class HybridPlan(BaseModel):
             raise ValueError(f"the weighted encoder supports time_steps <= {MAX_WEIGHTED_TIME_STEPS} (got {self.time_steps})")
         if self.seed is not None and self.encoder != "rate":
             raise ValueError(f"seed applies to the 'rate' encoder only (got encoder {self.encoder!r})")
+        if self.weight_group is not None and self.weight_bits is None:
+            raise ValueError("weight_group applies with weight_bits only")
         return self
 
     def neuron_options(self) -> dict[str, object]:
@@ -170,6 +178,13 @@ class HybridPlan(BaseModel):
             if getattr(self, name) is not None and not lif_populations:
                 conflicts.append((name, getattr(self, name), "there is no LIF population (encoder 'lif', or neuron "
                                   "'lif' on a spiking GPT-2 FFN)"))
+        if self.weight_bits is not None:
+            if family != "gated" or self.sites != ["ffn"]:
+                conflicts.append(("weight_bits", self.weight_bits, f"integer weights are built for gated FFN sites "
+                                  f"only (family {family!r}, sites {self.sites})"))
+            elif self.encoder == "lif":
+                conflicts.append(("weight_bits", self.weight_bits, "the 'lif' encoder's output is no integer level "
+                                  "times a fixed step"))
         has_population = self.encoder == "lif" or gpt2_ffn
         for name in ("reset", "surrogate", "sharpness"):
             if getattr(self, name) is not None and not has_population:
@@ -261,6 +276,7 @@ class SpikingUnit(nn.Module):
         super().__init__()
         self.path = path
         self.plan_time_steps = plan.time_steps
+        self.weight_bits, self.weight_group = plan.weight_bits, plan.weight_group
         self.analog = False  # True runs the teacher's analog computation (a wiring check)
         self.recorder: SpikeRecorder | None = None
         self.spike_sink: list[tuple[str, torch.Tensor]] | None = None  # differentiable counts, for an energy budget
@@ -365,12 +381,22 @@ class SpikingGatedMLP(SpikingMLP):
         self.product_encoder = _encoder(intermediate, plan, thresholds.get(self.sites[1]),
                                         site_seed(plan.seed or 0, layer, 1))
 
+    def _consume(self, name: str, site: str, x: torch.Tensor) -> torch.Tensor:
+        """The linear ``name`` on the decoded spikes of ``site``: its float weights, or the folded integer ones."""
+        linear = getattr(self, name)
+        if self.weight_bits is None:
+            return linear(x)
+        encoder = getattr(self, f"{site}_encoder")
+        weight = fold_quantize(linear.weight, encoder.threshold / encoder.levels, self.weight_bits, self.weight_group)
+        return torch.nn.functional.linear(x, weight.to(x.dtype), linear.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, L, C)
         if self.analog:
             return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
-        x_rate = self._encode(self.sites[0], x)  # (B, L, C) = theta * counts / T
-        product = self.act_fn(self.gate_proj(x_rate)) * self.up_proj(x_rate)  # (B, L, I), analog
-        return self.down_proj(self._encode(self.sites[1], product))
+        first, second = self.sites
+        x_rate = self._encode(first, x)  # (B, L, C) = theta * counts / T
+        product = self.act_fn(self._consume("gate_proj", first, x_rate)) * self._consume("up_proj", first, x_rate)
+        return self._consume("down_proj", second, self._encode(second, product))
 
     @torch.no_grad()
     def forward_per_step(self, x: torch.Tensor) -> torch.Tensor:
@@ -379,12 +405,13 @@ class SpikingGatedMLP(SpikingMLP):
         spikes = enc_in.spike_train(x) * enc_in.threshold  # (T, B, L, C)
         # (T,): w_t / L, summing to 1; made in float64 on the CPU, so cast there before the move (MPS has no float64)
         weights = (enc_in.step_weights() / enc_in.levels).to(x.dtype).to(x.device)
-        gate = torch.tensordot(weights, self.gate_proj(spikes), dims=1)
-        up = torch.tensordot(weights, self.up_proj(spikes), dims=1)
+        first, second = self.sites
+        gate = torch.tensordot(weights, self._consume("gate_proj", first, spikes), dims=1)
+        up = torch.tensordot(weights, self._consume("up_proj", first, spikes), dims=1)
         product = self.act_fn(gate) * up
         spikes = enc_prod.spike_train(product) * enc_prod.threshold  # (T, B, L, I)
         weights = (enc_prod.step_weights() / enc_prod.levels).to(x.dtype).to(x.device)
-        return torch.tensordot(weights, self.down_proj(spikes), dims=1)
+        return torch.tensordot(weights, self._consume("down_proj", second, spikes), dims=1)
 
 
 class SpikingGPT2MLP(SpikingMLP):

@@ -67,12 +67,14 @@ def run(context: StageContext) -> None:
     ids = torch.cat(parts_ids)
     energy_ids = torch.cat(energy_parts)
     batches = sum(-(-part.shape[0] // params.batch_size) for part in parts_ids)
+    baselines = quantized_baselines(teacher, hybrids["converted"]) if params.quantized_baselines else {}
+    baselines = place(context.device, baselines=baselines)
     prices = Prices.from_params(context.params.energy)
     domain_totals, domain_figures = [], []
     with progress_bar("evaluating", batches) as advance:
         for part, part_ids, part_energy in zip(parts, parts_ids, energy_parts):
-            domain_totals.append(evaluate_quality(teacher, {"teacher_finetuned": reference, **hybrids}, part_ids,
-                                                  part.target_bytes, params.batch_size, progress=advance))
+            domain_totals.append(evaluate_quality(teacher, {"teacher_finetuned": reference, **baselines, **hybrids},
+                                                  part_ids, part.target_bytes, params.batch_size, progress=advance))
             if len(domains) > 1:
                 domain_figures.append({name: _figures(measure_energy(model, part_energy, prices.e_mac_pj,
                                                                      prices.e_ac_pj), prices)
@@ -136,6 +138,16 @@ def flat_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
             out.update(flat_metrics(value, f"{prefix}{key}."))
         elif isinstance(value, (int, float)) and not isinstance(value, bool) and prefix:
             out[f"{prefix}{key}"] = value
+    return out
+
+
+def quantized_baselines(teacher, converted) -> dict:
+    """The quantised ANNs scored beside the hybrids: W8A8 always, W8Ab where the code is the weighted one."""
+    from snn_research.evaluation.quantized import quantized_ann
+
+    out = {"teacher_w8a8": quantized_ann(teacher, "w8a8", converted)}
+    if converted.hybrid_metadata.plan.encoder == "weighted":
+        out["teacher_w8ab"] = quantized_ann(teacher, "w8ab", converted)
     return out
 
 

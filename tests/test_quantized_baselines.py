@@ -1,0 +1,143 @@
+"""The quantised ANN baselines: W8A8 within its error bound, and the hybrid's quantiser equal to the hybrid."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import calibration_batches
+from test_converter import converted
+from torch import nn
+
+from snn_research.evaluation.quantized import QuantizedLinear, quantize_per_token, quantize_weight, quantized_ann
+from snn_research.models.hybrid_transformer import HybridPlan, spiking_mlps
+
+
+def test_weights_sit_on_a_per_channel_integer_grid():
+    weight = torch.randn(6, 10, generator=torch.Generator().manual_seed(0))
+    quantized = quantize_weight(weight, 8)
+    scale = weight.abs().amax(1, keepdim=True) / 127
+    steps = quantized / scale
+    assert torch.allclose(steps, steps.round(), atol=1e-4)  # integers times the channel's scale
+    assert torch.allclose(steps.abs().amax(1), torch.full((6,), 127.0))  # each channel's largest weight is +-127
+    assert (quantized - weight).abs().le(scale / 2 + 1e-7).all()
+
+
+def test_a_w8a8_linear_stays_within_its_error_bound():
+    """|W_q x_q - W x| <= |W_q - W| |x_q| + |W| |x_q - x|, term by term, with both errors at most half a step."""
+    generator = torch.Generator().manual_seed(1)
+    linear = nn.Linear(32, 8)
+    x = torch.randn(5, 32, generator=generator) * torch.linspace(0.1, 4, 32)
+    layer = QuantizedLinear(linear, 8, "per_token")
+    x_q = quantize_per_token(x)
+    w, w_q = linear.weight.detach(), layer.weight
+    assert (x_q - x).abs().le(x.abs().amax(-1, keepdim=True) / 127 / 2 + 1e-6).all()
+    bound = (w_q - w).abs() @ x_q.abs().t() + w.abs() @ (x_q - x).abs().t()
+    error = (layer(x) - linear(x)).abs().t()
+    assert (error <= bound + 1e-5).all()
+    assert error.max() > 0  # it does quantise
+
+
+def test_the_hybrids_quantiser_with_float_weights_is_the_hybrid(family):
+    if family == "gpt2":
+        pytest.skip("the W8Ab baseline is built for gated FFNs (the weighted code)")
+    teacher, hybrid, _, _ = converted(family, HybridPlan(time_steps=4, encoder="weighted"))
+    ann = quantized_ann(teacher, "w8ab", hybrid, weight_bits=None)
+    ids = calibration_batches(2, seed=4)[0]
+    with torch.no_grad():
+        expected = hybrid(input_ids=ids, use_cache=False).logits
+        got = ann(input_ids=ids, use_cache=False).logits
+        plain = teacher(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert (plain - expected).abs().max() > 1e-3  # the check can tell the hybrid from the teacher
+    # with 8-bit weights it moves, but stays near the hybrid
+    w8 = quantized_ann(teacher, "w8ab", hybrid)(input_ids=ids, use_cache=False).logits.detach()
+    assert 0 < (w8 - expected).abs().max() < (plain - expected).abs().max() * 5
+
+
+def test_w8a8_quantises_every_ffn_and_only_the_ffns(family):
+    teacher, hybrid, _, _ = converted(family, HybridPlan(time_steps=4, encoder="weighted" if family != "gpt2" else "if"))
+    ann = quantized_ann(teacher, "w8a8", hybrid)
+    quantized = [name for name, module in ann.named_modules() if isinstance(module, QuantizedLinear)]
+    assert len(quantized) == (6 if family != "gpt2" else 4) and all(".mlp." in name for name in quantized)
+    assert not any(isinstance(m, QuantizedLinear) for m in teacher.modules())  # the teacher is untouched
+
+
+def test_w8ab_needs_the_weighted_hybrid():
+    teacher, hybrid, _, _ = converted("llama", HybridPlan(time_steps=4, encoder="if"))
+    with pytest.raises(ValueError, match="weighted code"):
+        quantized_ann(teacher, "w8ab", hybrid)
+    with pytest.raises(ValueError, match="needs the converted hybrid"):
+        quantized_ann(teacher, "w8ab", None)
+
+
+def test_the_folded_integer_linear_equals_the_float_linear_on_the_same_quantised_values():
+    from snn_research.hybrid.integer import fold_quantize, integer_parts
+
+    generator = torch.Generator().manual_seed(3)
+    weight = torch.randn(12, 32, generator=generator, dtype=torch.float64)
+    step = torch.rand(32, generator=generator, dtype=torch.float64) * 0.1 + 0.01  # threshold / L per input channel
+    levels = torch.randint(-31, 32, (7, 32), generator=generator)  # integer spike levels
+    for bits, group in ((8, None), (4, None), (4, 8)):
+        float_path = (levels.double() * step) @ fold_quantize(weight, step, bits, group).t()
+        q, scales = integer_parts(weight, step, bits, group)
+        assert q.abs().max() <= 2 ** (bits - 1) - 1
+        if group is None:  # one scale per output channel: an integer product, then one multiply
+            integer_path = (levels @ q.t()).double() * scales[:, 0]
+        else:  # one scale per group: an integer product per group, scaled, then summed
+            integer_path = sum((levels[:, g:g + group] @ q[:, g:g + group].t()).double() * scales[:, g]
+                               for g in range(0, 32, group))
+        torch.testing.assert_close(float_path, integer_path, rtol=1e-12, atol=1e-12)
+        assert (fold_quantize(weight, step, bits, group) - weight).abs().max() > 0  # it does quantise
+
+
+def test_a_hybrid_with_8_bit_weights_is_the_w8ab_teacher():
+    import copy
+
+    teacher, hybrid, _, _ = converted("llama", HybridPlan(time_steps=4, encoder="weighted"))
+    integer = copy.deepcopy(hybrid)
+    for unit in spiking_mlps(integer):
+        unit.weight_bits = 8
+    ids = calibration_batches(2, seed=4)[0]
+    with torch.no_grad():
+        got = integer(input_ids=ids, use_cache=False).logits
+        expected = quantized_ann(teacher, "w8ab", hybrid)(input_ids=ids, use_cache=False).logits
+        float_hybrid = hybrid(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert (got - float_hybrid).abs().max() > 1e-4  # the weights are quantised
+    # the step-by-step simulation uses the same integer weights
+    x = torch.randn(2, 5, teacher.config.hidden_size, generator=torch.Generator().manual_seed(8))
+    unit = next(iter(spiking_mlps(integer)))
+    with torch.no_grad():
+        torch.testing.assert_close(unit.forward_per_step(x), unit(x), rtol=1e-4, atol=1e-5)
+
+
+def test_the_convert_stage_writes_an_integer_weight_hybrid_that_reloads(tmp_path):
+    import json
+
+    from pipeline_support import prepare, set_dotted, tiny_params
+
+    from snn_research.conversion.ann_to_snn_converter import load_hybrid
+    from snn_research.data import load_blocks
+
+    folder = prepare(tmp_path / "p", set_dotted(tiny_params(), {"convert.weight_bits": 8}),
+                     ("download-teacher", "split", "calibrate", "convert"))
+    meta = json.loads((folder / "reports" / "conversion_metadata.json").read_text())
+    assert meta["plan"]["weight_bits"] == 8
+    hybrid = load_hybrid(folder / "models" / "converted")
+    assert {unit.weight_bits for unit in spiking_mlps(hybrid)} == {8}
+    ids = load_blocks(folder / "data" / "splits", "test").input_ids[:2]
+    again = load_hybrid(folder / "models" / "converted")
+    with torch.no_grad():
+        torch.testing.assert_close(hybrid(input_ids=ids).logits, again(input_ids=ids).logits, rtol=0, atol=0)
+        for unit in spiking_mlps(again):
+            unit.weight_bits = None
+        assert (hybrid(input_ids=ids).logits - again(input_ids=ids).logits).abs().max() > 0
+
+
+def test_integer_weights_are_refused_where_they_are_not_built():
+    plan = HybridPlan(time_steps=4, encoder="if", weight_bits=8)
+    assert [c[0] for c in plan.family_conflicts("gpt2")] == ["weight_bits"]
+    assert [c[0] for c in HybridPlan(sites=["ffn", "qkv"], weight_bits=8).family_conflicts("gated")] == ["weight_bits"]
+    assert HybridPlan(time_steps=4, encoder="weighted", weight_bits=4, weight_group=64).family_conflicts("gated") == []
+    with pytest.raises(ValueError, match="weight_group applies with weight_bits only"):
+        HybridPlan(weight_group=64)
