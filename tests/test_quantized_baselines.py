@@ -141,3 +141,67 @@ def test_integer_weights_are_refused_where_they_are_not_built():
     assert HybridPlan(time_steps=4, encoder="weighted", weight_bits=4, weight_group=64).family_conflicts("gated") == []
     with pytest.raises(ValueError, match="weight_group applies with weight_bits only"):
         HybridPlan(weight_group=64)
+
+
+def test_integer_energy_matches_a_hand_count_on_one_layer():
+    """One gated FFN (hidden 32, intermediate 64, T = 4, weighted code, 8-bit weights), counted by hand."""
+    import math
+
+    from snn_research.evaluation.baselines import Prices, integer_compare
+    from snn_research.evaluation.energy import measure_energy
+
+    teacher, hybrid, _, _ = converted("llama", HybridPlan(time_steps=4, encoder="weighted", layers=[0], weight_bits=8))
+    report = measure_energy(hybrid, calibration_batches(1, seed=6)[0])
+    (block,) = [b for b in report.blocks if b.ffn]
+    k_in, k_prod = block.spikes_per_token["input"], block.spikes_per_token["product"]
+    assert k_in > 0 and k_prod > 0
+    hidden, inter, steps = 32, 64, 4
+    # both sides: quantise 32 + 64 inputs, scale back 128 + 32 outputs, 2 x 64 activation and gating multiplies
+    shared = (32 + 64 + 128 + 32 + 128) * 4.6
+    hybrid_pj = shared + 0.1 * (k_in * 128 + k_prod * 32  # an int32 accumulate per synaptic event
+                                + (32 + 64) * steps  # the encoders' per-step integrations
+                                + (128 + 32) * steps)  # the receiving accumulators' per-step shifts
+    w8a8_pj = shared + (32 * 128 + 64 * 32) * (0.2 + 0.1)
+    w8ab_pj = shared + (32 * 128 + 64 * 32) * (0.2 * 5 / 8 + 0.1)  # 15 levels a sign: 5-bit activations
+    attention = report.hybrid_ops  # the shared parts, on the INT8 table, on both sides of the model ratio
+    shared_model = sum(m * 0.23 + a * 0.1 for name, (m, a) in attention.items()
+                       if not name.startswith(("ffn_", "proj_")) or name.split("_", 1)[1] not in
+                       ("synaptic", "neurons", "step_weights", "spiking_analog", "dense"))
+    shared_ffn = sum(m * 0.23 + a * 0.1 for name, (m, a) in attention.items()
+                     if name.startswith("ffn") and name.split("_", 1)[1] not in
+                     ("synaptic", "neurons", "step_weights", "spiking_analog", "dense"))
+    got = integer_compare(report, Prices())
+    assert math.isclose(got["ffn_energy_ratio_w8a8"], (hybrid_pj + shared_ffn) / (w8a8_pj + shared_ffn), rel_tol=1e-9)
+    assert math.isclose(got["ffn_energy_ratio_w8ab"], (hybrid_pj + shared_ffn) / (w8ab_pj + shared_ffn), rel_tol=1e-9)
+    assert math.isclose(got["model_energy_ratio_w8a8"], (hybrid_pj + shared_model) / (w8a8_pj + shared_model),
+                        rel_tol=1e-9)
+    assert math.isclose(got["synaptic_events_per_synapse"], (k_in * 128 + k_prod * 32) / (32 * 128 + 64 * 32),
+                        rel_tol=1e-12)
+    no_spike = shared + 0.1 * ((32 + 64) * steps + (128 + 32) * steps)
+    rate = (w8a8_pj - no_spike) / (steps * (32 * 128 + 64 * 32) * 0.1)
+    assert math.isclose(got["break_even_spike_rate_w8a8"], rate, rel_tol=1e-9)
+    assert (hidden, inter) == (teacher.config.hidden_size, teacher.config.intermediate_size)
+    # a float-weight hybrid gets no integer figures
+    _, float_hybrid, _, _ = converted("llama", HybridPlan(time_steps=4, encoder="weighted", layers=[0]))
+    assert integer_compare(measure_energy(float_hybrid, calibration_batches(1, seed=6)[0]), Prices()) == {}
+
+
+def test_evaluate_writes_the_integer_figures_for_an_integer_hybrid_only(tmp_path):
+    import json
+
+    from pipeline_support import inside, run_stages, set_dotted, tiny_params, write_params
+
+    quick = {"distill.layerwise.steps_per_layer": 1, "distill.steps": 2, "finetune.steps": 2,
+             "distill.eval_every": 1, "finetune.eval_every": 1, "evaluate.max_blocks": 2}
+    folder = tmp_path / "p"
+    folder.mkdir()
+    with inside(folder):
+        write_params(set_dotted(tiny_params(), {**quick, "convert.weight_bits": 8}))
+        results = run_stages("download-teacher", "split", "calibrate", "convert", "distill", "finetune",
+                             "finetune-teacher", "evaluate")
+    assert all(r.exit_code == 0 for r in results.values()), {k: r.output[-1500:] for k, r in results.items()}
+    metrics = json.loads((folder / "reports" / "metrics.json").read_text())
+    for name in ("converted", "distilled", "finetuned"):
+        row = metrics[name]
+        assert 0 < row["ffn_energy_ratio_w8a8"] and 0 < row["synaptic_events_per_synapse"]
+        assert row["ffn_energy_ratio_w8ab"] > row["ffn_energy_ratio_w8a8"]  # the b-bit ANN multiplies for less

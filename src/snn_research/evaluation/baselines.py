@@ -141,6 +141,62 @@ def compare(report: EnergyReport, prices: Prices) -> dict[str, float]:
     return out
 
 
+def integer_block_pj(block: BlockEnergy, prices: Prices, baseline: str | None = None,
+                     spikes: dict[str, float] | None = None) -> float:
+    """One spiking FFN with integer weights (``baseline`` None), or the integer ANN FFN it stands for.
+
+    Both sides are priced with the same parts (``integer_compare``): an int32 accumulate per synaptic event
+    or per MAC, one FP32 MAC per input element to quantise it and per output to scale it back, FP32 MACs
+    for the activation and gating multiplies, an int32 add per bias. The hybrid adds its neurons' per-step
+    integrations and its receiving accumulators' per-step shifts (int32 adds); the ANN adds an integer
+    multiply per MAC: 8 x 8 bits (``w8a8``) or 8 x b bits, the multiplier scaling with b (``w8ab``).
+    """
+    costs = block.costs
+    inputs, outputs = float(sum(costs.neurons.values())), float(sum(costs.fan_outs.values()))
+    shared = (inputs + outputs + costs.elementwise_macs) * prices.e_mac_pj + costs.bias_adds * prices.e_add_int32_pj
+    if baseline is None:
+        spikes = block.spikes_per_token if spikes is None else spikes
+        events = sum(spikes[s] * f for s, f in costs.fan_outs.items())
+        return shared + (events + costs.neuron_acs + costs.step_weight_acs) * prices.e_add_int32_pj
+    if baseline == "w8a8":
+        multiply = {site: prices.e_mult_int8_pj for site in costs.fan_outs}
+    elif baseline == "w8ab":
+        multiply = {site: prices.e_mult_int8_pj * costs.bits[site] / 8 for site in costs.fan_outs}
+    else:
+        raise ValueError(f"baseline must be 'w8a8' or 'w8ab' (got {baseline!r})")
+    return shared + sum(costs.neurons[s] * f * (multiply[s] + prices.e_add_int32_pj) for s, f in costs.fan_outs.items())
+
+
+def integer_compare(report: EnergyReport, prices: Prices) -> dict[str, float]:
+    """An integer-weight hybrid against the integer ANNs, priced with the same parts (see ``integer_block_pj``).
+
+    Empty for a hybrid whose spiking linears hold float weights: pricing its FP32 accumulates as integer
+    ones would be a claim the model does not make. FFN ratios take the FFN blocks; model ratios add the
+    parts both models share, on the INT8 table, to both sides. ``synaptic_events_per_synapse`` is the mean,
+    over every synapse, of the events it carries per token; the break-even rate is the spike rate (per
+    neuron per step, every site alike) at which the hybrid's FFNs cost as much as the W8A8 ANN's.
+    """
+    blocks = [b for b in report.blocks if b.ffn]
+    if not blocks or any(b.costs.weight_bits is None for b in report.blocks):
+        return {}
+    int8 = _tables(prices)["int8"]
+    shared_ffn, shared = _shared_pj(report, int8, True), _shared_pj(report, int8, False)
+    hybrid = sum(integer_block_pj(b, prices) for b in blocks)
+    out: dict[str, float] = {}
+    for baseline in ("w8a8", "w8ab"):
+        ann = sum(integer_block_pj(b, prices, baseline) for b in blocks)
+        out[f"ffn_energy_ratio_{baseline}"] = (hybrid + shared_ffn) / (ann + shared_ffn)
+        out[f"model_energy_ratio_{baseline}"] = (hybrid + shared) / (ann + shared)
+    synapses = sum(b.costs.neurons[s] * f for b in blocks for s, f in b.costs.fan_outs.items())
+    events = sum(b.spikes_per_token[s] * f for b in blocks for s, f in b.costs.fan_outs.items())
+    out["synaptic_events_per_synapse"] = events / synapses
+    no_spikes = sum(integer_block_pj(b, prices, spikes={s: 0.0 for s in b.costs.fan_outs}) for b in blocks)
+    step_synapses = sum(b.costs.time_steps * b.costs.neurons[s] * f for b in blocks for s, f in b.costs.fan_outs.items())
+    budget = sum(integer_block_pj(b, prices, "w8a8") for b in blocks) - no_spikes
+    out["break_even_spike_rate_w8a8"] = max(0.0, budget / (step_synapses * prices.e_add_int32_pj))
+    return out
+
+
 def _memory(report: EnergyReport, prices: Prices, fp32: _Table) -> dict[str, float]:
     shared_bytes = sum(report.shared_weight_bytes.values())
     shared_ffn_bytes = sum(v for k, v in report.shared_weight_bytes.items() if k.startswith("ffn"))

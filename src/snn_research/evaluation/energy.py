@@ -324,6 +324,9 @@ class BlockCosts:
     step_weight_acs: float = 0.0  # accumulator shifts of the neurons receiving weighted spikes
     bits: dict[str, int] = field(default_factory=dict)  # activation bits matching each site's spike levels
     ffn: bool = True  # an FFN (its energy is part of the FFN ratio), or a site outside it
+    weight_bits: int | None = None  # integer weights in the spiking linears (convert.weight_bits), else float
+    elementwise_macs: float = 0.0  # the FFN's analog activation and gating multiplies (both models do them)
+    bias_adds: float = 0.0  # bias adds of the spiking linears' outputs (both models do them)
 
     @property
     def teacher_linear_macs(self) -> float:
@@ -414,6 +417,9 @@ def block_costs(block: SpikingUnit) -> BlockCosts:
         time_steps=time_steps,
         step_weight_acs=shift_acs,
         bits=bits,
+        weight_bits=getattr(block, "weight_bits", None),
+        elementwise_macs=elementwise,
+        bias_adds=bias_adds,
     )
 
 

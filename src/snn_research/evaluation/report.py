@@ -54,9 +54,18 @@ class HybridMetrics(_Strict):
     model_memory_ratio_per_step: float = Field(ge=0)
     ffn_memory_ratio_per_token: float = Field(ge=0, description="FP32, weights read once per token")
     model_memory_ratio_per_token: float = Field(ge=0)
+    # an integer-weight hybrid only (convert.weight_bits): against the integer ANNs, priced with the same parts
+    ffn_energy_ratio_w8a8: float | None = Field(None, ge=0, description="against the W8A8 ANN's FFNs")
+    model_energy_ratio_w8a8: float | None = Field(None, ge=0)
+    ffn_energy_ratio_w8ab: float | None = Field(None, ge=0, description="against 8-bit weights x b-bit activations")
+    model_energy_ratio_w8ab: float | None = Field(None, ge=0)
+    synaptic_events_per_synapse: float | None = Field(None, ge=0, description="events a synapse carries per token")
+    break_even_spike_rate_w8a8: float | None = Field(None, ge=0)
 
 
 HYBRID_KEYS = tuple(HybridMetrics.model_fields)
+INTEGER_KEYS = ("ffn_energy_ratio_w8a8", "model_energy_ratio_w8a8", "ffn_energy_ratio_w8ab",
+                "model_energy_ratio_w8ab", "synaptic_events_per_synapse", "break_even_spike_rate_w8a8")
 HYBRIDS = ("converted", "distilled", "finetuned")
 
 
@@ -136,7 +145,8 @@ def _models_document(totals: dict[str, QualityTotals], energy: dict[str, dict[st
         quality = totals[name].summary(teacher=False)
         values = {**quality, **figures, "ppl_ratio_to_teacher": quality["ppl"] / teacher["ppl"],
                   "ppl_ratio_to_teacher_finetuned": quality["ppl"] / reference["ppl"]}
-        document[name] = {key: _round(values[key]) for key in HYBRID_KEYS}
+        document[name] = {key: _round(values[key]) for key in HYBRID_KEYS
+                          if key not in INTEGER_KEYS or key in values}
         document[name]["activation_bits"] = int(values["activation_bits"])
     for name in QUANTIZED:
         if name in totals:

@@ -16,7 +16,7 @@ import torch
 from snn_research.conversion.ann_to_snn_converter import load_hybrid
 from snn_research.data import load_blocks, spread
 from snn_research.devices import place
-from snn_research.evaluation.baselines import Prices, compare, site_rows
+from snn_research.evaluation.baselines import Prices, compare, integer_compare, site_rows
 from snn_research.evaluation.energy import measure_energy
 from snn_research.evaluation.layers import ffn_output_errors
 from snn_research.evaluation.plots import plot_layers
@@ -127,7 +127,7 @@ def run(context: StageContext) -> None:
 
 
 def _figures(report, prices: Prices) -> dict[str, float]:
-    return {**compare(report, prices), "spike_rate": report.mean_spike_rate}
+    return {**compare(report, prices), **integer_compare(report, prices), "spike_rate": report.mean_spike_rate}
 
 
 def flat_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
