@@ -205,3 +205,31 @@ def test_evaluate_writes_the_integer_figures_for_an_integer_hybrid_only(tmp_path
         row = metrics[name]
         assert 0 < row["ffn_energy_ratio_w8a8"] and 0 < row["synaptic_events_per_synapse"]
         assert row["ffn_energy_ratio_w8ab"] > row["ffn_energy_ratio_w8a8"]  # the b-bit ANN multiplies for less
+
+
+def test_the_int8_kernel_equals_the_float_product_of_the_same_integers_bit_for_bit():
+    import copy
+
+    from snn_research.hybrid.integer import integer_parts
+    from snn_research.models.hybrid_transformer import set_integer_path
+
+    teacher, hybrid, _, _ = converted("llama", HybridPlan(time_steps=5, encoder="weighted", weight_bits=8))
+    unit = next(iter(spiking_mlps(hybrid)))
+    x = torch.randn(2, 7, teacher.config.hidden_size, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        levels = unit.input_encoder(x)
+        got = unit._integer_consume("gate_proj", "input", levels)
+        q, scales = integer_parts(unit.gate_proj.weight, unit.input_encoder.threshold / unit.input_encoder.levels, 8)
+        # integers below 2^24 in float32: the float product of the same integers is exact
+        expected = (levels @ q.to(torch.float32).t()) * scales[:, 0]
+        assert torch.equal(got, expected)
+        float_path = unit(x)
+        assert set_integer_path(hybrid, True) == 2
+        integer_path = unit(x)
+        torch.testing.assert_close(integer_path, float_path, rtol=1e-4, atol=1e-5)
+        ids = calibration_batches(1, seed=3)[0]
+        plain = copy.deepcopy(hybrid)
+        set_integer_path(plain, False)
+        torch.testing.assert_close(hybrid(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+    # in training the float path runs (straight-through gradients), whatever the switch says
+    assert not unit._integer_ready()

@@ -260,6 +260,9 @@ def generate_command(
         runs = []
         for folder in [model_dir] + ([compare] if compare is not None else []):
             model, tokenizer, _ = generation.load_model_folder(folder)
+            from snn_research.models.hybrid_transformer import set_integer_path
+
+            set_integer_path(model, True)  # 8-bit-weight spiking FFNs run on the int8 kernel (others unchanged)
             runs.append(generation.generate(model, tokenizer, prompt, options, name=str(folder)))
         if len(runs) == 2 and runs[0].prompt_ids != runs[1].prompt_ids:
             raise ValueError(f"{model_dir} and {compare} tokenize the prompt differently: compare needs one tokenizer")

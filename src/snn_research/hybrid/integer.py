@@ -51,3 +51,34 @@ def fold_quantize(weight: torch.Tensor, step: torch.Tensor, bits: int, group: in
     limit = 2 ** (bits - 1) - 1
     quantized = (folded / scales).round().clamp(-limit, limit) * scales
     return (folded + (quantized - folded).detach()) / step
+
+
+class IntegerWeights:
+    """A linear's int8 weights (transposed, for ``torch._int_mm``) and per-output scales, rebuilt only when the
+    float master weight or the input's thresholds change (their version counters)."""
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.q_t: torch.Tensor | None = None  # (in, out) int8
+        self.scales: torch.Tensor | None = None  # (out,) float32
+
+    def get(self, weight: torch.Tensor, step_source: torch.Tensor, step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (weight.data_ptr(), weight._version, step_source.data_ptr(), step_source._version, weight.device)
+        if key != self.key:
+            q, scales = integer_parts(weight, step, 8)
+            self.q_t = q.to(torch.int8).t().contiguous()
+            self.scales = scales[:, 0].to(torch.float32).contiguous()
+            self.key = key
+        return self.q_t, self.scales
+
+
+def integer_linear(levels: torch.Tensor, q_t: torch.Tensor, scales: torch.Tensor,
+                   bias: torch.Tensor | None) -> torch.Tensor:
+    """``levels`` (integer values, |level| <= 127) times int8 weights, accumulated in int32 by ``torch._int_mm``,
+    then one float scale per output (and the bias): the spiking linear as integer hardware would run it."""
+    shape = levels.shape
+    flat = levels.reshape(-1, shape[-1]).to(torch.int8)
+    out = torch._int_mm(flat, q_t).to(torch.float32) * scales
+    if bias is not None:
+        out = out + bias.to(torch.float32)
+    return out.reshape(*shape[:-1], q_t.shape[1])

@@ -50,7 +50,7 @@ from snn_research.hybrid.adapter import (
     MembraneInit,
     SpikesToAnalog,
 )
-from snn_research.hybrid.integer import fold_quantize
+from snn_research.hybrid.integer import IntegerWeights, fold_quantize, integer_linear
 from snn_research.hybrid.neurons import MultiStepNeuron, NeuronKind, ResetMode
 from snn_research.hybrid.surrogate import SurrogateName
 from snn_research.models.families import (
@@ -390,10 +390,36 @@ class SpikingGatedMLP(SpikingMLP):
         weight = fold_quantize(linear.weight, encoder.threshold / encoder.levels, self.weight_bits, self.weight_group)
         return torch.nn.functional.linear(x, weight.to(x.dtype), linear.bias)
 
+    def _integer_ready(self) -> bool:
+        """The int8 kernel runs in inference with 8-bit per-channel weights and levels that fit in int8."""
+        return (getattr(self, "integer_path", False) and self.weight_bits == 8 and self.weight_group is None
+                and not torch.is_grad_enabled() and self.input_encoder.levels <= 127
+                and self.product_encoder.levels <= 127)
+
+    def _integer_consume(self, name: str, site: str, levels: torch.Tensor) -> torch.Tensor:
+        linear, encoder = getattr(self, name), getattr(self, f"{site}_encoder")
+        caches = self.__dict__.setdefault("_integer_weights", {})
+        cache = caches.setdefault(name, IntegerWeights())
+        threshold = encoder.log_threshold
+        q_t, scales = cache.get(linear.weight, threshold, encoder.threshold / encoder.levels)
+        return integer_linear(levels, q_t, scales, linear.bias).to(levels.dtype)
+
+    def _levels(self, site: str, x: torch.Tensor) -> torch.Tensor:
+        encoder: AnalogToSpikes = getattr(self, f"{site}_encoder")
+        levels = encoder(x)
+        if self.metered:
+            self._record(site, encoder.spike_count(levels), encoder.channels, x.numel() // encoder.channels)
+        return levels
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, L, C)
         if self.analog:
             return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
         first, second = self.sites
+        if self._integer_ready():  # spike levels x int8 weights in int32, one scale per output
+            levels = self._levels(first, x)
+            product = (self.act_fn(self._integer_consume("gate_proj", first, levels))
+                       * self._integer_consume("up_proj", first, levels))
+            return self._integer_consume("down_proj", second, self._levels(second, product))
         x_rate = self._encode(first, x)  # (B, L, C) = theta * counts / T
         product = self.act_fn(self._consume("gate_proj", first, x_rate)) * self._consume("up_proj", first, x_rate)
         return self._consume("down_proj", second, self._encode(second, product))
@@ -593,6 +619,16 @@ def spiking_units(model: nn.Module) -> Iterator[SpikingUnit]:
 def set_time_steps(model: nn.Module, time_steps: int) -> None:
     for module in spiking_units(model):
         module.set_time_steps(time_steps)
+
+
+def set_integer_path(model: nn.Module, enabled: bool = True) -> int:
+    """Run the 8-bit-weight spiking FFNs on the int8 kernel in inference (``torch._int_mm``); how many take it."""
+    count = 0
+    for module in spiking_units(model):
+        if isinstance(module, SpikingGatedMLP):
+            module.integer_path = enabled
+            count += int(enabled and module.weight_bits == 8 and module.weight_group is None)
+    return count
 
 
 def set_analog(model: nn.Module, analog: bool) -> None:
