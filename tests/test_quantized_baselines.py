@@ -70,23 +70,20 @@ def test_w8ab_needs_the_weighted_hybrid():
         quantized_ann(teacher, "w8ab", None)
 
 
-def test_the_folded_integer_linear_equals_the_float_linear_on_the_same_quantised_values():
-    from snn_research.hybrid.integer import fold_quantize, integer_parts
+def test_the_folded_float_weight_is_the_integer_linear_on_the_same_levels():
+    """decoded levels x W_eff (the training path) equals levels x integer weights x scales (the kernel's)."""
+    from snn_research.hybrid.integer import float_reference, fold_quantize, quantize_spiking_linear
 
     generator = torch.Generator().manual_seed(3)
-    weight = torch.randn(12, 32, generator=generator, dtype=torch.float64)
-    step = torch.rand(32, generator=generator, dtype=torch.float64) * 0.1 + 0.01  # threshold / L per input channel
-    levels = torch.randint(-31, 32, (7, 32), generator=generator)  # integer spike levels
+    weight = torch.randn(12, 32, generator=generator)
+    threshold = torch.rand(32, generator=generator) * 3 + 0.3
+    time_steps = 5
+    step = threshold / (2 ** time_steps - 1)
+    levels = torch.randint(-31, 32, (7, 32), generator=generator).to(torch.float32)
     for bits, group in ((8, None), (4, None), (4, 8)):
-        float_path = (levels.double() * step) @ fold_quantize(weight, step, bits, group).t()
-        q, scales = integer_parts(weight, step, bits, group)
-        assert q.abs().max() <= 2 ** (bits - 1) - 1
-        if group is None:  # one scale per output channel: an integer product, then one multiply
-            integer_path = (levels @ q.t()).double() * scales[:, 0]
-        else:  # one scale per group: an integer product per group, scaled, then summed
-            integer_path = sum((levels[:, g:g + group] @ q[:, g:g + group].t()).double() * scales[:, g]
-                               for g in range(0, 32, group))
-        torch.testing.assert_close(float_path, integer_path, rtol=1e-12, atol=1e-12)
+        float_path = (levels.double() * step.double()) @ fold_quantize(weight.double(), step.double(), bits, group).t()
+        integer = float_reference(levels, quantize_spiking_linear(weight, threshold, time_steps, bits, group))
+        torch.testing.assert_close(float_path.float(), integer, rtol=1e-5, atol=1e-6)
         assert (fold_quantize(weight, step, bits, group) - weight).abs().max() > 0  # it does quantise
 
 
@@ -210,7 +207,7 @@ def test_evaluate_writes_the_integer_figures_for_an_integer_hybrid_only(tmp_path
 def test_the_int8_kernel_equals_the_float_product_of_the_same_integers_bit_for_bit():
     import copy
 
-    from snn_research.hybrid.integer import integer_parts
+    from snn_research.hybrid.integer import float_reference, quantize_spiking_linear
     from snn_research.models.hybrid_transformer import set_integer_path
 
     teacher, hybrid, _, _ = converted("llama", HybridPlan(time_steps=5, encoder="weighted", weight_bits=8))
@@ -219,10 +216,8 @@ def test_the_int8_kernel_equals_the_float_product_of_the_same_integers_bit_for_b
     with torch.no_grad():
         levels = unit.input_encoder(x)
         got = unit._integer_consume("gate_proj", "input", levels)
-        q, scales = integer_parts(unit.gate_proj.weight, unit.input_encoder.threshold / unit.input_encoder.levels, 8)
-        # integers below 2^24 in float32: the float product of the same integers is exact
-        expected = (levels @ q.to(torch.float32).t()) * scales[:, 0]
-        assert torch.equal(got, expected)
+        integer = quantize_spiking_linear(unit.gate_proj.weight, unit.input_encoder.threshold, 5, 8)
+        assert torch.equal(got, float_reference(levels, integer))  # the same integers through a float64 product
         float_path = unit(x)
         assert set_integer_path(hybrid, True) == 2
         integer_path = unit(x)

@@ -29,17 +29,15 @@ from transformers.pytorch_utils import Conv1D
 
 from snn_research.hybrid.adapter import AnalogToSpikes, weighted_levels
 from snn_research.hybrid.integer import fold_quantize
+from snn_research.hybrid.integer import quantize_weight as integer_weight
 from snn_research.models.hybrid_transformer import SpikingGatedMLP, find_mlps, mlp_family, spiking_mlps
 
 Mode = Literal["w8a8", "w8ab"]
 
 
-def quantize_weight(weight: torch.Tensor, bits: int, out_dim: int = 0) -> torch.Tensor:
-    """Symmetric integer grid, one scale per output channel (``out_dim``), given back in float."""
-    limit = 2 ** (bits - 1) - 1
-    reduce = 1 - out_dim  # the input dimension of a 2-D weight
-    scale = weight.abs().amax(dim=reduce, keepdim=True).clamp_min(1e-12) / limit
-    return (weight / scale).round().clamp(-limit, limit) * scale
+def quantize_weight(weight: torch.Tensor, bits: int) -> torch.Tensor:
+    """Symmetric integers, one scale per output channel (``hybrid.integer.quantize_weight``), given back in float."""
+    return integer_weight(weight, bits).dequantized().to(weight.dtype)
 
 
 def quantize_per_token(x: torch.Tensor, bits: int = 8) -> torch.Tensor:

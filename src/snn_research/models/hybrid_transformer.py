@@ -50,7 +50,7 @@ from snn_research.hybrid.adapter import (
     MembraneInit,
     SpikesToAnalog,
 )
-from snn_research.hybrid.integer import IntegerWeights, fold_quantize, integer_linear
+from snn_research.hybrid.integer import CachedIntegerWeight, fold_quantize, integer_linear
 from snn_research.hybrid.neurons import MultiStepNeuron, NeuronKind, ResetMode
 from snn_research.hybrid.surrogate import SurrogateName
 from snn_research.models.families import (
@@ -393,16 +393,15 @@ class SpikingGatedMLP(SpikingMLP):
     def _integer_ready(self) -> bool:
         """The int8 kernel runs in inference with 8-bit per-channel weights and levels that fit in int8."""
         return (getattr(self, "integer_path", False) and self.weight_bits == 8 and self.weight_group is None
-                and not torch.is_grad_enabled() and self.input_encoder.levels <= 127
+                and not torch.is_grad_enabled() and self.input_encoder.kind == "weighted"
+                and self.product_encoder.kind == "weighted" and self.input_encoder.levels <= 127
                 and self.product_encoder.levels <= 127)
 
     def _integer_consume(self, name: str, site: str, levels: torch.Tensor) -> torch.Tensor:
         linear, encoder = getattr(self, name), getattr(self, f"{site}_encoder")
-        caches = self.__dict__.setdefault("_integer_weights", {})
-        cache = caches.setdefault(name, IntegerWeights())
-        threshold = encoder.log_threshold
-        q_t, scales = cache.get(linear.weight, threshold, encoder.threshold / encoder.levels)
-        return integer_linear(levels, q_t, scales, linear.bias).to(levels.dtype)
+        cache = self.__dict__.setdefault("_integer_weights", {}).setdefault(name, CachedIntegerWeight())
+        weight = cache.get(linear.weight, encoder.log_threshold, encoder.threshold, encoder.time_steps)
+        return integer_linear(levels, weight, linear.bias).to(levels.dtype)
 
     def _levels(self, site: str, x: torch.Tensor) -> torch.Tensor:
         encoder: AnalogToSpikes = getattr(self, f"{site}_encoder")
