@@ -217,7 +217,7 @@ FIRST_PLACE = {
     "distill": (distill, {"teacher", "hybrid", "val_batches"}),
     "finetune": (finetune, {"hybrid", "teacher"}),
     "finetune-teacher": (finetune_teacher, {"teacher", "reference"}),
-    "evaluate": (evaluate, {"teacher", "reference", "hybrids", "ids", "energy_ids"}),
+    "evaluate": (evaluate, {"teacher", "reference", "hybrids", "parts_ids", "energy_parts"}),  # per text domain
 }
 
 
