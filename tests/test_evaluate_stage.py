@@ -57,9 +57,11 @@ def evaluated(tmp_path_factory) -> Path:
 
 def test_metrics_name_every_figure_and_nothing_host_dependent(evaluated):
     metrics = json.loads((evaluated / "reports" / "metrics.json").read_text())
-    assert list(metrics) == ["time_steps", "teacher", "teacher_finetuned", "converted", "distilled", "finetuned"]
+    assert list(metrics) == ["time_steps", "teacher", "teacher_finetuned", "converted", "distilled", "finetuned",
+                             "teacher_w8a8", "teacher_w8ab"]  # the quantised ANNs after the hybrids
     assert list(metrics["teacher"]) == ["ppl", "bpb"]
-    assert list(metrics["teacher_finetuned"]) == ["ppl", "bpb", "agreement_top1", "kl_full_to_teacher"]
+    for name in ("teacher_finetuned", "teacher_w8a8", "teacher_w8ab"):
+        assert list(metrics[name]) == ["ppl", "bpb", "agreement_top1", "kl_full_to_teacher"], name
     convert = tiny_params()["convert"]
     levels = 2 ** convert["time_steps"] - 1 if convert["encoder"] == "weighted" else convert["time_steps"]
     bits = math.ceil(math.log2(2 * levels + 1))  # a signed count in [-L, L]
