@@ -257,6 +257,9 @@ class ConversionParams(HybridPlan):
         if self.membrane_init is not None and self.encoder != "if":
             raise FieldError("membrane_init", self.membrane_init,
                              f"applies to the 'if' encoder only (encoder is {self.encoder!r}); remove it")
+        if self.digits is not None and self.encoder != "weighted":
+            raise FieldError("digits", self.digits, f"chooses how the weighted code spells a level (encoder is "
+                             f"{self.encoder!r}); remove it")
         if self.encoder == "weighted" and self.time_steps > MAX_WEIGHTED_TIME_STEPS:
             raise FieldError("time_steps", self.time_steps,
                              f"the weighted encoder has 2^T - 1 levels per sign: T <= {MAX_WEIGHTED_TIME_STEPS}")

@@ -349,6 +349,8 @@ def _population_parameters(block: SpikingUnit, spec: SiteSpec, plan: HybridPlan)
         parameters["seed"] = encoder.seed
     if encoder.kind == "if":
         parameters["membrane_init"] = encoder.membrane_init
+    if encoder.kind == "weighted":
+        parameters["digits"] = encoder.digits
     if encoder.kind == "lif":
         parameters.update({k: options[k] for k in ("beta", "reset", "surrogate", "sharpness", "learnable_leak")})
     return parameters

@@ -46,6 +46,7 @@ from torch import nn
 from snn_research.hybrid.adapter import (
     MAX_WEIGHTED_TIME_STEPS,
     AnalogToSpikes,
+    Digits,
     EncoderKind,
     MembraneInit,
     SpikesToAnalog,
@@ -92,6 +93,10 @@ class HybridPlan(BaseModel):
     )
     membrane_init: MembraneInit | None = Field(
         None, description="'if' encoder start: zero | half | symmetric (null: symmetric)"
+    )
+    digits: Digits | None = Field(
+        None, description="'weighted' encoder only: how the T steps spell a level; binary: its set bits; signed: "
+        "digits in {-1, 0, +1} (non-adjacent form where T allows), the same level with fewer spikes (null: binary)"
     )
     granularity: Granularity = Field("channel", description="one threshold per channel or per layer")
     neuron: NeuronKind | None = Field(
@@ -141,6 +146,8 @@ class HybridPlan(BaseModel):
             )
         if self.membrane_init is not None and self.encoder != "if":
             raise ValueError(f"membrane_init applies to the 'if' encoder only (got encoder {self.encoder!r})")
+        if self.digits is not None and self.encoder != "weighted":
+            raise ValueError(f"digits applies to the 'weighted' encoder only (got encoder {self.encoder!r})")
         if self.encoder == "weighted" and self.time_steps > MAX_WEIGHTED_TIME_STEPS:
             raise ValueError(f"the weighted encoder supports time_steps <= {MAX_WEIGHTED_TIME_STEPS} (got {self.time_steps})")
         if self.seed is not None and self.encoder != "rate":
@@ -511,6 +518,7 @@ def _encoder(channels: int, plan: HybridPlan, threshold: torch.Tensor | None, se
         learnable_threshold=plan.learnable_threshold,
         seed=seed,
         neuron_options=neuron_options,
+        digits=plan.digits or "binary",
     )
 
 
