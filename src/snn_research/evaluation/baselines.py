@@ -167,6 +167,16 @@ def integer_block_pj(block: BlockEnergy, prices: Prices, baseline: str | None = 
     return shared + sum(costs.neurons[s] * f * (multiply[s] + prices.e_add_int32_pj) for s, f in costs.fan_outs.items())
 
 
+def events_per_synapse(report: EnergyReport) -> float:
+    """Synaptic events per synapse per token over the FFN blocks' spiking sites: spikes per token times fan-out,
+    over neurons times fan-out."""
+    blocks = [b for b in report.blocks if b.ffn]
+    synapses = sum(b.costs.neurons[s] * f for b in blocks for s, f in b.costs.fan_outs.items())
+    if not synapses:
+        raise ValueError("the energy report has no spiking FFN synapses")
+    return sum(b.spikes_per_token[s] * f for b in blocks for s, f in b.costs.fan_outs.items()) / synapses
+
+
 def integer_compare(report: EnergyReport, prices: Prices) -> dict[str, float]:
     """An integer-weight hybrid against the integer ANNs, priced with the same parts (see ``integer_block_pj``).
 
@@ -187,9 +197,7 @@ def integer_compare(report: EnergyReport, prices: Prices) -> dict[str, float]:
         ann = sum(integer_block_pj(b, prices, baseline) for b in blocks)
         out[f"ffn_energy_ratio_{baseline}"] = (hybrid + shared_ffn) / (ann + shared_ffn)
         out[f"model_energy_ratio_{baseline}"] = (hybrid + shared) / (ann + shared)
-    synapses = sum(b.costs.neurons[s] * f for b in blocks for s, f in b.costs.fan_outs.items())
-    events = sum(b.spikes_per_token[s] * f for b in blocks for s, f in b.costs.fan_outs.items())
-    out["synaptic_events_per_synapse"] = events / synapses
+    out["synaptic_events_per_synapse"] = events_per_synapse(report)
     no_spikes = sum(integer_block_pj(b, prices, spikes={s: 0.0 for s in b.costs.fan_outs}) for b in blocks)
     step_synapses = sum(b.costs.time_steps * b.costs.neurons[s] * f for b in blocks for s, f in b.costs.fan_outs.items())
     budget = sum(integer_block_pj(b, prices, "w8a8") for b in blocks) - no_spikes
