@@ -35,6 +35,7 @@ from snn_research.artifacts import package_versions
 from snn_research.conversion.calibrator import CalibrationResult
 from snn_research.errors import format_validation_error
 from snn_research.hybrid.adapter import MAX_WEIGHTED_TIME_STEPS, AnalogToSpikes
+from snn_research.hybrid.integer import IntegerWeight
 from snn_research.io import atomic_directory, atomic_write_text, significant
 from snn_research.models.families import SITE_NAMES, SiteSpec
 from snn_research.models.families import consumers as site_consumers
@@ -456,13 +457,28 @@ def load_hybrid(folder: str | Path, dtype: torch.dtype = torch.float32) -> nn.Mo
     return model
 
 
+def _integer_consumers(model: nn.Module):
+    """(state-dict prefix of the linear, its spiking FFN, the linear's name) for every consumer with integer weights."""
+    for path, module in model.named_modules():
+        if getattr(module, "weight_bits", None) is not None and hasattr(module, "consumer_sites"):
+            for name in module.consumer_sites:
+                yield f"{path}.{name}." if path else f"{name}.", module, name
+
+
 def save_weights(model: nn.Module, path: Path) -> None:
     """All tensors of the state dict, each stored once, in a byte-reproducible file.
 
     Tied tensors (Gemma's embedding and LM head) are stored under their first name
-    in sorted order; the other names are listed in the file's metadata.
+    in sorted order; the other names are listed in the file's metadata. A spiking FFN with
+    integer weights (``weight_bits``) stores each consumer as its integers (``weight_q``, int8, also for
+    4 bits) and their scales (``weight_scale``), not as the float weight: the folder shrinks, and a reload
+    runs on exactly these integers.
     """
     state = model.state_dict()
+    for prefix, module, name in _integer_consumers(model):
+        integer = module.integer_weight(name)
+        del state[prefix + "weight"]
+        state[prefix + "weight_q"], state[prefix + "weight_scale"] = integer.q, integer.scale
     kept: dict[tuple, str] = {}
     tied: dict[str, str] = {}
     tensors = {}
@@ -495,9 +511,20 @@ def load_weights(model: nn.Module, path: Path) -> None:
         with safetensors.safe_open(str(path), framework="pt") as handle:
             tied = json.loads((handle.metadata() or {}).get("tied", "{}"))
         state = safetensors.torch.load_file(str(path))
+        stored = {prefix: (module, name, state.pop(prefix + "weight_q"), state.pop(prefix + "weight_scale", None))
+                  for prefix, module, name in _integer_consumers(model) if prefix + "weight_q" in state}
         missing, unexpected = model.load_state_dict(state, strict=False)
     except (safetensors.SafetensorError, RuntimeError, OSError, json.JSONDecodeError) as error:
         raise ValueError(f"{path}: cannot load hybrid weights ({error})") from None
-    missing = [name for name in missing if name not in tied]
+    missing = [name for name in missing if name not in tied and name.removesuffix("weight") not in stored]
     if missing or unexpected:
         raise ValueError(f"{path}: weights do not match the hybrid (missing {missing[:4]}, unexpected {unexpected[:4]})")
+    for prefix, (module, name, q, scale) in stored.items():  # after the thresholds: the master is scale x Q / step
+        if scale is None:
+            raise ValueError(f"{path}: {prefix}weight_q has no {prefix}weight_scale beside it")
+        group = module.weight_group or q.shape[-1]
+        try:
+            module.pin_integer_weight(name, IntegerWeight(q=q, scale=scale.to(torch.float32), bits=module.weight_bits,
+                                                          group_size=group))
+        except ValueError as error:
+            raise ValueError(f"{path}: {prefix}weight_q: {error}") from None

@@ -201,32 +201,52 @@ def w8a8_linear(x: torch.Tensor, weight: IntegerWeight, bias: torch.Tensor | Non
     return out.reshape(*x.shape[:-1], weight.q.shape[0])
 
 
-def fold_quantize(weight: torch.Tensor, step: torch.Tensor, bits: int, group_size: int | None = None) -> torch.Tensor:
+def fold_quantize(weight: torch.Tensor, step: torch.Tensor, bits: int, group_size: int | None = None,
+                  quantized: IntegerWeight | None = None) -> torch.Tensor:
     """The float weight a consumer of decoded levels multiplies by: the integer weight of ``weight``, with each
     input channel's step (theta / L) folded in, unfolded again, W_eff = Q(W diag(step)) diag(1 / step).
 
     ``decoded @ W_eff^T`` is then ``levels @ (scale * Q)^T``: what ``integer_linear`` computes. The rounding is
-    ``quantize_weight``'s; its gradient passes straight through to the float master weight (training).
+    ``quantize_weight``'s (or ``quantized``, the integer weight already made from the same weight and step);
+    its gradient passes straight through to the float master weight (training).
     """
     step = step.to(weight.dtype)
     folded = weight * step
-    quantized = quantize_weight(folded.detach(), bits, group_size).dequantized().to(weight.dtype)
-    return (folded + (quantized - folded).detach()) / step
+    if quantized is None:
+        quantized = quantize_weight(folded.detach(), bits, group_size)
+    dequantized = quantized.dequantized().to(weight.dtype)
+    return (folded + (dequantized - folded).detach()) / step
 
 
 class CachedIntegerWeight:
     """A consumer's ``IntegerWeight``, rebuilt only when its float master weight or the site's thresholds
-    change (their version counters), so inference does not requantise every call."""
+    change (their version counters), so inference does not requantise every call.
+
+    ``pin`` sets the integers a checkpoint stored for the current weight and thresholds: a loaded hybrid then
+    runs on exactly the saved integers, not on a requantisation of the float weight rebuilt from them (which
+    could differ in a scale's last bit). A change of weight, thresholds, T or device drops the pin.
+    """
 
     def __init__(self) -> None:
         self.key: tuple | None = None
         self.weight: IntegerWeight | None = None
 
+    @staticmethod
+    def _key(weight: torch.Tensor, log_threshold: torch.Tensor, time_steps: int, bits: int,
+             group_size: int | None) -> tuple:
+        return (weight.data_ptr(), weight._version, log_threshold.data_ptr(), log_threshold._version, time_steps,
+                weight.device, bits, group_size)
+
     def get(self, weight: torch.Tensor, log_threshold: torch.Tensor, threshold: torch.Tensor,
-            time_steps: int) -> IntegerWeight:
-        key = (weight.data_ptr(), weight._version, log_threshold.data_ptr(), log_threshold._version, time_steps,
-               weight.device)
+            time_steps: int, bits: int = 8, group_size: int | None = None) -> IntegerWeight:
+        key = self._key(weight, log_threshold, time_steps, bits, group_size)
         if key != self.key:
-            self.weight = quantize_spiking_linear(weight, threshold, time_steps, 8)
+            self.weight = quantize_spiking_linear(weight, threshold, time_steps, bits, group_size)
             self.key = key
         return self.weight
+
+    def pin(self, weight: torch.Tensor, log_threshold: torch.Tensor, time_steps: int,
+            integer: IntegerWeight) -> None:
+        group_size = None if integer.group_size == weight.shape[1] else integer.group_size
+        self.key = self._key(weight, log_threshold, time_steps, integer.bits, group_size)
+        self.weight = integer

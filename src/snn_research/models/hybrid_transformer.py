@@ -51,7 +51,7 @@ from snn_research.hybrid.adapter import (
     MembraneInit,
     SpikesToAnalog,
 )
-from snn_research.hybrid.integer import CachedIntegerWeight, fold_quantize, integer_linear
+from snn_research.hybrid.integer import CachedIntegerWeight, IntegerWeight, fold_quantize, integer_linear
 from snn_research.hybrid.neurons import MultiStepNeuron, NeuronKind, ResetMode
 from snn_research.hybrid.surrogate import SurrogateName
 from snn_research.models.families import (
@@ -384,6 +384,7 @@ class SpikingGatedMLP(SpikingMLP):
         self.gate_proj, self.up_proj, self.down_proj, self.act_fn = mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn
         hidden, intermediate = self.gate_proj.in_features, self.gate_proj.out_features
         self.sites = tuple(spec.name for spec in FAMILIES[self.family].scope_sites("mlp"))  # (input, product)
+        self.consumer_sites = {"gate_proj": self.sites[0], "up_proj": self.sites[0], "down_proj": self.sites[1]}
         self.input_encoder = _encoder(hidden, plan, thresholds.get(self.sites[0]), site_seed(plan.seed or 0, layer, 0))
         self.product_encoder = _encoder(intermediate, plan, thresholds.get(self.sites[1]),
                                         site_seed(plan.seed or 0, layer, 1))
@@ -394,8 +395,36 @@ class SpikingGatedMLP(SpikingMLP):
         if self.weight_bits is None:
             return linear(x)
         encoder = getattr(self, f"{site}_encoder")
-        weight = fold_quantize(linear.weight, encoder.threshold / encoder.levels, self.weight_bits, self.weight_group)
+        weight = fold_quantize(linear.weight, encoder.threshold / encoder.levels, self.weight_bits, self.weight_group,
+                               quantized=self.integer_weight(name))
         return torch.nn.functional.linear(x, weight.to(x.dtype), linear.bias)
+
+    def integer_weight(self, name: str) -> IntegerWeight:
+        """The integer weight of consumer ``name`` (``gate_proj``, ``up_proj``, ``down_proj``): its float weight
+        with its site's steps folded in, quantised to ``weight_bits``; cached until either changes."""
+        if self.weight_bits is None:
+            raise ValueError(f"{self.path}: the plan has no weight_bits, so {name} holds float weights")
+        linear, encoder = getattr(self, name), getattr(self, f"{self.consumer_sites[name]}_encoder")
+        cache = self.__dict__.setdefault("_integer_weights", {}).setdefault(name, CachedIntegerWeight())
+        return cache.get(linear.weight, encoder.log_threshold, encoder.threshold, encoder.time_steps,
+                         self.weight_bits, self.weight_group)
+
+    def pin_integer_weight(self, name: str, integer: IntegerWeight) -> None:
+        """Rebuild consumer ``name``'s float weight from stored integers (scale x Q / step, the master that
+        training starts from) and run on exactly those integers until the weight or thresholds change."""
+        linear, encoder = getattr(self, name), getattr(self, f"{self.consumer_sites[name]}_encoder")
+        if tuple(integer.q.shape) != tuple(linear.weight.shape):
+            raise ValueError(f"{self.path}.{name}: stored integers have shape {tuple(integer.q.shape)}, the weight "
+                             f"{tuple(linear.weight.shape)}")
+        expected_group = linear.weight.shape[1] if self.weight_group is None else self.weight_group
+        if integer.bits != self.weight_bits or integer.group_size != expected_group:
+            raise ValueError(f"{self.path}.{name}: stored as {integer.bits}-bit in groups of {integer.group_size}; the "
+                             f"plan says {self.weight_bits}-bit in groups of {expected_group}")
+        step = (encoder.threshold / encoder.levels).detach().to(torch.float32).reshape(1, -1)
+        with torch.no_grad():
+            linear.weight.copy_((integer.dequantized() / step).to(linear.weight.dtype))
+        cache = self.__dict__.setdefault("_integer_weights", {}).setdefault(name, CachedIntegerWeight())
+        cache.pin(linear.weight, encoder.log_threshold, encoder.time_steps, integer)
 
     def _integer_ready(self) -> bool:
         """The int8 kernel runs in inference with 8-bit per-channel weights and levels that fit in int8."""
@@ -405,10 +434,7 @@ class SpikingGatedMLP(SpikingMLP):
                 and self.product_encoder.levels <= 127)
 
     def _integer_consume(self, name: str, site: str, levels: torch.Tensor) -> torch.Tensor:
-        linear, encoder = getattr(self, name), getattr(self, f"{site}_encoder")
-        cache = self.__dict__.setdefault("_integer_weights", {}).setdefault(name, CachedIntegerWeight())
-        weight = cache.get(linear.weight, encoder.log_threshold, encoder.threshold, encoder.time_steps)
-        return integer_linear(levels, weight, linear.bias).to(levels.dtype)
+        return integer_linear(levels, self.integer_weight(name), getattr(self, name).bias).to(levels.dtype)
 
     def _levels(self, site: str, x: torch.Tensor) -> torch.Tensor:
         encoder: AnalogToSpikes = getattr(self, f"{site}_encoder")
