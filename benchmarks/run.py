@@ -18,7 +18,8 @@ from datetime import datetime, timezone
 
 from benchmarks.common import BENCH_DIR, Row, print_rows, write_csv
 
-BENCHMARKS = ("neuron", "kernel_binding", "throughput", "integer_linear", "training", "calibration", "pipeline")
+BENCHMARKS = ("neuron", "kernel_binding", "throughput", "integer_linear", "integer_model", "training", "calibration",
+              "pipeline")
 
 
 def _run_one(name: str) -> list[Row]:
@@ -38,6 +39,10 @@ def _run_one(name: str) -> list[Row]:
         from benchmarks import integer_linear
 
         return integer_linear.run()
+    if name == "integer_model":
+        from benchmarks import integer_model
+
+        return integer_model.run()
     if name == "training":
         from benchmarks import training
 
