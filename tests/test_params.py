@@ -87,6 +87,8 @@ BAD = [
     ("evaluate-timing-word", {"evaluate.timing": "sometimes"}, "evaluate.timing", "'sometimes'"),
     ("evaluate-max-blocks-zero", {"evaluate.max_blocks": 0}, "evaluate.max_blocks", "0"),
     ("evaluate-energy-blocks-word", {"evaluate.energy_blocks": "all"}, "evaluate.energy_blocks", "'all'"),
+    ("evaluate-read-batch-over", {"evaluate.read_batch": 3, "evaluate.energy_blocks": 2}, "evaluate.read_batch", "3"),
+    ("convert-digits-if", {"convert.encoder": "if", "convert.digits": "signed"}, "convert.digits", "'signed'"),
     ("section-not-mapping", {"data": [1, 2]}, "data", "[1, 2]"),
     ("unknown-top-level-key", {"bogus": 1}, "bogus", "1"),
     ("misspelt-section", {"evaluation": {"max_blocks": 1}}, "evaluation", "{'max_blocks': 1}"),

@@ -183,6 +183,37 @@ def test_integer_energy_matches_a_hand_count_on_one_layer():
     rate = (w8a8_pj - no_spike) / (steps * (32 * 128 + 64 * 32) * 0.1)
     assert math.isclose(got["break_even_spike_rate_w8a8"], rate, rel_tol=1e-9)
     assert (hidden, inter) == (teacher.config.hidden_size, teacher.config.intermediate_size)
+    assert not any(key.startswith("ffn_memory_ratio_w8a8") for key in got)  # no read batches asked for
+
+    # weight reads: the levels each encoder hands its consumers, caught at the encoders themselves
+    from snn_research.hybrid.adapter import AnalogToSpikes
+
+    ids = torch.cat(calibration_batches(2, seed=6))  # 4 sequences
+    caught = {}
+    unit = next(iter(spiking_mlps(hybrid)))
+    hooks = [getattr(unit, f"{site}_encoder").register_forward_hook(
+        lambda _m, _i, out, site=site: caught.__setitem__(site, out.detach())) for site in ("input", "product")]
+    report = measure_energy(hybrid, ids, read_batches=(1, 2))
+    for hook in hooks:
+        hook.remove()
+    assert all(isinstance(m, AnalogToSpikes) for m in (unit.input_encoder, unit.product_encoder))
+    fired = {site: levels != 0 for site, levels in caught.items()}  # (4, 24, C)
+    active = {(site, 1): float(f.float().mean()) for site, f in fired.items()}
+    # batches of 2: sequences 0 and 1, and 2 and 3, a weight column read when either input spiked
+    active.update({(site, 2): float(torch.stack([f[0] | f[1], f[2] | f[3]]).float().mean()) for site, f in fired.items()})
+    assert 0 < active[("product", 1)] < active[("product", 2)] <= 1
+    got = integer_compare(report, Prices())
+    k_in, k_prod = (next(b for b in report.blocks if b.ffn).spikes_per_token[s] for s in ("input", "product"))
+    hybrid_pj = shared + 0.1 * (k_in * 128 + k_prod * 32 + (32 + 64) * steps + (128 + 32) * steps)
+    for batch in (1, 2):
+        read = (32 * 128 * active[("input", batch)] + 64 * 32 * active[("product", batch)]) / batch
+        dense = (32 * 128 + 64 * 32) / batch
+        expected = (hybrid_pj + shared_ffn + read * 1.25) / (w8a8_pj + shared_ffn + dense * 1.25)
+        key = "ffn_memory_ratio_w8a8_batch1" if batch == 1 else "ffn_memory_ratio_w8a8_read_batch"
+        assert math.isclose(got[key], expected, rel_tol=1e-6), batch
+    assert got["read_batch"] == 2
+    silent = 1 - (32 * 128 * active[("input", 1)] + 64 * 32 * active[("product", 1)]) / (32 * 128 + 64 * 32)
+    assert math.isclose(got["silent_input_fraction"], silent, rel_tol=1e-6)
     # a float-weight hybrid gets no integer figures
     _, float_hybrid, _, _ = converted("llama", HybridPlan(time_steps=4, encoder="weighted", layers=[0]))
     assert integer_compare(measure_energy(float_hybrid, calibration_batches(1, seed=6)[0]), Prices()) == {}
@@ -207,6 +238,8 @@ def test_evaluate_writes_the_integer_figures_for_an_integer_hybrid_only(tmp_path
         row = metrics[name]
         assert 0 < row["ffn_energy_ratio_w8a8"] and 0 < row["synaptic_events_per_synapse"]
         assert row["ffn_energy_ratio_w8ab"] > row["ffn_energy_ratio_w8a8"]  # the b-bit ANN multiplies for less
+        assert 0 < row["ffn_memory_ratio_w8a8_batch1"] and 0 <= row["silent_input_fraction"] < 1
+        assert row["read_batch"] == 1 and row["ffn_memory_ratio_w8a8_read_batch"] == row["ffn_memory_ratio_w8a8_batch1"]
 
 
 def test_the_int8_kernel_equals_the_float_product_of_the_same_integers_bit_for_bit():

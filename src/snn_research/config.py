@@ -366,6 +366,9 @@ class EvaluateParams(Strict):
     max_blocks: int | None = Field(None, ge=1, description="test blocks to evaluate, per text domain (null: all)")
     batch_size: int = Field(4, ge=1, le=1024)
     energy_blocks: int = Field(4, ge=1, description="blocks in the energy-accounting pass, per text domain")
+    read_batch: int | None = Field(None, ge=1, description="an integer hybrid's weight reads are also priced for "
+                                   "batches of this many sequences decoded together (each reads a weight column when "
+                                   "any of them spiked at its input); at most energy_blocks (null: energy_blocks)")
     timing: bool = Field(True, description="measure tokens/s and log it to MLflow only (never to metrics.json: "
                          "timings depend on the host)")
     registry: RegistryParams = Field(default_factory=RegistryParams)
@@ -373,6 +376,17 @@ class EvaluateParams(Strict):
                                       "W8A8 (per-channel weights, per-token dynamic activations) and, for the "
                                       "weighted code, W8Ab (8-bit weights, the converted hybrid's own activation "
                                       "quantiser): the ANNs a user would deploy instead")
+
+    @model_validator(mode="after")
+    def _read_batch(self) -> "EvaluateParams":
+        if self.read_batch is not None and self.read_batch > self.energy_blocks:
+            raise FieldError("read_batch", self.read_batch, f"batches come from the energy pass's "
+                             f"{self.energy_blocks} blocks (energy_blocks): set read_batch at most that")
+        return self
+
+    @property
+    def read_batch_size(self) -> int:
+        return self.energy_blocks if self.read_batch is None else self.read_batch
 
 
 class Params(Strict):

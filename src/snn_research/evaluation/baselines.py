@@ -167,6 +167,39 @@ def integer_block_pj(block: BlockEnergy, prices: Prices, baseline: str | None = 
     return shared + sum(costs.neurons[s] * f * (multiply[s] + prices.e_add_int32_pj) for s, f in costs.fan_outs.items())
 
 
+def _integer_reads(report: EnergyReport, blocks, prices: Prices, hybrid_pj: float, ann_pj: float,
+                   shared_pj: float) -> dict[str, float]:
+    """Weight reads of the FFNs' spiking linears, both sides holding the same int8 weights (one byte each; the
+    per-output scales, equal on both sides, are left out).
+
+    A batch of b tokens (b sequences at one position) reads each weight once on the ANN's side, so b tokens
+    share its bytes. An event-driven hybrid reads only the columns of the inputs that spiked for one of the b
+    tokens (``SiteEnergy.active_fraction``). Per batch size the energy pass recorded: the FFN ratio with the
+    reads at ``e_read_pj_per_byte``, and ``silent_input_fraction``, the share of input-synapse pairs whose
+    input did not spike for a token (its weight read is skipped at batch 1).
+    """
+    fractions = {site.key: site.active_fraction for site in report.sites if site.ffn}
+    batches = sorted(set.intersection(*(set(f) for f in fractions.values()))) if fractions else []
+    out: dict[str, float] = {}
+    if 1 not in batches:
+        return out
+    synapses = sum(b.costs.neurons[s] * f for b in blocks for s, f in b.costs.fan_outs.items())
+    for batch in (1, batches[-1]):
+        hybrid_bytes = ann_bytes = 0.0
+        for block in blocks:
+            for site, fan_out in block.costs.fan_outs.items():
+                weights = block.costs.neurons[site] * fan_out
+                hybrid_bytes += weights * fractions[site_key(block.path, site)][batch] / batch
+                ann_bytes += weights / batch
+        read = prices.e_read_pj_per_byte
+        ratio = (hybrid_pj + shared_pj + hybrid_bytes * read) / (ann_pj + shared_pj + ann_bytes * read)
+        if batch == 1:
+            out["ffn_memory_ratio_w8a8_batch1"] = ratio
+            out["silent_input_fraction"] = 1.0 - hybrid_bytes / synapses
+        out["ffn_memory_ratio_w8a8_read_batch"], out["read_batch"] = ratio, float(batch)
+    return out
+
+
 def events_per_synapse(report: EnergyReport) -> float:
     """Synaptic events per synapse per token over the FFN blocks' spiking sites: spikes per token times fan-out,
     over neurons times fan-out."""
@@ -198,6 +231,8 @@ def integer_compare(report: EnergyReport, prices: Prices) -> dict[str, float]:
         out[f"ffn_energy_ratio_{baseline}"] = (hybrid + shared_ffn) / (ann + shared_ffn)
         out[f"model_energy_ratio_{baseline}"] = (hybrid + shared) / (ann + shared)
     out["synaptic_events_per_synapse"] = events_per_synapse(report)
+    out.update(_integer_reads(report, blocks, prices, hybrid, sum(integer_block_pj(b, prices, "w8a8") for b in blocks),
+                              shared_ffn))
     no_spikes = sum(integer_block_pj(b, prices, spikes={s: 0.0 for s in b.costs.fan_outs}) for b in blocks)
     step_synapses = sum(b.costs.time_steps * b.costs.neurons[s] * f for b in blocks for s, f in b.costs.fan_outs.items())
     budget = sum(integer_block_pj(b, prices, "w8a8") for b in blocks) - no_spikes

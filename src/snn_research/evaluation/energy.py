@@ -81,6 +81,8 @@ class SiteEnergy:
     activation_bits: int = 0  # bits of a quantised activation with as many levels as the site's spike count
     layer: int | None = None  # its decoder block (None: the LM head's site)
     ffn: bool = True  # an FFN site, or one outside the FFN
+    # batch size b -> mean fraction of the site's neurons that spiked for any of b tokens (``read_batches``)
+    active_fraction: dict[int, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -200,9 +202,15 @@ def norm_cost(module: nn.Module) -> int | None:
 
 
 def measure_energy(
-    model: nn.Module, input_ids: torch.Tensor, e_mac_pj: float = 4.6, e_ac_pj: float = 0.9
+    model: nn.Module, input_ids: torch.Tensor, e_mac_pj: float = 4.6, e_ac_pj: float = 0.9,
+    read_batches: tuple[int, ...] = (),
 ) -> EnergyReport:
-    """Run ``model`` on ``input_ids`` (B, L) and account every operation per token."""
+    """Run ``model`` on ``input_ids`` (B, L) and account every operation per token.
+
+    With ``read_batches``, each site also records, per batch size b (dividing B), the fraction of its
+    neurons that spiked for any of b tokens at one position (``SiteEnergy.active_fraction``): the weight
+    columns an event-driven design reads for that batch.
+    """
     if input_ids.dim() != 2 or input_ids.numel() == 0:
         raise ValueError(f"input_ids must be a non-empty (batch, length) tensor (got shape {tuple(input_ids.shape)})")
     tokens = input_ids.numel()
@@ -254,7 +262,7 @@ def measure_energy(
             handles.append(module.register_forward_hook(norm_hook))
 
     try:
-        with torch.no_grad(), SpikeRecorder(model) as recorder:
+        with torch.no_grad(), SpikeRecorder(model, read_batches) as recorder:
             model(input_ids=input_ids, use_cache=False)
     finally:
         for handle in handles:
@@ -457,6 +465,7 @@ def _account_spiking_block(block: SpikingUnit, tokens: int, recorder: SpikeRecor
                 activation_bits=costs.bits[site],
                 layer=block.layer,
                 ffn=costs.ffn,
+                active_fraction=recorder.active_fraction(key),
             )
         )
     report.blocks.append(BlockEnergy(block.path, costs, spikes, _spiking_weight_bytes(block)))

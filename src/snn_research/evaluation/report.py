@@ -61,11 +61,20 @@ class HybridMetrics(_Strict):
     model_energy_ratio_w8ab: float | None = Field(None, ge=0)
     synaptic_events_per_synapse: float | None = Field(None, ge=0, description="events a synapse carries per token")
     break_even_spike_rate_w8a8: float | None = Field(None, ge=0)
+    ffn_memory_ratio_w8a8_batch1: float | None = Field(None, ge=0, description="with int8 weight reads at batch 1, "
+                                                       "the hybrid reading the columns of inputs that spiked")
+    ffn_memory_ratio_w8a8_read_batch: float | None = Field(None, ge=0, description="the same for read_batch "
+                                                           "sequences decoded together")
+    read_batch: int | None = Field(None, ge=1, description="sequences per batch of the read_batch figure")
+    silent_input_fraction: float | None = Field(None, ge=0, le=1, description="synapses whose input did not spike "
+                                                "for a token, weighted by fan-out")
 
 
 HYBRID_KEYS = tuple(HybridMetrics.model_fields)
 INTEGER_KEYS = ("ffn_energy_ratio_w8a8", "model_energy_ratio_w8a8", "ffn_energy_ratio_w8ab",
-                "model_energy_ratio_w8ab", "synaptic_events_per_synapse", "break_even_spike_rate_w8a8")
+                "model_energy_ratio_w8ab", "synaptic_events_per_synapse", "break_even_spike_rate_w8a8",
+                "ffn_memory_ratio_w8a8_batch1", "ffn_memory_ratio_w8a8_read_batch", "read_batch",
+                "silent_input_fraction")
 HYBRIDS = ("converted", "distilled", "finetuned")
 
 
@@ -148,6 +157,8 @@ def _models_document(totals: dict[str, QualityTotals], energy: dict[str, dict[st
         document[name] = {key: _round(values[key]) for key in HYBRID_KEYS
                           if key not in INTEGER_KEYS or key in values}
         document[name]["activation_bits"] = int(values["activation_bits"])
+        if "read_batch" in document[name]:
+            document[name]["read_batch"] = int(values["read_batch"])
     for name in QUANTIZED:
         if name in totals:
             document[name] = totals[name].summary(teacher=False)

@@ -249,16 +249,40 @@ class SpikeRecorder:
     Attach with ``with SpikeRecorder(model) as recorder: model(ids)``.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, read_batches: tuple[int, ...] = ()) -> None:
         self.modules = list(spiking_units(model))
         self.spikes: dict[str, float] = {}
         self.neuron_steps: dict[str, float] = {}
         self.tokens: dict[str, int] = {}
+        # per site and batch size b: summed over groups of b sequences at one position, the fraction of the
+        # site's neurons that spiked in any of them (whose weights event-driven hardware must read), and the groups
+        self.read_batches = tuple(read_batches)
+        self.active: dict[str, dict[int, list[float]]] = {}
 
-    def add(self, site: str, spikes: torch.Tensor, neurons_per_token: int, tokens: int, time_steps: int) -> None:
+    def add(self, site: str, spikes: torch.Tensor, neurons_per_token: int, tokens: int, time_steps: int,
+            counts: torch.Tensor | None = None) -> None:
         self.spikes[site] = self.spikes.get(site, 0.0) + float(spikes)
         self.neuron_steps[site] = self.neuron_steps.get(site, 0.0) + float(neurons_per_token * tokens * time_steps)
         self.tokens[site] = self.tokens.get(site, 0) + int(tokens)
+        if counts is not None and self.read_batches:
+            self._add_active(site, counts)
+
+    def _add_active(self, site: str, counts: torch.Tensor) -> None:
+        """``counts`` (B, ..., C): per token and neuron, its spikes (nonzero where it spiked)."""
+        fired = (counts.detach() != 0).reshape(counts.shape[0], -1, counts.shape[-1])  # (B, positions, C)
+        entry = self.active.setdefault(site, {b: [0.0, 0.0] for b in self.read_batches})
+        for b in self.read_batches:  # consecutive sequences, b at a time; a remainder of fewer than b is left out
+            groups = fired.shape[0] // b
+            if groups == 0:
+                continue
+            union = fired[:groups * b].reshape(groups, b, *fired.shape[1:]).any(dim=1)  # (groups, positions, C)
+            entry[b][0] += float(union.float().mean(dim=-1).sum())
+            entry[b][1] += float(union.shape[0] * union.shape[1])
+
+    def active_fraction(self, site: str) -> dict[int, float]:
+        """Per batch size b: the mean fraction of the site's neurons that spiked for any of b tokens (b sequences
+        at the same position): the share of its consumers' weight columns an event-driven design reads."""
+        return {b: total / groups for b, (total, groups) in self.active.get(site, {}).items() if groups}
 
     def spike_rate(self, site: str) -> float:
         """Spikes per neuron per time step."""
@@ -300,11 +324,15 @@ class SpikingUnit(nn.Module):
         """Whether a recorder or an energy budget's sink is attached to read this unit's spike counts."""
         return self.spike_sink is not None or self.recorder is not None
 
-    def _record(self, site: str, spikes: torch.Tensor, channels: int, tokens: int) -> None:
+    def _record(self, site: str, spikes: torch.Tensor, channels: int, tokens: int,
+                activity: torch.Tensor | None = None) -> None:
+        """``spikes``: the site's spike counts (or train); ``activity`` (B, ..., C), nonzero where a neuron spiked
+        for a token, when ``spikes`` is not already that (a (T, B, L, C) train)."""
         if self.spike_sink is not None:
             self.spike_sink.append((site, spikes))
         if self.recorder is not None:
-            self.recorder.add(site_key(self.path, site), spikes.detach().abs().sum(), channels, tokens, self.plan_time_steps)
+            self.recorder.add(site_key(self.path, site), spikes.detach().abs().sum(), channels, tokens, self.plan_time_steps,
+                              counts=spikes if activity is None else activity)
 
     def _encode(self, site: str, x: torch.Tensor) -> torch.Tensor:
         """Encode then decode: the analog value the consuming linear effectively receives."""
@@ -505,7 +533,8 @@ class SpikingGPT2MLP(SpikingMLP):
             return self.dropout(self.c_proj(self.act(self.c_fc(x))))
         encoder = self.input_encoder
         spikes = encoder.spike_train(x)  # (T, B, L, C)
-        self._record(self.sites[0], spikes, encoder.channels, x.numel() // encoder.channels)
+        self._record(self.sites[0], spikes, encoder.channels, x.numel() // encoder.channels,
+                     activity=spikes.detach().abs().sum(0) if self.recorder is not None else None)
         currents = self.c_fc(spikes * encoder.threshold.to(x.dtype))  # (T, B, L, I): bias injected every step
         hidden = self.hidden_neurons(currents)  # (T, B, L, I) in {0, 1}
         counts = hidden.sum(0)

@@ -13,6 +13,7 @@ import json
 import pandas as pd
 import torch
 
+from snn_research.config import ParamsError
 from snn_research.conversion.ann_to_snn_converter import load_hybrid
 from snn_research.data import load_blocks, spread
 from snn_research.devices import place
@@ -80,7 +81,13 @@ def run(context: StageContext) -> None:
                                                                      prices.e_ac_pj), prices)
                                        for name, model in hybrids.items()})
     totals = {name: sum((t[name] for t in domain_totals[1:]), domain_totals[0][name]) for name in domain_totals[0]}
-    reports = {name: measure_energy(model, energy_ids, prices.e_mac_pj, prices.e_ac_pj) for name, model in hybrids.items()}
+    if params.read_batch_size > energy_ids.shape[0]:
+        raise ParamsError(f"evaluate.read_batch is {params.read_batch_size}, but the energy pass has "
+                          f"{energy_ids.shape[0]} sequences (the test split's blocks, up to evaluate.energy_blocks "
+                          "per domain): set read_batch at most that")
+    read_batches = tuple(sorted({1, params.read_batch_size}))
+    reports = {name: measure_energy(model, energy_ids, prices.e_mac_pj, prices.e_ac_pj, read_batches)
+               for name, model in hybrids.items()}
     figures = {name: _figures(report, prices) for name, report in reports.items()}
     sites = {name: site_rows(report, prices) for name, report in reports.items()}
     layer_errors = {name: ffn_output_errors(teacher, model, energy_ids) for name, model in hybrids.items()}
