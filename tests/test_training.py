@@ -174,3 +174,67 @@ def test_train_refuses_parameters_of_another_model(tmp_path):
         train(model, torch.cat(calibration_batches(2)), lambda m, b, s: (m(input_ids=b, labels=b).loss, {}),
               lambda m: {"objective": math.inf}, settings(steps=1, time_steps=None), tmp_path, "fp",
               param_groups=groups)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2"])
+def test_gradient_checkpointing_recomputes_layers_and_trains_to_the_same_weights(family, tmp_path):
+    """On by default; the same weights bit for bit as without it, and the layers really are recomputed."""
+    teacher = tiny_model(family)
+    plan = HybridPlan(time_steps=4, encoder="weighted") if family != "gpt2" else HybridPlan(time_steps=4)
+    runs = {}
+    for mode in (None, False):
+        hybrid = hybrid_of(teacher, plan)
+        calls = []
+        # a pre-hook: a recomputation stops as soon as it has what the backward needs, so the FFN may not finish
+        mlp = hybrid.get_submodule("transformer.h.0.mlp" if family == "gpt2" else "model.layers.0.mlp")
+        mlp.register_forward_pre_hook(lambda *_: calls.append(torch.is_grad_enabled()))
+
+        def loss_fn(model, batch, step):
+            return model(input_ids=batch, labels=batch).loss, {}
+
+        train(hybrid, torch.cat(calibration_batches(2)), loss_fn, lambda m: {"objective": 0.0},
+              settings(steps=3, eval_every=100, gradient_checkpointing=mode), tmp_path / str(mode), "fp")
+        assert not hybrid.is_activation_checkpointing  # switched off again for inference
+        runs[mode] = (hybrid.state_dict(), calls)
+    (on, on_calls), (off, off_calls) = runs[None], runs[False]
+    assert len(on_calls) == 2 * len(off_calls)  # each step's layer ran again in the backward pass
+    assert all(torch.equal(on[k], off[k]) for k in off)
+
+
+def test_gradient_checkpointing_is_refused_for_rate_noise_and_off_by_default_with_it(tmp_path):
+    from snn_research.config import Params
+
+    teacher = tiny_model("llama")
+    hybrid = hybrid_of(teacher, HybridPlan(time_steps=4, encoder="rate"))
+
+    def loss_fn(model, batch, step):
+        assert not model.is_activation_checkpointing
+        return model(input_ids=batch, labels=batch).loss, {}
+
+    train(hybrid, torch.cat(calibration_batches(2)), loss_fn, lambda m: {"objective": 0.0},
+          settings(steps=1, eval_every=100), tmp_path / "a", "fp")
+    with pytest.raises(ValueError, match="'rate' encoder draws new noise"):
+        train(hybrid, torch.cat(calibration_batches(2)), loss_fn, lambda m: {"objective": 0.0},
+              settings(steps=1, eval_every=100, gradient_checkpointing=True), tmp_path / "b", "fp")
+    with pytest.raises(ValueError, match="a recomputed layer would not"):
+        Params.model_validate({"convert": {"encoder": "rate", "time_steps": 8},
+                               "finetune": {"gradient_checkpointing": True}})
+
+
+def test_gradient_checkpointing_under_an_energy_budget_trains_to_the_same_weights(tmp_path):
+    """The budget meters the forward's spike counts; the recomputed layers, unmetered, must repeat the same ops."""
+    teacher = tiny_model("llama")
+    states = {}
+    for mode in (None, False):
+        hybrid = hybrid_of(teacher, HybridPlan(time_steps=4, encoder="weighted"))
+        budget = EnergyBudget(hybrid, budget=0.05, weight=10.0, e_mac_pj=4.6, e_ac_pj=0.9)
+
+        def loss_fn(model, batch, step, budget=budget):
+            with budget:
+                loss = model(input_ids=batch, labels=batch).loss
+                return loss + budget.penalty(batch.numel()), {}
+
+        train(hybrid, torch.cat(calibration_batches(2)), loss_fn, lambda m: {"objective": 0.0},
+              settings(steps=3, eval_every=100, gradient_checkpointing=mode), tmp_path / str(mode), "fp")
+        states[mode] = hybrid.state_dict()
+    assert all(torch.equal(states[None][k], states[False][k]) for k in states[False])

@@ -320,6 +320,10 @@ class OptimParams(Strict):
     val_blocks: int = Field(8, ge=1, description="validation blocks per evaluation")
     checkpoint_every: int = Field(25, ge=1, description="write a resumable checkpoint every N steps")
     energy_weight: float = Field(1.0, ge=0.0, description="weight of the energy.ffn_budget penalty")
+    gradient_checkpointing: bool | None = Field(
+        None, description="keep each decoder layer's input only and recompute the layer in the backward pass: the "
+        "activations of one layer instead of all, for a second forward's time; the same gradients (null: on, "
+        "except with the 'rate' encoder, whose noise a recomputation would redraw)")
 
 
 class CurriculumParams(Strict):
@@ -429,6 +433,11 @@ class Params(Strict):
                 "distill.curriculum.start_time_steps", start,
                 f"must be >= convert.time_steps ({self.convert.time_steps}): the curriculum anneals down to the target T",
             )
+        for section in ("distill", "finetune"):
+            if getattr(self, section).gradient_checkpointing and self.convert.encoder == "rate":
+                raise FieldError(f"{section}.gradient_checkpointing", True,
+                                 "the 'rate' encoder draws new noise on every call, so a recomputed layer would not "
+                                 "be the one the loss saw; set false or null")
         if self.finetune.kl_weight > 0 and self.finetune.kl_positions >= self.data.block_length:
             raise FieldError(
                 "finetune.kl_positions", self.finetune.kl_positions,

@@ -338,9 +338,17 @@ class SpikingUnit(nn.Module):
         """Encode then decode: the analog value the consuming linear effectively receives."""
         encoder: AnalogToSpikes = getattr(self, f"{site}_encoder")
         levels = encoder(x)
-        if self.metered:  # the spike count (a popcount for the weighted code) only when someone reads it
-            self._record(site, encoder.spike_count(levels), encoder.channels, x.numel() // encoder.channels)
+        self._count(site, encoder, levels, x)
         return self.decoder(levels, encoder.threshold, encoder.levels)
+
+    def _count(self, site: str, encoder: AnalogToSpikes, levels: torch.Tensor, x: torch.Tensor) -> None:
+        """The spike count (a popcount for the weighted code), recorded when someone reads it. In training with
+        gradients it is computed either way: a layer recomputed in the backward pass (gradient checkpointing), when
+        the energy budget no longer meters it, must repeat the ops of the forward that did."""
+        if self.metered or (self.training and torch.is_grad_enabled()):
+            counts = encoder.spike_count(levels)
+            if self.metered:
+                self._record(site, counts, encoder.channels, x.numel() // encoder.channels)
 
 
 class SpikingMLP(SpikingUnit):
@@ -467,8 +475,7 @@ class SpikingGatedMLP(SpikingMLP):
     def _levels(self, site: str, x: torch.Tensor) -> torch.Tensor:
         encoder: AnalogToSpikes = getattr(self, f"{site}_encoder")
         levels = encoder(x)
-        if self.metered:
-            self._record(site, encoder.spike_count(levels), encoder.channels, x.numel() // encoder.channels)
+        self._count(site, encoder, levels, x)
         return levels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, L, C)

@@ -63,6 +63,7 @@ def loop_settings(params: OptimParams, seed: int, time_steps: int, **extra) -> L
         checkpoint_every=params.checkpoint_every,
         seed=seed,
         time_steps=time_steps,
+        gradient_checkpointing=params.gradient_checkpointing,
         **extra,
     )
 

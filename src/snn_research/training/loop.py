@@ -87,6 +87,7 @@ class LoopSettings:
     time_steps: int | None = None  # the target T
     curriculum_start: int | None = None  # train at this T first, annealing to the target
     curriculum_fraction: float = 0.5
+    gradient_checkpointing: bool | None = None  # recompute decoder layers in backward (None: on unless rate noise)
     device: str = "cpu"  # where the model and its batches sit (stages resolve params.device)
     shard: Shard = field(default_factory=Shard)  # this process's slice of each batch (multi-process launches)
 
@@ -183,6 +184,7 @@ def train(
         param.requires_grad_(True)
     optimizer = torch.optim.AdamW(groups)
     scheduler = get_cosine_schedule_with_warmup(optimizer, settings.warmup_steps, settings.steps)
+    recompute = _gradient_checkpointing(model, settings.gradient_checkpointing)
     device = torch.device(settings.device)
     check_devices(device, model=model)
 
@@ -259,6 +261,8 @@ def train(
                               result, device, shard.world)
 
     result.steps_done = step
+    if recompute:
+        model.activation_checkpointing_disable()
     with torch.no_grad():
         for name, tensor in best_state.items():
             named[name].copy_(tensor)
@@ -268,6 +272,23 @@ def train(
         set_time_steps(model, settings.time_steps)
     model.eval()
     return result
+
+
+def _gradient_checkpointing(model: nn.Module, wanted: bool | None) -> bool:
+    """Turn on the recomputation of decoder layers in the backward pass when ``wanted`` (None: when the model
+    supports it and has no 'rate' encoder, whose per-call noise a recomputation would redraw); whether it is on."""
+    rate = any(getattr(m, "kind", None) == "rate" for m in model.modules())
+    supported = getattr(model, "supports_gradient_checkpointing", False)
+    if wanted is None:
+        wanted = supported and not rate
+    elif wanted and rate:
+        raise ValueError("gradient checkpointing recomputes each layer, and the 'rate' encoder draws new noise on "
+                         "every call: the recomputed layer would not be the one the loss saw")
+    elif wanted and not supported:
+        raise ValueError(f"{type(model).__name__} does not support gradient checkpointing")
+    if wanted:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    return bool(wanted)
 
 
 def _averaged_step(loss: torch.Tensor, parts: dict[str, float], named: dict[str, nn.Parameter],
