@@ -134,3 +134,17 @@ def threads() -> int:
 
 def env_int(name: str, default: int) -> int:
     return int(os.environ.get(name, default))
+
+
+class TimedForward:
+    """A forward pass to time (``no_grad``, full logits, no cache) that keeps its last logits, so checks need no
+    extra pass."""
+
+    def __init__(self, model, ids):
+        self.model, self.ids, self.logits = model, ids, None
+
+    def __call__(self):
+        import torch
+
+        with torch.no_grad():
+            self.logits = self.model(input_ids=self.ids, use_cache=False).logits

@@ -7,7 +7,8 @@
 For each corpus (any ``data`` source) it takes ``--blocks`` blocks of ``--block-length`` tokens (256) spread over the corpus (the
 teacher's tokenizer); with ``--splits``, each domain's test blocks of that split folder instead (held-out
 text). Then, for the hybrid as stored and, with ``--headroom h``, the same hybrid given h steps
-of headroom (``add_headroom``, no other change) it prints one JSON line:
+of headroom (``add_headroom``, no other change; ``--weight-bits 8`` first gives every spiking FFN integer
+weights, as ``convert.weight_bits`` would, without retraining) it prints one JSON line:
 - ``ppl_ratio``, ``agreement_top1``, ``kl_full_to_teacher`` against the teacher on those blocks;
 - ``clipped``: per site kind (e.g. ``input``, ``product``), the fraction of the activations that reach the
   site with a magnitude above its threshold (the code clips them), over every layer;
@@ -35,7 +36,7 @@ from snn_research.evaluation.energy import measure_energy
 from snn_research.evaluation.layers import ffn_output_errors
 from snn_research.evaluation.quality import evaluate_quality
 from snn_research.hybrid.adapter import AnalogToSpikes
-from snn_research.models.hybrid_transformer import spiking_units
+from snn_research.models.hybrid_transformer import spiking_mlps, spiking_units
 from snn_research.teacher import load_teacher
 
 
@@ -98,9 +99,14 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=8)
     parser.add_argument("--block-length", type=int, default=256)
     parser.add_argument("--headroom", type=int, nargs="*", default=[0])
+    parser.add_argument("--weight-bits", type=int, choices=[8, 4], default=None,
+                        help="give every variant's spiking FFNs integer weights first (no retraining)")
     args = parser.parse_args()
     teacher, tokenizer = load_teacher(args.teacher)
     stored = load_hybrid(args.hybrid)
+    if args.weight_bits:
+        for unit in spiking_mlps(stored):
+            unit.weight_bits = args.weight_bits
     variants = {}
     for h in args.headroom:
         model = stored if h == 0 else copy.deepcopy(stored)

@@ -20,7 +20,7 @@ import copy
 import torch
 from torch import nn
 
-from benchmarks.common import Row, interleaved, row
+from benchmarks.common import Row, TimedForward, interleaved, row
 from benchmarks.hybrid_setup import BATCH, LENGTH, token_batch
 
 TIME_STEPS = 5
@@ -67,15 +67,6 @@ def integer_hybrid(teacher: nn.Module) -> nn.Module:
     return hybrid.eval()
 
 
-class _Forward:
-    def __init__(self, model, ids):
-        self.model, self.ids, self.logits = model, ids, None
-
-    def __call__(self):
-        with torch.no_grad():
-            self.logits = self.model(input_ids=self.ids, use_cache=False).logits
-
-
 def run(repeats: int = 3) -> list[Row]:
     from benchmarks.common import load_gemma_teacher
     from snn_research.models.hybrid_transformer import set_integer_path
@@ -85,13 +76,13 @@ def run(repeats: int = 3) -> list[Row]:
     tokens = ids.numel()
     ann = w8a8_teacher(teacher)
     hybrid = integer_hybrid(teacher)
-    floating = _Forward(hybrid, ids)
+    floating = TimedForward(hybrid, ids)
     floating()
     float_logits = floating.logits
     if set_integer_path(hybrid, True) != len(teacher.model.layers):
         raise RuntimeError("not every FFN took the integer path")
-    times = interleaved({"teacher": _Forward(teacher, ids), "w8a8": _Forward(ann, ids),
-                         "integer": (integer := _Forward(hybrid, ids))}, repeats)
+    times = interleaved({"teacher": TimedForward(teacher, ids), "w8a8": TimedForward(ann, ids),
+                         "integer": (integer := TimedForward(hybrid, ids))}, repeats)
     agree = float((integer.logits.argmax(-1) == float_logits.argmax(-1)).float().mean())
     set_integer_path(hybrid, False)
     times.update(interleaved({"float": floating}, repeats))

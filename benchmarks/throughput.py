@@ -15,7 +15,7 @@ from contextlib import contextmanager
 
 import torch
 
-from benchmarks.common import Row, interleaved, row
+from benchmarks.common import Row, TimedForward, interleaved, row
 from benchmarks.hybrid_setup import BATCH, LENGTH, TIME_STEPS, teacher_and_hybrid, token_batch
 
 TARGET = ">= 0.7"
@@ -36,30 +36,19 @@ def per_step_simulation(model):
             del block.forward
 
 
-class _Forward:
-    """A timed forward pass that keeps its last logits, so checks need no extra pass."""
-
-    def __init__(self, model, ids):
-        self.model, self.ids, self.logits = model, ids, None
-
-    def __call__(self):
-        with torch.no_grad():
-            self.logits = self.model(input_ids=self.ids, use_cache=False).logits
-
-
 def run(repeats: int = 3) -> list[Row]:
     teacher, hybrid, source = teacher_and_hybrid()
     ids = token_batch(teacher.config.vocab_size)
     tokens = ids.numel()
-    spiking = _Forward(hybrid, ids)
-    times = interleaved({"teacher": _Forward(teacher, ids), "hybrid": spiking}, repeats)
+    spiking = TimedForward(hybrid, ids)
+    times = interleaved({"teacher": TimedForward(teacher, ids), "hybrid": spiking}, repeats)
     with per_step_simulation(hybrid):
-        per_step = _Forward(hybrid, ids)
+        per_step = TimedForward(hybrid, ids)
         naive = interleaved({"naive": per_step}, repeats=1, warmup=0)["naive"]
     per_step_diff = float((per_step.logits - spiking.logits).abs().max())
     per_step_agree = float((per_step.logits.argmax(-1) == spiking.logits.argmax(-1)).float().mean())
 
-    half = _Forward(copy.deepcopy(hybrid).to(torch.bfloat16), ids)
+    half = TimedForward(copy.deepcopy(hybrid).to(torch.bfloat16), ids)
     bf16_times = interleaved({"fp32": spiking, "bf16": half}, repeats=1)
     bf16_diff = float((half.logits.float() - spiking.logits).abs().max())
     bf16_agree = float((half.logits.argmax(-1) == spiking.logits.argmax(-1)).float().mean())
