@@ -69,3 +69,30 @@ def tiny() -> dict:
     from pipeline_support import tiny_params as build  # imported late: it imports the whole CLI
 
     return build()
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_state_stays_with_its_test():
+    """Stages run in-process, and MLflow's set_tracking_uri also writes MLFLOW_TRACKING_URI into the
+    environment, which the project's tracker obeys: a test must not hand the next one its store, an active
+    run or those variables."""
+    import os
+    import sys
+
+    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    before = {name: os.environ.get(name) for name in names}
+    yield
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    if "mlflow" not in sys.modules:
+        return
+    import mlflow
+    from mlflow.tracking import _model_registry, _tracking_service
+
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
+    _tracking_service.utils._tracking_uri = None
+    _model_registry.utils._registry_uri = None
