@@ -57,3 +57,26 @@ def test_run_key_outside_dvc_depends_on_params_and_commit(tmp_path, monkeypatch)
     assert run_key(params, "abc") != key
     monkeypatch.setenv("SNN_RESEARCH_RUN_KEY", "ci-42")
     assert run_key(params, "abc") == "ci-42"
+
+
+def test_each_stage_in_one_process_logs_to_its_own_params_store(tmp_path, monkeypatch):
+    """MLflow's set_tracking_uri exports MLFLOW_TRACKING_URI, which the tracker obeys as the user's override:
+    left set, the first stage's store would capture every later stage run in the same process."""
+    from mlflow.tracking import MlflowClient
+
+    from snn_research.config import Params
+    from snn_research.tracking import Tracker
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("{}\n")
+    uris = [f"sqlite:///{tmp_path / name}.db" for name in ("first", "second")]
+    for uri in uris:
+        tracker = Tracker(Params.model_validate({"tracking": {"uri": uri}}), tmp_path / "params.yaml", "split", {})
+        assert tracker.failed is None
+        tracker.finish()
+        assert "MLFLOW_TRACKING_URI" not in os.environ
+    for uri in uris:
+        runs = MlflowClient(tracking_uri=uri).search_runs(
+            [e.experiment_id for e in MlflowClient(tracking_uri=uri).search_experiments()])
+        assert sorted(r.data.tags.get("stage", "pipeline") for r in runs) == ["pipeline", "split"]

@@ -121,8 +121,10 @@ class Tracker:
         import mlflow
 
         self._mlflow = mlflow
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or self.params.tracking.uri
-        mlflow.set_tracking_uri(uri)
+        user_uri = os.environ.get("MLFLOW_TRACKING_URI")
+        mlflow.set_tracking_uri(user_uri or self.params.tracking.uri)
+        if user_uri is None:  # set_tracking_uri exports the variable too; only the user's own may override params
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
         experiment = mlflow.set_experiment(self.params.tracking.experiment)
         commit = git_commit(Path.cwd())
         key = run_key(params_path, commit)
