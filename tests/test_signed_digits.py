@@ -15,7 +15,6 @@ from snn_research.hybrid.adapter import (
     popcount,
     signed_digit_count,
     signed_digit_spike_train,
-    signed_digits_of,
     step_weights,
     weighted_levels,
 )
@@ -51,8 +50,10 @@ def test_the_signed_digit_train_spells_the_binary_codes_level(time_steps, dtype)
 def test_signed_digits_are_the_non_adjacent_form_wherever_it_fits_in_t_steps(time_steps):
     counts = signed_digit_count(torch.arange(2**time_steps).float(), time_steps)
     bits = popcount(torch.arange(2**time_steps).float(), time_steps)
-    for value in range(-(2**time_steps) + 1, 2**time_steps):
-        digits = signed_digits_of(value, time_steps)
+    levels = 2**time_steps - 1
+    values = torch.arange(-levels, levels + 1, dtype=torch.float64)
+    trains = signed_digit_spike_train(values / levels, torch.ones((), dtype=torch.float64), time_steps)
+    for value, digits in zip(values.long().tolist(), trains.t().long().tolist()):  # most significant step first
         assert sum(d * 2 ** (time_steps - 1 - i) for i, d in enumerate(digits)) == value
         assert counts[abs(value)] == sum(map(abs, digits)) <= bits[abs(value)]
         reference = naf(value)

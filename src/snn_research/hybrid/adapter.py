@@ -215,19 +215,6 @@ def signed_digit_spike_train(x: torch.Tensor, threshold: torch.Tensor, time_step
     return spikes
 
 
-def signed_digits_of(level: int, time_steps: int) -> list[int]:
-    """The signed digits of one integer level (|level| < 2^T), most significant step first: the encoder's
-    rule on integers, for tables and tests."""
-    magnitude, digits = abs(int(level)), []
-    if magnitude >= 2**time_steps:
-        raise ValueError(f"level {level} needs more than {time_steps} steps")
-    for k in range(time_steps - 1, -1, -1):
-        digit = 1 if magnitude > naf_bound(k) else -1 if magnitude < -naf_bound(k) else 0
-        magnitude -= digit * 2**k
-        digits.append(digit if level >= 0 else -digit)
-    return digits
-
-
 def step_weights(kind: str, time_steps: int) -> torch.Tensor:
     """(T,) weight of each step's spike in units of the smallest level (1 for unweighted codes)."""
     if kind == "weighted":
@@ -247,14 +234,12 @@ def _bit_counts(time_steps: int, device: torch.device) -> torch.Tensor:
 
 @functools.cache
 def _signed_digit_counts(time_steps: int, device: torch.device) -> torch.Tensor:
-    """Nonzero signed digits of every integer below 2^T (the encoder's rule, vectorised over the table)."""
-    magnitude = torch.arange(2**time_steps, dtype=torch.int64)
-    count = torch.zeros_like(magnitude)
-    for k in range(time_steps - 1, -1, -1):
-        digit = (magnitude > naf_bound(k)).long() - (magnitude < -naf_bound(k)).long()
-        magnitude = magnitude - digit * 2**k
-        count += digit.abs()
-    return count.to(device)
+    """Nonzero signed digits of every integer below 2^T: the step simulation run on each level (float64, so
+    ``level / L`` decodes back to the level exactly)."""
+    levels = float(encoder_levels("weighted", time_steps))
+    values = torch.arange(2**time_steps, dtype=torch.float64) / levels
+    train = signed_digit_spike_train(values, torch.ones((), dtype=torch.float64), time_steps)
+    return train.abs().sum(0).to(torch.int64).to(device)
 
 
 def signed_digit_count(levels: torch.Tensor, time_steps: int) -> torch.Tensor:
