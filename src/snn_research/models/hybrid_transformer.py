@@ -302,6 +302,7 @@ class SpikingUnit(nn.Module):
     """Common state of everything that spikes: plan, path, analog switch, recorder."""
 
     family: str
+    counts_in_training = False  # set by an energy budget on the units it meters
 
     def __init__(self, path: str, plan: HybridPlan) -> None:
         super().__init__()
@@ -342,10 +343,11 @@ class SpikingUnit(nn.Module):
         return self.decoder(levels, encoder.threshold, encoder.levels)
 
     def _count(self, site: str, encoder: AnalogToSpikes, levels: torch.Tensor, x: torch.Tensor) -> None:
-        """The spike count (a popcount for the weighted code), recorded when someone reads it. In training with
-        gradients it is computed either way: a layer recomputed in the backward pass (gradient checkpointing), when
-        the energy budget no longer meters it, must repeat the ops of the forward that did."""
-        if self.metered or (self.training and torch.is_grad_enabled()):
+        """The spike count (a popcount for the weighted code), recorded when someone reads it. A unit an energy
+        budget trains (``counts_in_training``) computes it in every training forward with gradients: a layer
+        recomputed in the backward pass (gradient checkpointing), which the budget no longer meters, must repeat
+        the ops of the metered forward."""
+        if self.metered or (self.counts_in_training and self.training and torch.is_grad_enabled()):
             counts = encoder.spike_count(levels)
             if self.metered:
                 self._record(site, counts, encoder.channels, x.numel() // encoder.channels)

@@ -31,6 +31,8 @@ class EnergyBudget:
         if not self.blocks:
             raise ValueError("an energy budget needs a model with spiking blocks")
         self.budget, self.weight, self.e_mac_pj, self.e_ac_pj = budget, weight, e_mac_pj, e_ac_pj
+        for block in self.blocks:  # the same ops in a recomputed layer as in the metered forward
+            block.counts_in_training = True
         self._costs: dict[tuple[int, int], BlockCosts] = {}
         # the dense FFNs' cost has no T in it
         self.teacher_pj = sum(self.costs(b).teacher_pj(e_mac_pj, e_ac_pj) for b in self.blocks)
