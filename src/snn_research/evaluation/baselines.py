@@ -183,19 +183,15 @@ def _integer_reads(report: EnergyReport, blocks, prices: Prices, hybrid_pj: floa
     out: dict[str, float] = {}
     if 1 not in batches:
         return out
-    synapses = sum(b.costs.neurons[s] * f for b in blocks for s, f in b.costs.fan_outs.items())
+    synapses = {site_key(b.path, s): b.costs.neurons[s] * f for b in blocks for s, f in b.costs.fan_outs.items()}
     for batch in (1, batches[-1]):
-        hybrid_bytes = ann_bytes = 0.0
-        for block in blocks:
-            for site, fan_out in block.costs.fan_outs.items():
-                weights = block.costs.neurons[site] * fan_out
-                hybrid_bytes += weights * fractions[site_key(block.path, site)][batch] / batch
-                ann_bytes += weights / batch
+        hybrid_bytes = sum(weights * fractions[key][batch] for key, weights in synapses.items()) / batch
+        ann_bytes = sum(synapses.values()) / batch
         read = prices.e_read_pj_per_byte
         ratio = (hybrid_pj + shared_pj + hybrid_bytes * read) / (ann_pj + shared_pj + ann_bytes * read)
         if batch == 1:
             out["ffn_memory_ratio_w8a8_batch1"] = ratio
-            out["silent_input_fraction"] = 1.0 - hybrid_bytes / synapses
+            out["silent_input_fraction"] = 1.0 - hybrid_bytes / ann_bytes
         out["ffn_memory_ratio_w8a8_read_batch"], out["read_batch"] = ratio, float(batch)
     return out
 
@@ -225,17 +221,16 @@ def integer_compare(report: EnergyReport, prices: Prices) -> dict[str, float]:
     int8 = _tables(prices)["int8"]
     shared_ffn, shared = _shared_pj(report, int8, True), _shared_pj(report, int8, False)
     hybrid = sum(integer_block_pj(b, prices) for b in blocks)
+    ann = {baseline: sum(integer_block_pj(b, prices, baseline) for b in blocks) for baseline in ("w8a8", "w8ab")}
     out: dict[str, float] = {}
-    for baseline in ("w8a8", "w8ab"):
-        ann = sum(integer_block_pj(b, prices, baseline) for b in blocks)
-        out[f"ffn_energy_ratio_{baseline}"] = (hybrid + shared_ffn) / (ann + shared_ffn)
-        out[f"model_energy_ratio_{baseline}"] = (hybrid + shared) / (ann + shared)
+    for baseline, ann_pj in ann.items():
+        out[f"ffn_energy_ratio_{baseline}"] = (hybrid + shared_ffn) / (ann_pj + shared_ffn)
+        out[f"model_energy_ratio_{baseline}"] = (hybrid + shared) / (ann_pj + shared)
     out["synaptic_events_per_synapse"] = events_per_synapse(report)
-    out.update(_integer_reads(report, blocks, prices, hybrid, sum(integer_block_pj(b, prices, "w8a8") for b in blocks),
-                              shared_ffn))
+    out.update(_integer_reads(report, blocks, prices, hybrid, ann["w8a8"], shared_ffn))
     no_spikes = sum(integer_block_pj(b, prices, spikes={s: 0.0 for s in b.costs.fan_outs}) for b in blocks)
     step_synapses = sum(b.costs.time_steps * b.costs.neurons[s] * f for b in blocks for s, f in b.costs.fan_outs.items())
-    budget = sum(integer_block_pj(b, prices, "w8a8") for b in blocks) - no_spikes
+    budget = ann["w8a8"] - no_spikes
     out["break_even_spike_rate_w8a8"] = max(0.0, budget / (step_synapses * prices.e_add_int32_pj))
     return out
 
