@@ -253,7 +253,7 @@ def test_the_int8_kernel_equals_the_float_product_of_the_same_integers_bit_for_b
     x = torch.randn(2, 7, teacher.config.hidden_size, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         levels = unit.input_encoder(x)
-        got = unit._integer_consume("gate_proj", "input", levels)
+        got = unit._integer_consume("gate_proj", levels)
         integer = quantize_spiking_linear(unit.gate_proj.weight, unit.input_encoder.threshold, 5, 8)
         assert torch.equal(got, float_reference(levels, integer))  # the same integers through a float64 product
         float_path = unit(x)

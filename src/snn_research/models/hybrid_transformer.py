@@ -443,9 +443,12 @@ class SpikingGatedMLP(SpikingMLP):
         if self.weight_bits is None:
             raise ValueError(f"{self.path}: the plan has no weight_bits, so {name} holds float weights")
         linear, encoder = getattr(self, name), getattr(self, f"{self.consumer_sites[name]}_encoder")
-        cache = self.__dict__.setdefault("_integer_weights", {}).setdefault(name, CachedIntegerWeight())
-        return cache.get(linear.weight, encoder.log_threshold, encoder.threshold, encoder.time_steps,
+        return self._weight_cache(name).get(linear.weight, encoder.log_threshold, encoder.threshold, encoder.time_steps,
                          self.weight_bits, self.weight_group)
+
+    def _weight_cache(self, name: str) -> CachedIntegerWeight:
+        # in __dict__, not a registered attribute: a copy starts with the entries, which miss on new tensors
+        return self.__dict__.setdefault("_integer_weights", {}).setdefault(name, CachedIntegerWeight())
 
     def pin_integer_weight(self, name: str, integer: IntegerWeight) -> None:
         """Rebuild consumer ``name``'s float weight from stored integers (scale x Q / step, the master that
@@ -461,8 +464,7 @@ class SpikingGatedMLP(SpikingMLP):
         step = (encoder.threshold / encoder.levels).detach().to(torch.float32).reshape(1, -1)
         with torch.no_grad():
             linear.weight.copy_((integer.dequantized() / step).to(linear.weight.dtype))
-        cache = self.__dict__.setdefault("_integer_weights", {}).setdefault(name, CachedIntegerWeight())
-        cache.pin(linear.weight, encoder.log_threshold, encoder.time_steps, integer)
+        self._weight_cache(name).pin(linear.weight, encoder.log_threshold, encoder.time_steps, integer)
 
     def _integer_ready(self) -> bool:
         """The int8 kernel runs in inference with 8-bit per-channel weights and levels that fit in int8."""
@@ -471,7 +473,7 @@ class SpikingGatedMLP(SpikingMLP):
                 and self.product_encoder.kind == "weighted" and self.input_encoder.levels <= 127
                 and self.product_encoder.levels <= 127)
 
-    def _integer_consume(self, name: str, site: str, levels: torch.Tensor) -> torch.Tensor:
+    def _integer_consume(self, name: str, levels: torch.Tensor) -> torch.Tensor:
         return integer_linear(levels, self.integer_weight(name), getattr(self, name).bias).to(levels.dtype)
 
     def _levels(self, site: str, x: torch.Tensor) -> torch.Tensor:
@@ -486,9 +488,8 @@ class SpikingGatedMLP(SpikingMLP):
         first, second = self.sites
         if self._integer_ready():  # spike levels x int8 weights in int32, one scale per output
             levels = self._levels(first, x)
-            product = (self.act_fn(self._integer_consume("gate_proj", first, levels))
-                       * self._integer_consume("up_proj", first, levels))
-            return self._integer_consume("down_proj", second, self._levels(second, product))
+            product = self.act_fn(self._integer_consume("gate_proj", levels)) * self._integer_consume("up_proj", levels)
+            return self._integer_consume("down_proj", self._levels(second, product))
         x_rate = self._encode(first, x)  # (B, L, C) = theta * counts / T
         product = self.act_fn(self._consume("gate_proj", first, x_rate)) * self._consume("up_proj", first, x_rate)
         return self._consume("down_proj", second, self._encode(second, product))
