@@ -104,6 +104,7 @@ def test_summary_and_tables_name_the_full_kl_and_keep_their_columns(evaluated):
     summary = (evaluated / "reports" / "evaluation" / "summary.md").read_text()
     assert "kl_full_to_teacher" in summary and "| teacher_finetuned |" in summary
     assert "Time per stage" not in summary and "tokens/s" not in summary
+    assert "Integer hybrids" not in summary and "FP32 accumulate" in summary  # float weights: no integer table
     plots = evaluated / "reports" / "plots"
     with open(plots / "layer_spike_rates.csv") as handle:
         rows = list(csv.reader(handle))

@@ -231,15 +231,25 @@ def test_evaluate_writes_the_integer_figures_for_an_integer_hybrid_only(tmp_path
     with inside(folder):
         write_params(set_dotted(tiny_params(), {**quick, "convert.weight_bits": 8}))
         results = run_stages("download-teacher", "split", "calibrate", "convert", "distill", "finetune",
-                             "finetune-teacher", "evaluate")
+                             "finetune-teacher", "evaluate", "report")
     assert all(r.exit_code == 0 for r in results.values()), {k: r.output[-1500:] for k, r in results.items()}
     metrics = json.loads((folder / "reports" / "metrics.json").read_text())
+    summary = (folder / "reports" / "evaluation" / "summary.md").read_text()
+    page = (folder / "reports" / "report.html").read_text()
     for name in ("converted", "distilled", "finetuned"):
         row = metrics[name]
         assert 0 < row["ffn_energy_ratio_w8a8"] and 0 < row["synaptic_events_per_synapse"]
         assert row["ffn_energy_ratio_w8ab"] > row["ffn_energy_ratio_w8a8"]  # the b-bit ANN multiplies for less
         assert 0 < row["ffn_memory_ratio_w8a8_batch1"] and 0 <= row["silent_input_fraction"] < 1
         assert row["read_batch"] == 1 and row["ffn_memory_ratio_w8a8_read_batch"] == row["ffn_memory_ratio_w8a8_batch1"]
+        # the summary and the report page show the integer baselines, with this run's figures
+        assert (f"| {name} | {row['synaptic_events_per_synapse']:.3f} | {row['spike_rate']:.4f} | "
+                f"{row['break_even_spike_rate_w8a8']:.4f} | {row['ffn_energy_ratio_w8a8']:.3f} | "
+                f"{row['ffn_energy_ratio_w8ab']:.3f} | {row['model_energy_ratio_w8a8']:.3f} |") in summary
+        assert f"{row['synaptic_events_per_synapse']:.3f}" in page
+    assert "W8A8 ANN (per-channel int8 weights, per-token int8 activations)" in page
+    assert f"{metrics['finetuned']['ffn_energy_ratio_w8a8']:.3f}" in page
+    assert "| finetuned / teacher_finetuned | FFN energy / W8A8 (finetuned) |" not in summary  # one domain: no table
 
 
 def test_the_int8_kernel_equals_the_float_product_of_the_same_integers_bit_for_bit():

@@ -40,6 +40,16 @@ BASELINES = (
     ("FP32 + weight reads, spiking weights read once per token", "+mem/token", "ffn_memory_ratio_per_token",
      "model_memory_ratio_per_token"),
 )
+# integer-weight hybrids only: both sides priced with the same integer parts (FFN key, whole-model key or None)
+INTEGER_BASELINES = (
+    ("W8A8 ANN (per-channel int8 weights, per-token int8 activations)", "ffn_energy_ratio_w8a8",
+     "model_energy_ratio_w8a8"),
+    ("W8A{bits} ANN (int8 weights, the hybrid's {bits} activation bits)", "ffn_energy_ratio_w8ab",
+     "model_energy_ratio_w8ab"),
+    ("W8A8 + int8 weight reads, batch 1 (the hybrid reads the columns of inputs that spiked)",
+     "ffn_memory_ratio_w8a8_batch1", None),
+    ("W8A8 + int8 weight reads, {batch} sequences decoded together", "ffn_memory_ratio_w8a8_read_batch", None),
+)
 
 CSS = """
 body { font: 14px/1.45 system-ui, sans-serif; color: #1d1d1f; margin: 0 auto; max-width: 1240px; padding: 0 24px; }
@@ -272,11 +282,29 @@ def energy_section(inputs: ReportInputs) -> str:
     rates = [[name, _text(row.get("spike_rate"), ".4f"), _text(row.get("break_even_spike_rate"), ".4f"),
               _text(row.get("break_even_spike_rate_int8"), ".4f"), _text(row.get("activation_bits"), ".0f")]
              for name, row in figures.items()]
-    parts = [
-        "<h2>Energy against each baseline</h2>",
-        _paragraph("Hybrid / baseline, per token. The hybrid is priced as it runs (FP32 weights, 45 nm table); the "
-                   "INT8 and low-bit ANNs re-price the teacher; the memory rows add weight reads. Green: the hybrid "
-                   "costs less than that baseline; red: more."),
+    integer = {name: row for name, row in figures.items() if row.get("ffn_energy_ratio_w8a8") is not None}
+    parts = ["<h2>Energy against each baseline</h2>"]
+    if integer:
+        batch = sorted({_text(row.get("read_batch"), ".0f") for row in integer.values()})
+        integer_head = ["baseline", *[f"{name} {scope}" for name in integer for scope in ("FFN", "model")]]
+        integer_rows = [[label.format(bits=" / ".join(bits), batch=" / ".join(batch)),
+                         *[_versus_one(row.get(key) if key else None) for row in integer.values() for key in (ffn, model)]]
+                        for label, ffn, model in INTEGER_BASELINES]
+        parts += [_paragraph("Integer hybrids (int8 weights, integer adds) against the integer ANNs a user would "
+                             "deploy instead, per token, both sides priced with the same parts: an int32 accumulate "
+                             "per synaptic event or per MAC, an int8 multiply per MAC on the ANN's side. Green: the "
+                             "hybrid costs less; red: more."),
+                  _table(integer_head, integer_rows),
+                  _table(["model", "synaptic events per synapse per token", "break-even rate vs W8A8",
+                          "silent inputs (weight reads skipped at batch 1)"],
+                         [[name, _text(row.get("synaptic_events_per_synapse"), ".3f"),
+                           _text(row.get("break_even_spike_rate_w8a8"), ".4f"),
+                           _text(row.get("silent_input_fraction"), ".3f")] for name, row in integer.items()])]
+    parts += [
+        _paragraph("Hybrid / baseline, per token, every spike priced as an FP32 accumulate (45 nm table) whatever "
+                   "the hybrid's weights" + (" (the integer hybrids above run on integer adds instead)" if integer
+                                             else "") + "; the INT8 and low-bit ANNs re-price the teacher; the "
+                   "memory rows add weight reads. Green: the hybrid costs less than that baseline; red: more."),
         _table(head, rows),
         _image(energy_chart_png(figures), "hybrid / baseline energy per token"),
         "<h3>Spike rates and break-even rates</h3>",

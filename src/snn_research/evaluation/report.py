@@ -208,12 +208,15 @@ def summary_markdown(metrics: dict, layer_rows: list[dict], hybrids: list[str], 
         )
     if metrics.get("domains"):
         lines += ["", *domain_table(metrics["domains"], hybrids)]
+    integer = [name for name in hybrids if metrics[name].get("ffn_energy_ratio_w8a8") is not None]
+    lines += ["", "## Energy against each baseline (hybrid / baseline, per token)", ""]
+    if integer:
+        lines += [*integer_energy_table(metrics, integer), ""]
     lines += [
-        "",
-        "## Energy against each baseline (hybrid / baseline, per token)",
-        "",
-        "The hybrid is priced as it runs (FP32 weights, 45 nm FP32 table); the INT8 and low-bit ANNs re-price the "
-        "teacher; memory adds weight reads, the spiking linears' weights read once per time step or once per token.",
+        ("Every spike priced as an FP32 accumulate (45 nm FP32 table), whatever the hybrid's weights"
+         + (f" ({', '.join(integer)} hold int8 weights and run on integer adds: the table above prices them so)"
+            if integer else "") + "; the INT8 and low-bit ANNs re-price the teacher; memory adds weight reads, "
+         "the spiking linears' weights read once per time step or once per token."),
         "",
         "| model | spike rate | break-even FP32 | break-even INT8 | FFN FP32 | FFN INT8 | FFN low-bit (bits) | "
         "FFN +memory per step | FFN +memory per token | model FP32 | model INT8 | model low-bit | "
@@ -247,13 +250,41 @@ def summary_markdown(metrics: dict, layer_rows: list[dict], hybrids: list[str], 
     return "\n".join(lines)
 
 
+def integer_energy_table(metrics: dict, hybrids: list[str]) -> list[str]:
+    """Markdown lines: integer-weight hybrids against the integer ANNs, both priced with the same parts."""
+    bits = metrics[hybrids[-1]].get("activation_bits")
+    batch = metrics[hybrids[-1]].get("read_batch")
+    lines = ["Integer hybrids against the integer ANNs a user would deploy, both sides priced with the same parts "
+             "(an int32 accumulate per synaptic event or per MAC, an int8 multiply per MAC on the ANN's side): "
+             f"W8A8 (per-token 8-bit activations) and W8A{bits} (the hybrid's {bits} activation bits); "
+             "+reads adds the int8 weight bytes read, the hybrid reading only the columns of inputs that spiked "
+             f"(batch 1, and {batch} sequences decoded together).", "",
+             "| model | events per synapse | spike rate | break-even W8A8 | FFN W8A8 | FFN W8Ab | model W8A8 | "
+             "model W8Ab | FFN +reads W8A8 batch 1 | FFN +reads W8A8 batch b | silent inputs |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name in hybrids:
+        row = metrics[name]
+        lines.append(
+            f"| {name} | {_fmt(row['synaptic_events_per_synapse'])} | {_fmt(row['spike_rate'], 4)} | "
+            f"{_fmt(row['break_even_spike_rate_w8a8'], 4)} | {_fmt(row['ffn_energy_ratio_w8a8'])} | "
+            f"{_fmt(row['ffn_energy_ratio_w8ab'])} | {_fmt(row['model_energy_ratio_w8a8'])} | "
+            f"{_fmt(row['model_energy_ratio_w8ab'])} | {_fmt(row.get('ffn_memory_ratio_w8a8_batch1'))} | "
+            f"{_fmt(row.get('ffn_memory_ratio_w8a8_read_batch'))} (b = {row.get('read_batch', 'n/a')}) | "
+            f"{_fmt(row.get('silent_input_fraction'))} |")
+    return lines
+
+
 def domain_table(domains: dict, hybrids: list[str]) -> list[str]:
     """Markdown lines: per domain the teacher's ppl and each model's ppl ratio (agreement, KL), FFN energy."""
+    # an integer hybrid's FFN against the W8A8 ANN (the same integer parts), a float one's against FP32
+    integer = all(entry["finetuned"].get("ffn_energy_ratio_w8a8") is not None for entry in domains.values())
+    energy_key = "ffn_energy_ratio_w8a8" if integer else "ffn_energy_ratio"
+    energy_label = "FFN energy / W8A8 (finetuned)" if integer else "FFN energy (FP32, finetuned)"
     lines = ["## Per text domain", "",
              "Each cell: ppl over the teacher's (top-1 agreement, KL); the fine-tuned hybrid also over "
              "teacher_finetuned's. Unseen: no stage calibrated or trained on it.", "",
              "| domain | tokens | teacher ppl | teacher_finetuned | " + " | ".join(hybrids)
-             + " | finetuned / teacher_finetuned | FFN energy (FP32, finetuned) |",
+             + f" | finetuned / teacher_finetuned | {energy_label} |",
              "|---|---|---|---|" + "---|" * len(hybrids) + "---|---|"]
     for name, entry in domains.items():
         teacher, reference = entry["teacher"], entry["teacher_finetuned"]
@@ -263,7 +294,7 @@ def domain_table(domains: dict, hybrids: list[str]) -> list[str]:
         lines.append(f"| {label} | {entry['test_tokens']:,} | {_fmt(teacher['ppl'], 2)} | "
                      f"{_fmt(reference['ppl'] / teacher['ppl'])} | " + " | ".join(cells)
                      + f" | {_fmt(entry['finetuned']['ppl_ratio_to_teacher_finetuned'])} | "
-                     f"{_fmt(entry['finetuned']['ffn_energy_ratio'])} |")
+                     f"{_fmt(entry['finetuned'][energy_key])} |")
     return lines
 
 
