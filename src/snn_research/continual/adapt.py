@@ -367,7 +367,6 @@ class Run:
     resumed_from: int | None = None
 
 
-
 def old_test_blocks(folder: Path, manifest, stream_source: str, count: int) -> TokenBlocks:
     """The old domain's test blocks: of a split of several text domains, those the old model learned from
     (weight > 0), ``count`` spread over them in equal shares (each domain's share spread over its blocks), in
@@ -375,22 +374,23 @@ def old_test_blocks(folder: Path, manifest, stream_source: str, count: int) -> T
     of those learned domains: it would not be a new domain."""
     blocks = load_blocks(folder, "test")
     domains = (manifest.summary or {}).get("domains") or {}
-    seen = [(index, name) for index, (name, entry) in enumerate(domains.items()) if float(entry.get("weight", 1.0)) > 0]
-    learned = {name: entry.get("source") for name, entry in domains.items() if float(entry.get("weight", 1.0)) > 0}
-    for name, source in learned.items():
+    learned = [(index, name, entry.get("source")) for index, (name, entry) in enumerate(domains.items())
+               if float(entry.get("weight", 1.0)) > 0]
+    for _, name, source in learned:
         if source == stream_source:
             raise ParamsError(f"adapt.stream.source: {stream_source} is domain {name!r} of {folder}, which the old "
                               "model learned from; the stream must be a new domain")
     if blocks.domain_index is None or len(domains) <= 1:
         return spread(blocks, count)
-    shares = [count // len(seen) + (1 if rank < count % len(seen) else 0) for rank in range(len(seen))]
     picked = []
-    for (index, name), share in zip(seen, shares):
+    for rank, (index, name, _) in enumerate(learned):
+        share = count // len(learned) + (1 if rank < count % len(learned) else 0)
         rows = torch.nonzero(blocks.domains() == index).flatten()
         if rows.numel() == 0:
             raise ValueError(f"{folder}/test.safetensors: no test blocks of the learned domain {name!r}")
         picked.append(rows[torch.linspace(0, rows.numel() - 1, min(share, rows.numel())).round().long()])
     return blocks.select(torch.cat(picked))
+
 
 def adapt(params: AdaptParams, shared: ContinualFile, log_metrics: Callable[[dict, int], None] | None = None,
           on_update: Callable[[int, int], None] | None = None, echo: Callable[[str], None] = print,

