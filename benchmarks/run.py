@@ -11,6 +11,7 @@ code is 1 when any target fails.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import time
 import traceback
@@ -18,42 +19,13 @@ from datetime import datetime, timezone
 
 from benchmarks.common import BENCH_DIR, Row, print_rows, write_csv
 
-BENCHMARKS = ("neuron", "kernel_binding", "throughput", "integer_linear", "integer_model", "training", "calibration",
-              "pipeline")
+BENCHMARKS = ("neuron", "kernel_binding", "throughput", "integer_linear", "integer_model", "generation", "training",
+              "calibration", "pipeline")
 
 
 def _run_one(name: str) -> list[Row]:
-    if name == "neuron":
-        from benchmarks import neuron
-
-        return neuron.run()
-    if name == "kernel_binding":
-        from benchmarks import kernel_binding
-
-        return kernel_binding.run()
-    if name == "throughput":
-        from benchmarks import throughput
-
-        return throughput.run()
-    if name == "integer_linear":
-        from benchmarks import integer_linear
-
-        return integer_linear.run()
-    if name == "integer_model":
-        from benchmarks import integer_model
-
-        return integer_model.run()
-    if name == "training":
-        from benchmarks import training
-
-        return training.run()
-    if name == "calibration":
-        from benchmarks import calibration
-
-        return calibration.run()
-    from benchmarks import pipeline
-
-    return pipeline.run()
+    """One benchmark's rows: each is ``benchmarks/<name>.py``'s ``run()``, imported only when chosen."""
+    return importlib.import_module(f"benchmarks.{name}").run()
 
 
 def main(argv: list[str] | None = None) -> int:
