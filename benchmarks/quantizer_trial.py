@@ -19,7 +19,10 @@ input channel's step folded in (``hybrid.integer.fold_quantize``), as the intege
   multiplied by ``s`` (one multiply per output, as a dynamic INT8 kernel's dequantisation);
 - ``token-clip``: the same with ``s = max(1, max_c |x_c| / theta_c)``: a token is rescaled only when a
   channel would clip;
-- ``w8a8``: per-token dynamic 8-bit activations (the standard deployment; no spikes).
+- ``w8a8``: per-token dynamic 8-bit activations (the standard deployment; no spikes);
+- ``input=MODE,product=MODE``: each site its own mode: ``analog``, ``static``, ``digits-K``, ``token-max``,
+  ``token-clip``, ``coarse-K`` (the weighted code at T - K steps and the same threshold: steps
+  about 2^K times larger, fewer digits per value), or a token scaling then a grid (``token-max+coarse-2``).
 
 For each domain of ``--splits``' test split and pooled over them it prints one JSON line per variant: ppl
 over the teacher's, top-1 agreement and KL to the teacher, and the spiking variants' events per synapse
@@ -47,7 +50,7 @@ from snn_research.models.hybrid_transformer import SpikingGatedMLP, find_mlps, s
 from snn_research.teacher import load_teacher
 
 VARIANTS = ("static", "w8a8", "input-only", "product-only", "digits-1", "digits-2", "digits-3", "token-max",
-            "token-clip")
+            "token-clip")  # the default list; any input=MODE,product=MODE pair is taken too
 
 
 @functools.cache
@@ -70,20 +73,56 @@ class State:
         self.tokens: dict[str, int] = {}
 
 
-def quantize(x: torch.Tensor, threshold: torch.Tensor, time_steps: int, variant: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(decoded value, integer levels) of ``x`` under ``variant`` (a spiking one)."""
+PRESETS = {  # name -> (input site's mode, product site's mode)
+    "static": ("static", "static"), "input-only": ("static", "analog"), "product-only": ("analog", "static"),
+    **{f"digits-{k}": (f"digits-{k}", f"digits-{k}") for k in (1, 2, 3)},
+    "token-max": ("token-max", "token-max"), "token-clip": ("token-clip", "token-clip"),
+}
+
+
+def site_modes(variant: str) -> tuple[str, str]:
+    """(input mode, product mode) of a preset name or of ``input=MODE,product=MODE``."""
+    if variant in PRESETS:
+        return PRESETS[variant]
+    try:
+        parts = dict(part.split("=", 1) for part in variant.split(","))
+        modes = parts.pop("input"), parts.pop("product")
+    except (KeyError, ValueError):
+        raise ValueError(f"variant {variant!r}: a preset ({', '.join(PRESETS)}, w8a8) or input=MODE,product=MODE")
+    if parts:
+        raise ValueError(f"variant {variant!r}: unknown sites {sorted(parts)}")
+    for mode in modes:
+        quantize(torch.zeros(1, 1), torch.ones(1), 5, mode)  # refuses an unknown mode now, not mid-run
+    return modes
+
+
+def quantize(x: torch.Tensor, threshold: torch.Tensor, time_steps: int,
+             mode: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(decoded value, integer levels, the steps that spell them) of ``x`` under a spiking ``mode``:
+    ``static``, ``digits-K``, ``coarse-K`` (the weighted code at T - K steps and the same threshold: steps
+    about 2^K times larger), ``token-max``, ``token-clip`` (see the module docstring), or a token scaling then a grid,
+    ``token-max+coarse-K``."""
     levels_max = encoder_levels("weighted", time_steps)
     scale = None
-    if variant in ("token-max", "token-clip"):
+    scaling, _, grid = mode.partition("+") if mode.startswith("token-") else ("", "", mode)
+    grid = grid or "static"
+    if scaling:
+        if scaling not in ("token-max", "token-clip"):
+            raise ValueError(f"unknown quantiser mode {mode!r}")
         ratio = (x.abs() / threshold).amax(-1, keepdim=True).clamp_min(1e-12)
-        scale = ratio if variant == "token-max" else ratio.clamp_min(1.0)
+        scale = ratio if scaling == "token-max" else ratio.clamp_min(1.0)
         x = x / scale
+    if grid != "static" and not grid.startswith(("digits-", "coarse-")):
+        raise ValueError(f"unknown quantiser mode {mode!r}")
+    if grid.startswith("coarse-"):  # the weighted code at T - K steps, the same threshold
+        time_steps -= int(grid.split("-")[1])
+        levels_max = encoder_levels("weighted", time_steps)
     levels = weighted_levels(x, threshold, time_steps)
-    if variant.startswith("digits-"):
-        table = digit_budget_table(time_steps, int(variant.split("-")[1]))
+    if grid.startswith("digits-"):
+        table = digit_budget_table(time_steps, int(grid.split("-")[1]))
         levels = table[levels.abs().long()].to(levels.dtype).copysign(levels)
     value = levels * threshold / levels_max
-    return (value if scale is None else value * scale), levels
+    return (value if scale is None else value * scale), levels, time_steps
 
 
 class TrialMLP(nn.Module):
@@ -111,11 +150,11 @@ class TrialMLP(nn.Module):
             from snn_research.evaluation.quantized import quantize_per_token
 
             return quantize_per_token(x, 8)
-        if (variant, site) in (("input-only", "product"), ("product-only", "input")):
+        mode = site_modes(variant)[0 if site == "input" else 1]
+        if mode == "analog":
             return x
-        value, levels = quantize(x.float(), self.thresholds[site], self.time_steps,
-                                 "static" if variant.endswith("-only") else variant)
-        digits = signed_digit_count(levels, self.time_steps).sum()
+        value, levels, steps = quantize(x.float(), self.thresholds[site], self.time_steps, mode)
+        digits = signed_digit_count(levels, steps).sum()
         self.state.events[variant] = self.state.events.get(variant, 0.0) + float(digits) * self.fan_out[site] / self.synapses
         return value.to(x.dtype)
 
@@ -164,8 +203,14 @@ def main() -> None:
     parser.add_argument("--splits", required=True, help="a split folder: each domain's test blocks")
     parser.add_argument("--blocks", type=int, default=8, help="test blocks per domain")
     parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
     args = parser.parse_args()
+    for variant in args.variants:
+        if variant != "w8a8":
+            try:
+                site_modes(variant)
+            except ValueError as error:
+                parser.error(str(error))
     from snn_research.artifacts import verify_folder
     from snn_research.data import load_blocks, spread
 

@@ -7,7 +7,7 @@ import torch
 from conftest import calibration_batches
 from test_converter import converted
 
-from benchmarks.quantizer_trial import Variant, digit_budget_table, quantize, quantized_teacher
+from benchmarks.quantizer_trial import Variant, digit_budget_table, quantize, quantized_teacher, site_modes
 from snn_research.evaluation.baselines import events_per_synapse
 from snn_research.evaluation.energy import measure_energy
 from snn_research.hybrid.adapter import signed_digit_count
@@ -59,7 +59,7 @@ def test_events_are_digits_times_fan_out_over_synapses_by_hand(trial):
     x = torch.randn(1, 3, mlp.thresholds["input"].numel(), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         mlp(x)
-    _, levels = quantize(x, mlp.thresholds["input"], mlp.time_steps, "static")
+    _, levels, _ = quantize(x, mlp.thresholds["input"], mlp.time_steps, "static")
     expected = 2 / 3 * float(signed_digit_count(levels, mlp.time_steps).sum()) / levels[0, 0].numel()
     assert mlp.state.tokens["input-only"] == 3
     assert mlp.state.events["input-only"] == pytest.approx(expected, rel=1e-6) and expected > 0
@@ -80,9 +80,9 @@ def test_the_digit_budget_rounds_to_the_nearest_level_with_that_many_digits(budg
 def test_a_token_is_rescaled_only_when_a_channel_would_clip():
     threshold = torch.tensor([1.0, 2.0, 4.0])
     x = torch.tensor([[0.5, -1.0, 3.0], [3.0, 1.0, 1.0]])  # the second token's first channel is 3x its threshold
-    static, _ = quantize(x, threshold, 5, "static")
-    clip, _ = quantize(x, threshold, 5, "token-clip")
-    top, _ = quantize(x, threshold, 5, "token-max")
+    static, _, _ = quantize(x, threshold, 5, "static")
+    clip, _, _ = quantize(x, threshold, 5, "token-clip")
+    top, _, _ = quantize(x, threshold, 5, "token-max")
     assert torch.equal(clip[0], static[0])  # nothing clips: no rescale
     assert static[1, 0] == 1.0 and clip[1, 0] == pytest.approx(3.0)  # clipped by the static code, kept by the scale
     assert top[0, 2] == pytest.approx(3.0, rel=1e-6)  # each token's largest channel lands on its threshold exactly
@@ -91,6 +91,26 @@ def test_a_token_is_rescaled_only_when_a_channel_would_clip():
 def test_a_digit_budget_keeps_the_sign_and_the_step():
     threshold = torch.ones(4)
     x = torch.tensor([-27.0, 27.0, -5.0, 0.0]) / 31  # levels -27, 27, -5, 0 at T = 5
-    value, levels = quantize(x, threshold, 5, "digits-1")
+    value, levels, _ = quantize(x, threshold, 5, "digits-1")
     assert levels.tolist() == [-16.0, 16.0, -4.0, 0.0]  # 32 is beyond T = 5's largest level, 31
     assert torch.equal(value, levels / 31)
+
+
+def test_coarse_steps_drop_the_lowest_time_steps_and_modes_are_checked():
+    threshold = torch.ones(3)
+    x = torch.tensor([5.0, -9.0, 40.0]) / 31  # levels 5, -9, 31 at T = 5
+    value, levels, steps = quantize(x, threshold, 5, "coarse-2")  # T = 3: 7 levels of 1/7
+    assert steps == 3 and levels.tolist() == [1.0, -2.0, 7.0]  # round(5 x 7 / 31), round(9 x 7 / 31), clipped
+    torch.testing.assert_close(value, levels / 7)
+    assert site_modes("input=coarse-1,product=token-max") == ("coarse-1", "token-max")
+    for bad in ("input=nope,product=static", "input=static", "input=static,product=static,x=1", "nonsense"):
+        with pytest.raises(ValueError, match="variant|mode"):
+            site_modes(bad)
+
+
+def test_a_token_scale_composes_with_a_coarser_grid():
+    threshold = torch.ones(3)
+    x = torch.tensor([[0.1, -0.2, 0.4]])  # token-max: scale 0.4, so the token reads [0.25, -0.5, 1] of its range
+    value, levels, _ = quantize(x, threshold, 5, "token-max+coarse-2")
+    assert levels.tolist() == [[2.0, -4.0, 7.0]]  # the token's largest channel at the top of T = 3's range
+    torch.testing.assert_close(value, levels * 0.4 / 7)
