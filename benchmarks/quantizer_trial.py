@@ -19,6 +19,8 @@ input channel's step folded in (``hybrid.integer.fold_quantize``), as the intege
   multiplied by ``s`` (one multiply per output, as a dynamic INT8 kernel's dequantisation);
 - ``token-clip``: the same with ``s = max(1, max_c |x_c| / theta_c)``: a token is rescaled only when a
   channel would clip;
+- ``token-pow2``: ``token-max``'s scale rounded up to a power of two, so dividing by it and multiplying the
+  output back are shifts (the token's largest channel lands in the top half of its threshold's range);
 - ``w8a8``: per-token dynamic 8-bit activations (the standard deployment; no spikes);
 - ``input=MODE,product=MODE``: each site its own mode: ``analog``, ``static``, ``digits-K``, ``token-max``,
   ``token-clip``, ``coarse-K`` (the weighted code at T - K steps and the same threshold: steps
@@ -107,10 +109,11 @@ def quantize(x: torch.Tensor, threshold: torch.Tensor, time_steps: int,
     scaling, _, grid = mode.partition("+") if mode.startswith("token-") else ("", "", mode)
     grid = grid or "static"
     if scaling:
-        if scaling not in ("token-max", "token-clip"):
+        if scaling not in ("token-max", "token-clip", "token-pow2"):
             raise ValueError(f"unknown quantiser mode {mode!r}")
         ratio = (x.abs() / threshold).amax(-1, keepdim=True).clamp_min(1e-12)
-        scale = ratio if scaling == "token-max" else ratio.clamp_min(1.0)
+        scale = {"token-max": ratio, "token-clip": ratio.clamp_min(1.0),
+                 "token-pow2": torch.exp2(torch.log2(ratio).ceil())}[scaling]
         x = x / scale
     if grid != "static" and not grid.startswith(("digits-", "coarse-")):
         raise ValueError(f"unknown quantiser mode {mode!r}")

@@ -114,3 +114,13 @@ def test_a_token_scale_composes_with_a_coarser_grid():
     value, levels, _ = quantize(x, threshold, 5, "token-max+coarse-2")
     assert levels.tolist() == [[2.0, -4.0, 7.0]]  # the token's largest channel at the top of T = 3's range
     torch.testing.assert_close(value, levels * 0.4 / 7)
+
+
+def test_a_power_of_two_token_scale_puts_the_largest_channel_in_the_top_half():
+    threshold = torch.ones(3)
+    x = torch.tensor([[0.1, -0.2, 0.3], [3.0, 0.5, 0.0]])  # largest ratios 0.3 and 3: scales 1/2 and 4
+    value, levels, _ = quantize(x, threshold, 5, "token-pow2")
+    assert levels[:, 0].tolist() == [6.0, 23.0]  # 0.1 / 0.5 x 31 = 6.2; 3 / 4 x 31 = 23.25
+    torch.testing.assert_close(value, levels * torch.tensor([[0.5], [4.0]]) / 31)
+    top = levels.abs().amax(-1)
+    assert ((top >= 15) & (top <= 31)).all()
