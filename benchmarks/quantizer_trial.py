@@ -24,7 +24,9 @@ input channel's step folded in (``hybrid.integer.fold_quantize``), as the intege
 - ``w8a8``: per-token dynamic 8-bit activations (the standard deployment; no spikes);
 - ``input=MODE,product=MODE``: each site its own mode: ``analog``, ``static``, ``digits-K``, ``token-max``,
   ``token-clip``, ``coarse-K`` (the weighted code at T - K steps and the same threshold: steps
-  about 2^K times larger, fewer digits per value), or a token scaling then a grid (``token-max+coarse-2``).
+  about 2^K times larger, fewer digits per value), or a token scaling then a grid (``token-max+coarse-2``); with
+  ``,weights=float`` the teacher's float weights instead of the folded 8-bit ones, which separates what the
+  weights cost from what the activations cost.
 
 For each domain of ``--splits``' test split and pooled over them it prints one JSON line per variant: ppl
 over the teacher's, top-1 agreement and KL to the teacher, and the spiking variants' events per synapse
@@ -83,19 +85,28 @@ PRESETS = {  # name -> (input site's mode, product site's mode)
 
 
 def site_modes(variant: str) -> tuple[str, str]:
-    """(input mode, product mode) of a preset name or of ``input=MODE,product=MODE``."""
+    """(input mode, product mode) of a preset name or of ``input=MODE,product=MODE[,weights=float]``."""
     if variant in PRESETS:
         return PRESETS[variant]
     try:
         parts = dict(part.split("=", 1) for part in variant.split(","))
         modes = parts.pop("input"), parts.pop("product")
     except (KeyError, ValueError):
-        raise ValueError(f"variant {variant!r}: a preset ({', '.join(PRESETS)}, w8a8) or input=MODE,product=MODE")
+        raise ValueError(f"variant {variant!r}: a preset ({', '.join(PRESETS)}, w8a8) or "
+                         "input=MODE,product=MODE[,weights=float]")
+    if parts.pop("weights", "folded") not in ("folded", "float"):
+        raise ValueError(f"variant {variant!r}: weights is 'folded' (8-bit, the default) or 'float'")
     if parts:
         raise ValueError(f"variant {variant!r}: unknown sites {sorted(parts)}")
     for mode in modes:
-        quantize(torch.zeros(1, 1), torch.ones(1), 5, mode)  # refuses an unknown mode now, not mid-run
+        if mode != "analog":
+            quantize(torch.zeros(1, 1), torch.ones(1), 5, mode)  # refuses an unknown mode now, not mid-run
     return modes
+
+
+def float_weights(variant: str) -> bool:
+    """Whether ``variant`` keeps the teacher's float weights (``weights=float``) instead of the folded int8 ones."""
+    return "weights=float" in variant.split(",")
 
 
 def quantize(x: torch.Tensor, threshold: torch.Tensor, time_steps: int,
@@ -144,6 +155,7 @@ class TrialMLP(nn.Module):
         weights = {name: getattr(mlp, name).weight.detach().float() for name in site}
         self.folded = {name: fold_quantize(weights[name], step[name], 8).detach() for name in site}
         self.w8 = {name: quantize_weight(weights[name], 8).dequantized() for name in site}
+        self.float = weights
         self.fan_out = {"input": 2 * weights["gate_proj"].shape[0], "product": weights["down_proj"].shape[0]}
         self.synapses = sum(w.numel() for w in weights.values())
 
@@ -162,7 +174,8 @@ class TrialMLP(nn.Module):
         return value.to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights = self.w8 if self.state.variant == "w8a8" else self.folded
+        variant = self.state.variant
+        weights = self.w8 if variant == "w8a8" else self.float if float_weights(variant) else self.folded
         if self.state.variant != "w8a8":
             tokens = self.state.tokens
             tokens[self.state.variant] = tokens.get(self.state.variant, 0) + x.shape[0] * x.shape[1]

@@ -124,3 +124,16 @@ def test_a_power_of_two_token_scale_puts_the_largest_channel_in_the_top_half():
     torch.testing.assert_close(value, levels * torch.tensor([[0.5], [4.0]]) / 31)
     top = levels.abs().amax(-1)
     assert ((top >= 15) & (top <= 31)).all()
+
+
+def test_float_weights_with_analog_sites_are_the_teacher(trial):
+    teacher, _, quantized, state = trial
+    ids = calibration_batches(1, seed=6)[0]
+    with torch.no_grad():
+        plain = teacher(input_ids=ids, use_cache=False).logits
+        exact = Variant(quantized, state, "input=analog,product=analog,weights=float")(input_ids=ids, use_cache=False)
+        folded = Variant(quantized, state, "input=analog,product=analog")(input_ids=ids, use_cache=False)
+    torch.testing.assert_close(exact.logits, plain, rtol=1e-5, atol=1e-5)
+    assert (folded.logits - plain).abs().max() > 1e-5  # the folded 8-bit weights are not the float ones
+    with pytest.raises(ValueError, match="weights"):
+        site_modes("input=static,product=static,weights=int4")
