@@ -40,7 +40,9 @@ STEPS = [
 
 
 def research_params() -> dict:
-    return tiny_params(energy__ffn_budget=None, distill__steps=2, distill__eval_every=1, distill__ffn_mse_weight=0.0)
+    # a checkpoint at every step: a completed step must leave none behind
+    return tiny_params(energy__ffn_budget=None, distill__steps=2, distill__eval_every=1, distill__ffn_mse_weight=0.0,
+                       distill__checkpoint_every=1)
 
 
 @pytest.fixture(scope="module")
@@ -232,3 +234,11 @@ def test_research_step_refuses_what_it_would_ignore(workdir):
     result = invoke("research-step", "0")
     assert_clean_failure(result, 2)
     assert "research.yaml" in result.output and "sites" in result.output
+
+
+def test_a_completed_step_leaves_no_resumable_state(stepped):
+    """A step's recovery checkpoints serve a killed run only: once its JSON is written they are removed, so a
+    pipeline of many steps does not keep a model's worth of training state per step on disk."""
+    assert all((stepped / f"reports/research/step_{i}.json").is_file() for i in range(len(STEPS)))
+    left = sorted(str(p.relative_to(stepped)) for p in stepped.rglob("research_step_*"))
+    assert left == []

@@ -34,6 +34,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Literal, NamedTuple
 
@@ -451,12 +452,13 @@ def run_research_step(context, plan: ResearchPlan, index: int, folder: Path) -> 
     step = plan.steps[index] if 0 <= index < len(plan.steps) else None
     fp = fingerprint(context, {"step": step.model_dump() if step else None, "index": index,
                                "params": context.params.model_dump(mode="json", exclude={"tracking"})})
+    checkpoints = checkpoint_dir(context, f"research_step_{index}")
     result = run_step(context.params, plan, index, identity, sha256_file(context.paths.splits / "calib.safetensors"),
-                      teacher, checkpoint_dir(context, f"research_step_{index}"), fp,
-                      log_metrics=context.tracker.log_metrics, echo=console.print)
+                      teacher, checkpoints, fp, log_metrics=context.tracker.log_metrics, echo=console.print)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     write_result(result, folder / f"step_{index}.json")
+    shutil.rmtree(checkpoints, ignore_errors=True)  # the step is complete: nothing left to resume
     context.tracker.log_metrics({k: v for k, v in result.model_dump().items()
                                  if isinstance(v, float) and not isinstance(v, bool)})
     console.print(f"research-step {index} ({result.step.name}): ppl {result.ppl:.2f} "
