@@ -241,16 +241,24 @@ def main() -> None:
     variants = {variant: Variant(quantized, state, variant) for variant in args.variants}  # one copy of the weights
     for index, (domain, entry) in enumerate((summary.get("domains") or {"corpus": {}}).items()):
         blocks = spread(test.of_domain(index), args.blocks)
-        before = dict(state.events), dict(state.tokens)
-        with torch.no_grad():
-            totals = evaluate_quality(teacher, variants, blocks.input_ids, blocks.target_bytes, args.batch_size)
-        events = {v: (state.events[v] - before[0].get(v, 0.0)) / (state.tokens[v] - before[1].get(v, 0))
-                  for v in state.tokens}
+        totals, events = score(teacher, variants, state, blocks.input_ids, blocks.target_bytes, args.batch_size)
         seen = "" if float(entry.get("weight", 1)) > 0 else " (unseen)"
         _print(f"{domain}{seen}", totals, events)
         for name, value in totals.items():
             pooled[name] = pooled.get(name, QualityTotals()) + value
-    _print("pooled", pooled, {v: state.events[v] / state.tokens[v] for v in state.tokens})
+    _print("pooled", pooled, {v: state.events.get(v, 0.0) / state.tokens[v] for v in state.tokens})
+
+
+def score(teacher: nn.Module, variants: dict[str, Variant], state: State, input_ids: torch.Tensor,
+          target_bytes: torch.Tensor, batch_size: int) -> tuple[dict[str, QualityTotals], dict[str, float]]:
+    """Every variant's quality totals on these blocks, and its events per synapse per token on them (0 for a
+    variant whose sites are all analog: it spikes nowhere; none for ``w8a8``)."""
+    before = dict(state.events), dict(state.tokens)
+    with torch.no_grad():
+        totals = evaluate_quality(teacher, variants, input_ids, target_bytes, batch_size)
+    events = {v: (state.events.get(v, 0.0) - before[0].get(v, 0.0)) / (state.tokens[v] - before[1].get(v, 0))
+              for v in state.tokens if v in variants}
+    return totals, events
 
 
 def _print(domain: str, totals: dict[str, QualityTotals], events: dict[str, float | None]) -> None:

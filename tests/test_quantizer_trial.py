@@ -137,3 +137,16 @@ def test_float_weights_with_analog_sites_are_the_teacher(trial):
     assert (folded.logits - plain).abs().max() > 1e-5  # the folded 8-bit weights are not the float ones
     with pytest.raises(ValueError, match="weights"):
         site_modes("input=static,product=static,weights=int4")
+
+
+def test_scoring_reports_each_spiking_variants_events_and_zero_for_an_all_analog_one(trial):
+    from benchmarks.quantizer_trial import score
+
+    teacher, hybrid, _, _ = trial
+    quantized, state = quantized_teacher(teacher, hybrid)
+    names = ("static", "input=analog,product=analog", "w8a8")
+    variants = {name: Variant(quantized, state, name) for name in names}
+    ids = calibration_batches(2, seed=7)[0]
+    totals, events = score(teacher, variants, state, ids, torch.full((ids.shape[0],), 100), 2)
+    assert set(totals) == {"teacher", *names} and all(totals[n].tokens == ids[:, 1:].numel() for n in names)
+    assert events["input=analog,product=analog"] == 0 and events["static"] > 0 and "w8a8" not in events
