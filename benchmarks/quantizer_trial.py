@@ -26,7 +26,8 @@ input channel's step folded in (``hybrid.integer.fold_quantize``), as the intege
   ``token-clip``, ``coarse-K`` (the weighted code at T - K steps and the same threshold: steps
   about 2^K times larger, fewer digits per value), or a token scaling then a grid (``token-max+coarse-2``); with
   ``,weights=float`` the teacher's float weights instead of the folded 8-bit ones, which separates what the
-  weights cost from what the activations cost.
+  weights cost from what the activations cost; ``,weights=pow2`` folds only the mantissa of each channel's
+  step into the 8-bit weights and leaves its power of two to a shift of the channel's level.
 
 For each domain of ``--splits``' test split and pooled over them it prints one JSON line per variant: ppl
 over the teacher's, top-1 agreement and KL to the teacher, and the spiking variants' events per synapse
@@ -94,8 +95,8 @@ def site_modes(variant: str) -> tuple[str, str]:
     except (KeyError, ValueError):
         raise ValueError(f"variant {variant!r}: a preset ({', '.join(PRESETS)}, w8a8) or "
                          "input=MODE,product=MODE[,weights=float]")
-    if parts.pop("weights", "folded") not in ("folded", "float"):
-        raise ValueError(f"variant {variant!r}: weights is 'folded' (8-bit, the default) or 'float'")
+    if parts.pop("weights", "folded") not in ("folded", "float", "pow2"):
+        raise ValueError(f"variant {variant!r}: weights is 'folded' (8-bit, the default), 'float' or 'pow2'")
     if parts:
         raise ValueError(f"variant {variant!r}: unknown sites {sorted(parts)}")
     for mode in modes:
@@ -104,9 +105,13 @@ def site_modes(variant: str) -> tuple[str, str]:
     return modes
 
 
-def float_weights(variant: str) -> bool:
-    """Whether ``variant`` keeps the teacher's float weights (``weights=float``) instead of the folded int8 ones."""
-    return "weights=float" in variant.split(",")
+def weight_kind(variant: str) -> str:
+    """``folded`` (the int8 hybrid's), ``float`` (the teacher's) or ``pow2`` (only each threshold's mantissa
+    folded, its power of two left to a shift of the level)."""
+    for part in variant.split(","):
+        if part.startswith("weights="):
+            return part.removeprefix("weights=")
+    return "folded"
 
 
 def quantize(x: torch.Tensor, threshold: torch.Tensor, time_steps: int,
@@ -156,6 +161,10 @@ class TrialMLP(nn.Module):
         self.folded = {name: fold_quantize(weights[name], step[name], 8).detach() for name in site}
         self.w8 = {name: quantize_weight(weights[name], 8).dequantized() for name in site}
         self.float = weights
+        # each channel's threshold split as mantissa x 2^k: only the mantissa (in [1, 2)) folded into the weight,
+        # the 2^k left to a shift of the channel's level, so no channel's threshold widens its row's scale
+        mantissa = {name: step[name] / torch.exp2(torch.floor(torch.log2(step[name]))) for name in site}
+        self.pow2 = {name: fold_quantize(weights[name], mantissa[name], 8).detach() for name in site}
         self.fan_out = {"input": 2 * weights["gate_proj"].shape[0], "product": weights["down_proj"].shape[0]}
         self.synapses = sum(w.numel() for w in weights.values())
 
@@ -175,7 +184,7 @@ class TrialMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         variant = self.state.variant
-        weights = self.w8 if variant == "w8a8" else self.float if float_weights(variant) else self.folded
+        weights = self.w8 if variant == "w8a8" else getattr(self, weight_kind(variant))
         if self.state.variant != "w8a8":
             tokens = self.state.tokens
             tokens[self.state.variant] = tokens.get(self.state.variant, 0) + x.shape[0] * x.shape[1]

@@ -150,3 +150,21 @@ def test_scoring_reports_each_spiking_variants_events_and_zero_for_an_all_analog
     totals, events = score(teacher, variants, state, ids, torch.full((ids.shape[0],), 100), 2)
     assert set(totals) == {"teacher", *names} and all(totals[n].tokens == ids[:, 1:].numel() for n in names)
     assert events["input=analog,product=analog"] == 0 and events["static"] > 0 and "w8a8" not in events
+
+
+def test_pow2_weights_fold_only_each_steps_mantissa():
+    from benchmarks.quantizer_trial import TrialMLP
+
+    teacher, hybrid, _, _ = converted("llama", PLAN)
+    quantized, state = quantized_teacher(teacher, hybrid)
+    mlp = next(m for m in quantized.modules() if isinstance(m, TrialMLP))
+    weight = mlp.float["down_proj"]
+    step = mlp.thresholds["product"] / 31
+    mantissa = step / torch.exp2(torch.floor(torch.log2(step)))
+    assert ((mantissa >= 1) & (mantissa < 2)).all()
+    from snn_research.hybrid.integer import quantize_weight
+
+    grid = quantize_weight(weight * mantissa, 8).dequantized() / mantissa
+    torch.testing.assert_close(mlp.pow2["down_proj"], grid)
+    assert not torch.equal(mlp.pow2["down_proj"], mlp.folded["down_proj"])
+    assert site_modes("input=static,product=static,weights=pow2") == ("static", "static")
