@@ -49,6 +49,7 @@ from torch import nn
 
 from snn_research.conversion.ann_to_snn_converter import load_hybrid
 from snn_research.evaluation.quality import QualityTotals, evaluate_quality
+from snn_research.evaluation.quantized import quantize_per_token
 from snn_research.hybrid.adapter import encoder_levels, signed_digit_count, weighted_levels
 from snn_research.hybrid.integer import fold_quantize, quantize_weight
 from snn_research.models.hybrid_transformer import SpikingGatedMLP, find_mlps, spiking_mlps
@@ -85,6 +86,7 @@ PRESETS = {  # name -> (input site's mode, product site's mode)
 }
 
 
+@functools.cache  # pure on the name, and asked at every site of every layer's forward
 def site_modes(variant: str) -> tuple[str, str]:
     """(input mode, product mode) of a preset name or of ``input=MODE,product=MODE[,weights=float]``."""
     if variant in PRESETS:
@@ -105,6 +107,7 @@ def site_modes(variant: str) -> tuple[str, str]:
     return modes
 
 
+@functools.cache
 def weight_kind(variant: str) -> str:
     """``folded`` (the int8 hybrid's), ``float`` (the teacher's) or ``pow2`` (only each threshold's mantissa
     folded, its power of two left to a shift of the level)."""
@@ -171,8 +174,6 @@ class TrialMLP(nn.Module):
     def _site(self, x: torch.Tensor, site: str) -> torch.Tensor:
         variant = self.state.variant
         if variant == "w8a8":
-            from snn_research.evaluation.quantized import quantize_per_token
-
             return quantize_per_token(x, 8)
         mode = site_modes(variant)[0 if site == "input" else 1]
         if mode == "analog":
@@ -185,9 +186,8 @@ class TrialMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         variant = self.state.variant
         weights = self.w8 if variant == "w8a8" else getattr(self, weight_kind(variant))
-        if self.state.variant != "w8a8":
-            tokens = self.state.tokens
-            tokens[self.state.variant] = tokens.get(self.state.variant, 0) + x.shape[0] * x.shape[1]
+        if variant != "w8a8":
+            self.state.tokens[variant] = self.state.tokens.get(variant, 0) + x.shape[0] * x.shape[1]
         xq = self._site(x, "input")
         product = self.act_fn(F.linear(xq, weights["gate_proj"])) * F.linear(xq, weights["up_proj"])
         return F.linear(self._site(product, "product"), weights["down_proj"])

@@ -152,11 +152,10 @@ def test_scoring_reports_each_spiking_variants_events_and_zero_for_an_all_analog
     assert events["input=analog,product=analog"] == 0 and events["static"] > 0 and "w8a8" not in events
 
 
-def test_pow2_weights_fold_only_each_steps_mantissa():
+def test_pow2_weights_fold_only_each_steps_mantissa(trial):
     from benchmarks.quantizer_trial import TrialMLP
 
-    teacher, hybrid, _, _ = converted("llama", PLAN)
-    quantized, state = quantized_teacher(teacher, hybrid)
+    _, _, quantized, _ = trial
     mlp = next(m for m in quantized.modules() if isinstance(m, TrialMLP))
     weight = mlp.float["down_proj"]
     step = mlp.thresholds["product"] / 31
